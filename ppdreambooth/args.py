@@ -1,0 +1,190 @@
+"""Training arguments: three dataclasses grouped by concern, plus the seed script's flag names.
+
+`ModelArguments` (what to load and how the loss is formed), `DataArguments` (images, prompts, class
+images, transforms) and `DreamBoothTrainingArguments` (PaddleNLP's `TrainingArguments` with the
+DreamBooth defaults of the ppdiffusers `train_dreambooth.py` script). Flags that the seed script names
+differently from the Trainer (`--train_batch_size`, `--max_train_steps`, ...) live in `SeedFlagAliases`
+and are folded into the Trainer's field by `ppdreambooth.config.parse_args`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from paddlenlp.trainer import TrainingArguments
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the entry points print it without a traceback."""
+
+
+@dataclass
+class ModelArguments:
+    pretrained_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Stable Diffusion pipeline to fine-tune: a local ppdiffusers folder or a hub id."},
+    )
+    revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the pretrained model."})
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer to use instead of the model's `tokenizer/` folder."}
+    )
+    train_text_encoder: bool = field(default=False, metadata={"help": "Also fine-tune the text encoder."})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the prior-preservation loss."})
+    noise_offset: float = field(
+        default=0.0, metadata={"help": "Offset noise scale (about 0.1 helps very dark/bright images); 0 is off."}
+    )
+    snr_gamma: Optional[float] = field(
+        default=None, metadata={"help": "Min-SNR weighting gamma (5.0 is the paper's value); unset is off."}
+    )
+    prediction_type: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Training target: epsilon or v_prediction. Unset reads it from the model's scheduler config.",
+            "choices": [None, "epsilon", "v_prediction"],
+        },
+    )
+
+    def __post_init__(self):
+        if self.noise_offset < 0:
+            raise ConfigError(f"--noise_offset must be >= 0, got {self.noise_offset}.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"--snr_gamma must be > 0 (typically 5.0), got {self.snr_gamma}.")
+        if self.prior_loss_weight < 0:
+            raise ConfigError(f"--prior_loss_weight must be >= 0, got {self.prior_loss_weight}.")
+
+
+@dataclass
+class DataArguments:
+    instance_data_dir: Optional[str] = field(default=None, metadata={"help": "Folder of the subject's photos."})
+    instance_prompt: Optional[str] = field(
+        default=None, metadata={"help": "Prompt with the identifier, e.g. 'a photo of sks dog'."}
+    )
+    class_data_dir: Optional[str] = field(
+        default=None, metadata={"help": "Folder of class images (generated there when too few)."}
+    )
+    class_prompt: Optional[str] = field(default=None, metadata={"help": "Prompt of the class, e.g. 'a photo of dog'."})
+    with_prior_preservation: bool = field(default=False, metadata={"help": "Add the prior-preservation loss."})
+    num_class_images: int = field(
+        default=100, metadata={"help": "Class images wanted; missing ones are generated with the base model."}
+    )
+    sample_batch_size: int = field(default=4, metadata={"help": "Batch size for generating class images."})
+    class_image_inference_steps: int = field(
+        default=50, metadata={"help": "Denoising steps per generated class image."}
+    )
+    resolution: int = field(default=512, metadata={"help": "Training image size, used where height/width are unset."})
+    height: Optional[int] = field(default=None, metadata={"help": "Training image height (default: resolution)."})
+    width: Optional[int] = field(default=None, metadata={"help": "Training image width (default: resolution)."})
+    center_crop: bool = field(default=False, metadata={"help": "Crop the centre after resizing (else a random crop)."})
+    random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
+
+    def __post_init__(self):
+        for name in ("resolution", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8 != 0):
+                raise ConfigError(
+                    f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}."
+                )
+        if self.num_class_images < 0 or self.sample_batch_size <= 0 or self.class_image_inference_steps <= 0:
+            raise ConfigError("--num_class_images must be >= 0; --sample_batch_size and --class_image_inference_steps > 0.")
+        if self.with_prior_preservation:
+            missing = [n for n in ("class_data_dir", "class_prompt") if not getattr(self, n)]
+            if missing:
+                raise ConfigError(
+                    "--with_prior_preservation needs " + " and ".join(f"--{m}" for m in missing)
+                    + " (a folder for class images and a prompt such as 'a photo of dog')."
+                )
+
+    @property
+    def image_size(self) -> tuple:
+        """(height, width) of training images."""
+        return (self.height or self.resolution, self.width or self.resolution)
+
+
+@dataclass
+class DreamBoothTrainingArguments(TrainingArguments):
+    """PaddleNLP TrainingArguments with the defaults of ppdiffusers' `train_dreambooth.py`."""
+
+    output_dir: str = field(default="dreambooth-model", metadata={"help": "Where checkpoints and the model go."})
+    learning_rate: float = field(default=5e-6, metadata={"help": "Initial learning rate (after warmup)."})
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={
+            "help": "Learning-rate schedule.",
+            "choices": ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"],
+        },
+    )
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=-1.0, metadata={"help": "Gradient clipping norm; <= 0 disables clipping."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to train (max_train_steps wins)."})
+    logging_dir: Optional[str] = field(
+        default="logs", metadata={"help": "VisualDL/TensorBoard log folder; a relative path is inside output_dir."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log the losses every N steps."})
+    report_to: Optional[List[str]] = field(
+        default_factory=lambda: ["visualdl"],
+        metadata={"help": "Loggers: visualdl (default), tensorboard (needs tensorboardX), or none."},
+    )
+    scale_lr: bool = field(
+        default=False,
+        metadata={"help": "Multiply the learning rate by accumulation steps x batch size x number of processes."},
+    )
+    enable_xformers_memory_efficient_attention: bool = field(
+        default=False, metadata={"help": "Use Paddle's memory-efficient attention (GPU builds only)."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hugging Face hub."})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository (default: output_dir's name)."})
+
+    def __post_init__(self):
+        if self.logging_dir and not os.path.isabs(self.logging_dir):
+            self.logging_dir = os.path.join(self.output_dir, self.logging_dir)
+        if self.report_to in (None, "none", ["none"]):
+            self.report_to = []
+        unknown = [r for r in self.report_to if r not in ("visualdl", "tensorboard", "wandb")]
+        if unknown:
+            raise ConfigError(f"--report_to {unknown[0]!r} is not supported; use visualdl, tensorboard or none.")
+        if "tensorboard" in self.report_to:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                raise ConfigError("--report_to tensorboard needs tensorboardX: pip install tensorboardX") from None
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16 are exclusive; choose one.")
+        super().__post_init__()
+        if self.scale_lr:
+            self.learning_rate *= self.gradient_accumulation_steps * self.per_device_train_batch_size * self.world_size
+
+
+@dataclass
+class SeedFlagAliases:
+    """Flags of the seed's `train_dreambooth.py` that PaddleNLP's Trainer spells differently.
+
+    Each one is the same setting as the Trainer field it names; giving both with different values is an
+    error. They exist so that the seed's command lines run unchanged.
+    """
+
+    train_batch_size: Optional[int] = field(default=None, metadata={"help": "= --per_device_train_batch_size."})
+    max_train_steps: Optional[int] = field(default=None, metadata={"help": "= --max_steps (wins over epochs)."})
+    checkpointing_steps: Optional[int] = field(default=None, metadata={"help": "= --save_steps."})
+    checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "= --save_total_limit."})
+    lr_scheduler: Optional[str] = field(default=None, metadata={"help": "= --lr_scheduler_type."})
+    lr_warmup_steps: Optional[int] = field(default=None, metadata={"help": "= --warmup_steps."})
+    adam_weight_decay: Optional[float] = field(default=None, metadata={"help": "= --weight_decay."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "= --recompute."})
+    mixed_precision: Optional[str] = field(
+        default=None, metadata={"help": "no | fp16 | bf16 (= --fp16 / --bf16).", "choices": ["no", "fp16", "bf16"]}
+    )
+
+
+# seed flag -> TrainingArguments field
+ALIAS_TARGETS = {
+    "train_batch_size": "per_device_train_batch_size",
+    "max_train_steps": "max_steps",
+    "checkpointing_steps": "save_steps",
+    "checkpoints_total_limit": "save_total_limit",
+    "lr_scheduler": "lr_scheduler_type",
+    "lr_warmup_steps": "warmup_steps",
+    "adam_weight_decay": "weight_decay",
+    "gradient_checkpointing": "recompute",
+}

@@ -1,0 +1,156 @@
+"""`DreamBoothModel`: VAE encode -> noise -> UNet -> DreamBooth loss, in one `forward`.
+
+The VAE is always frozen; the text encoder is frozen unless `--train_text_encoder`. The noise
+scheduler is a plain attribute (not a sub-layer), so mixed-precision O2 never casts its float32
+`alphas_cumprod`; the frozen encoding, the noising and the loss run in float32 outside autocast.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional, Tuple
+
+import paddle
+from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
+
+from .args import ConfigError, ModelArguments
+from .losses import diffusion_target, dreambooth_loss, min_snr_weights
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_model_folder(path: str) -> None:
+    """For a local model folder, name any missing component before anything is loaded."""
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+            raise ConfigError(
+                f"--pretrained_model_name_or_path {path!r} is neither a model folder nor a hub id like 'org/name'."
+            )
+        return  # a hub id: ppdiffusers downloads it
+    missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+    if missing:
+        raise ConfigError(
+            f"model folder {path} lacks {', '.join(c + '/' for c in missing)}; it must be a Stable Diffusion "
+            "pipeline folder (vae/, text_encoder/, tokenizer/, unet/, scheduler/)."
+        )
+
+
+def freeze(layer: paddle.nn.Layer) -> None:
+    for param in layer.parameters():
+        param.stop_gradient = True
+    layer.eval()
+
+
+class DreamBoothModel(paddle.nn.Layer):
+    def __init__(
+        self,
+        model_args: ModelArguments,
+        with_prior_preservation: bool = False,
+        recompute: bool = False,
+        memory_efficient_attention: bool = False,
+    ):
+        super().__init__()
+        self.with_prior_preservation = with_prior_preservation  # batches are [instance; class] halves
+        path, revision = model_args.pretrained_model_name_or_path, model_args.revision
+        self.model_args = model_args
+        if model_args.tokenizer_name:
+            self.tokenizer = CLIPTokenizer.from_pretrained(model_args.tokenizer_name)
+        else:
+            self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision)
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision)
+        # A plain attribute, not a sub-layer: its float32 alphas_cumprod must never be cast by AMP O2.
+        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        self.prediction_type = model_args.prediction_type or self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(
+                f"the scheduler of {path} predicts {self.prediction_type!r}; use --prediction_type epsilon|v_prediction"
+            )
+        self.scaling_factor = self.vae.config.scaling_factor
+        freeze(self.vae)
+        if not model_args.train_text_encoder:
+            freeze(self.text_encoder)
+        if recompute:
+            self.enable_recompute()
+        if memory_efficient_attention:
+            self.unet.enable_xformers_memory_efficient_attention()
+
+    # ----- set-up -------------------------------------------------------------------------------
+    def enable_recompute(self) -> None:
+        """Gradient checkpointing in the UNet and, when it trains, the text encoder."""
+        self.unet.enable_gradient_checkpointing()
+        if self.model_args.train_text_encoder:
+            self.text_encoder.gradient_checkpointing_enable()
+
+    def train(self):
+        super().train()
+        self.vae.eval()
+        if not self.model_args.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    def trainable_named_parameters(self) -> List[Tuple[str, paddle.Tensor]]:
+        return [(n, p) for n, p in self.named_parameters() if not p.stop_gradient]
+
+    def trainable_parameters(self) -> List[paddle.Tensor]:
+        return [p for _, p in self.trainable_named_parameters()]
+
+    def trainable_state_dict(self) -> Dict[str, paddle.Tensor]:
+        """What a checkpoint holds: the trained weights only (no frozen VAE or text encoder)."""
+        return dict(self.trainable_named_parameters())
+
+    # ----- the training step ---------------------------------------------------------------------
+    @paddle.no_grad()
+    def encode_images(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        with paddle.amp.auto_cast(enable=False):
+            dist = self.vae.encode(pixel_values.astype(self.vae.dtype)).latent_dist
+            return dist.sample().astype("float32") * self.scaling_factor
+
+    def encode_prompts(self, input_ids: paddle.Tensor) -> paddle.Tensor:
+        if self.model_args.train_text_encoder:
+            return self.text_encoder(input_ids)[0]
+        with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
+            return self.text_encoder(input_ids)[0]
+
+    def draw_noise(self, latents: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """Gaussian noise (plus optional offset noise) and uniform timesteps, one per sample."""
+        noise = paddle.randn(latents.shape, dtype="float32")
+        if self.model_args.noise_offset:
+            noise = noise + self.model_args.noise_offset * paddle.randn(
+                [latents.shape[0], latents.shape[1], 1, 1], dtype="float32"
+            )
+        num_steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = paddle.randint(0, num_steps, [latents.shape[0]], dtype="int64")
+        return noise, timesteps
+
+    def forward(
+        self,
+        pixel_values: paddle.Tensor,
+        input_ids: paddle.Tensor,
+        noise: Optional[paddle.Tensor] = None,
+        timesteps: Optional[paddle.Tensor] = None,
+    ) -> Dict[str, paddle.Tensor]:
+        """Loss for a batch of [instance; class] images. `noise`/`timesteps` may be given (tests)."""
+        latents = self.encode_images(pixel_values)
+        if noise is None or timesteps is None:
+            drawn_noise, drawn_steps = self.draw_noise(latents)
+            noise = drawn_noise if noise is None else noise
+            timesteps = drawn_steps if timesteps is None else timesteps
+        with paddle.amp.auto_cast(enable=False):
+            noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            target = diffusion_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
+        encoder_hidden_states = self.encode_prompts(input_ids)
+        model_pred = self.unet(
+            noisy_latents.astype(self.unet.dtype), timesteps, encoder_hidden_states.astype(self.unet.dtype)
+        ).sample
+        with paddle.amp.auto_cast(enable=False):
+            weights = None
+            if self.model_args.snr_gamma is not None:
+                weights = min_snr_weights(self.noise_scheduler, timesteps, self.model_args.snr_gamma, self.prediction_type)
+            batch = pixel_values.shape[0]
+            num_instance = batch // 2 if self.with_prior_preservation else batch
+            return dreambooth_loss(model_pred, target, num_instance, self.model_args.prior_loss_weight, weights)

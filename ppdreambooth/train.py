@@ -1,0 +1,153 @@
+"""DreamBooth fine-tuning entry point.
+
+    python -m ppdreambooth.train [config.json] [--flag value ...]
+    bash run_train.sh [config.json] [--flag value ...]        # also launches several GPUs
+
+The seed README's `train_dreambooth.py` command lines run unchanged with either. Order of work:
+parse and check every input (no model is loaded before that) -> class images -> model -> dataset ->
+`DreamBoothTrainer.train()` -> the final pipeline folder in `--output_dir`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+import paddle
+
+from .args import ConfigError, DataArguments, DreamBoothTrainingArguments, ModelArguments
+from .config import parse_args
+from .data import DreamBoothDataset, collate, collect_images, load_image_set
+from .model import DreamBoothModel, check_model_folder
+from .saving import is_complete, latest_checkpoint, push_to_hub
+from .trainer import DreamBoothTrainer
+
+logger = logging.getLogger("ppdreambooth")
+
+
+def resolve_resume(args: DreamBoothTrainingArguments) -> Optional[str]:
+    """`--resume_from_checkpoint latest|<dir>` -> a complete checkpoint folder, or None to start fresh."""
+    import os
+
+    wanted = args.resume_from_checkpoint
+    if not wanted:
+        return None
+    if wanted == "latest":
+        found = latest_checkpoint(args.output_dir)
+        if found is None:
+            logger.info("no complete checkpoint in %s: starting a new run", args.output_dir)
+        return found
+    if not os.path.isdir(wanted) or not is_complete(wanted):
+        raise ConfigError(
+            f"--resume_from_checkpoint {wanted} is not a complete checkpoint folder "
+            f"(use 'latest' to pick the newest complete one in {args.output_dir})."
+        )
+    return wanted
+
+
+def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -> None:
+    import os
+
+    finished = os.path.isfile(os.path.join(args.output_dir, "model_index.json"))
+    if finished and resume is None and not args.overwrite_output_dir:
+        raise ConfigError(
+            f"--output_dir {args.output_dir} already holds a finished model. Choose another --output_dir, "
+            "pass --overwrite_output_dir to replace it, or --resume_from_checkpoint latest to continue it."
+        )
+
+
+def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
+    """Every check that needs no model; returns (instance image files, checkpoint to resume or None)."""
+    check_model_folder(model_args.pretrained_model_name_or_path)
+    instance_files = collect_images(data_args.instance_data_dir, "instance_data_dir")
+    if args.enable_xformers_memory_efficient_attention:
+        from ppdiffusers.utils import is_ppxformers_available
+
+        if not is_ppxformers_available():
+            raise ConfigError(
+                "--enable_xformers_memory_efficient_attention needs a GPU build of PaddlePaddle with "
+                "memory-efficient attention; this installation has none. Drop the flag."
+            )
+    resume = resolve_resume(args)
+    check_output_dir(args, resume)
+    return instance_files, resume
+
+
+def prepare_class_images(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
+    """Generate missing class images, split across ranks; every rank waits until all are written."""
+    from .class_images import free_slots, generate_class_images
+
+    slots = free_slots(data_args.class_data_dir, data_args.num_class_images)
+    if args.world_size > 1:
+        paddle.distributed.barrier()  # every rank has listed the free slots before any rank writes
+    generate_class_images(
+        model_args.pretrained_model_name_or_path,
+        data_args.class_data_dir,
+        data_args.class_prompt,
+        slots[max(args.process_index, 0) :: max(args.world_size, 1)],
+        sample_batch_size=data_args.sample_batch_size,
+        num_inference_steps=data_args.class_image_inference_steps,
+        seed=args.seed,
+        revision=model_args.revision,
+        image_size=data_args.image_size,
+        show_progress=args.process_index <= 0,
+    )
+    if args.world_size > 1:
+        paddle.distributed.barrier()
+    return collect_images(data_args.class_data_dir, "class_data_dir")
+
+
+def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_files, class_files):
+    size = data_args.image_size
+    prior = None
+    if class_files is not None:
+        prior = load_image_set(class_files, data_args.class_prompt, model.tokenizer, size)
+    return DreamBoothDataset(
+        load_image_set(instance_files, data_args.instance_prompt, model.tokenizer, size),
+        size,
+        center_crop=data_args.center_crop,
+        random_flip=data_args.random_flip,
+        prior=prior,
+    )
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments) -> DreamBoothTrainer:
+    instance_files, resume = check_inputs(model_args, data_args, args)
+    class_files = prepare_class_images(model_args, data_args, args) if data_args.with_prior_preservation else None
+    with paddle.utils.unique_name.guard():  # parameter names (and so optimizer state keys) start from zero
+        model = DreamBoothModel(
+            model_args,
+            with_prior_preservation=data_args.with_prior_preservation,
+            recompute=args.recompute,
+            memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
+        )
+    trainer = DreamBoothTrainer(
+        model=model,
+        args=args,
+        train_dataset=build_dataset(model, data_args, instance_files, class_files),
+        data_collator=collate,
+        base_model=model_args.pretrained_model_name_or_path,
+        base_revision=model_args.revision,
+    )
+    trainer.set_optimizer_grouped_parameters(model.trainable_parameters())
+    if resume is None:
+        # The Trainer seeds every data-parallel rank alike; give each its own noise and timesteps.
+        paddle.seed(args.seed + max(args.process_index, 0))
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    if args.push_to_hub and args.should_save:
+        push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
+    return trainer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        run(*parse_args(argv))
+    except ConfigError as e:
+        print(f"ppdreambooth: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""`DreamBoothTrainer`: PaddleNLP's Trainer with DreamBooth's loss logging, sampling and saving.
+
+What it changes, and why:
+- `compute_loss` keeps the instance and prior parts so that `log` reports them separately.
+- `_get_train_sampler` returns a sampler whose order and augmentations depend only on (seed, epoch).
+- `_save` writes only trained weights into checkpoints (the stock one dumps the frozen VAE and text
+  encoder too) and, for the final save, a full ppdiffusers pipeline folder.
+- `_save_checkpoint` marks a checkpoint complete once all its files are written, and rotation
+  (`save_total_limit`) only ever counts and deletes complete checkpoints.
+- On resume at an epoch boundary the stock loop never restores the RNG state (it does so only after
+  skipping batches); `_inner_training_loop` restores it in that case too.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+import paddle
+from paddlenlp.trainer import Trainer
+from paddlenlp.trainer.trainer_callback import TrainerState
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .data import SeededBatchSampler
+from .saving import (
+    complete_checkpoints,
+    mark_complete,
+    save_trainable_weights,
+    write_pipeline,
+)
+
+LOSS_PARTS = ("loss_instance", "loss_prior")
+
+
+class DreamBoothTrainer(Trainer):
+    def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_model, self.base_revision = base_model, base_revision
+        self._loss_part_sums: Dict[str, paddle.Tensor] = {}
+        self._loss_part_count = 0
+
+    # ----- loss and logging ---------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False):
+        outputs = model(**inputs)
+        for name in LOSS_PARTS:
+            self._loss_part_sums[name] = self._loss_part_sums.get(name, 0.0) + outputs[name]
+        self._loss_part_count += 1
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def log(self, logs: Dict[str, float], **kwargs) -> None:
+        if "loss" in logs and self._loss_part_count:
+            for name, total in self._loss_part_sums.items():
+                mean = self._nested_gather(total / self._loss_part_count).mean()
+                logs[name] = round(float(mean), 6)
+            self._loss_part_sums, self._loss_part_count = {}, 0
+        super().log(logs, **kwargs)
+
+    # ----- data ---------------------------------------------------------------------------------
+    def _get_train_sampler(self):
+        return SeededBatchSampler(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            num_replicas=max(self.args.dataset_world_size, 1),
+            rank=max(self.args.dataset_rank, 0),
+            seed=self.args.seed,
+            drop_last=self.args.dataloader_drop_last,
+        )
+
+    # ----- resume ---------------------------------------------------------------------------------
+    def _inner_training_loop(self, args, model, train_dataloader, len_dataloader, max_steps, num_train_epochs,
+                             num_update_steps_per_epoch, *rest):
+        resume_from_checkpoint = rest[1]
+        state_file = os.path.join(resume_from_checkpoint or "", "trainer_state.json")
+        if resume_from_checkpoint and os.path.isfile(state_file):
+            step = TrainerState.load_from_json(state_file).global_step
+            if step % num_update_steps_per_epoch == 0:
+                self._load_rng_state(resume_from_checkpoint)
+        return super()._inner_training_loop(
+            args, model, train_dataloader, len_dataloader, max_steps, num_train_epochs,
+            num_update_steps_per_epoch, *rest,
+        )
+
+    # ----- saving ---------------------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None, merge_tensor_parallel=False):
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        if self.is_in_train:  # a checkpoint: trained weights for resume
+            save_trainable_weights(self.model, output_dir)
+            paddle.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        else:  # the final model
+            write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision)
+
+    def _save_checkpoint(self, model, metrics=None):
+        super()._save_checkpoint(model, metrics=metrics)
+        if self.args.should_save:
+            folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            mark_complete(folder, self.state.global_step)
+            self._rotate_checkpoints(use_mtime=False, output_dir=self.args.output_dir)
+
+    def _sorted_checkpoints(self, output_dir=None, checkpoint_prefix=PREFIX_CHECKPOINT_DIR, use_mtime=False) -> List[str]:
+        return complete_checkpoints(output_dir or self.args.output_dir)
