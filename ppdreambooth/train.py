@@ -149,5 +149,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (`ppdreambooth-train`)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
