@@ -15,6 +15,9 @@ from typing import List, Optional
 from paddlenlp.trainer import TrainingArguments
 
 
+LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; the entry points print it without a traceback."""
 
@@ -111,7 +114,7 @@ class DreamBoothTrainingArguments(TrainingArguments):
         default="constant",
         metadata={
             "help": "Learning-rate schedule.",
-            "choices": ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"],
+            "choices": LR_SCHEDULERS,
         },
     )
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
@@ -168,7 +171,9 @@ class SeedFlagAliases:
     max_train_steps: Optional[int] = field(default=None, metadata={"help": "= --max_steps (wins over epochs)."})
     checkpointing_steps: Optional[int] = field(default=None, metadata={"help": "= --save_steps."})
     checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "= --save_total_limit."})
-    lr_scheduler: Optional[str] = field(default=None, metadata={"help": "= --lr_scheduler_type."})
+    lr_scheduler: Optional[str] = field(
+        default=None, metadata={"help": "= --lr_scheduler_type.", "choices": LR_SCHEDULERS}
+    )
     lr_warmup_steps: Optional[int] = field(default=None, metadata={"help": "= --warmup_steps."})
     adam_weight_decay: Optional[float] = field(default=None, metadata={"help": "= --weight_decay."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "= --recompute."})

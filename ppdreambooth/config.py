@@ -126,7 +126,12 @@ def parse_args(
     outputs = []
     for cls in ARGUMENT_CLASSES[:3]:
         names = {f.name for f in cls.__dataclass_fields__.values() if f.init}
-        outputs.append(cls(**{k: v for k, v in given.items() if k in names}))
+        try:
+            outputs.append(cls(**{k: v for k, v in given.items() if k in names}))
+        except ConfigError:
+            raise
+        except ValueError as e:  # checks inside PaddleNLP's TrainingArguments
+            raise ConfigError(str(e)) from None
     model_args, data_args, training_args = outputs
     if not model_args.pretrained_model_name_or_path:
         raise ConfigError("--pretrained_model_name_or_path is required (a ppdiffusers model folder or hub id).")

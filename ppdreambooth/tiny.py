@@ -42,10 +42,10 @@ def write_tiny_tokenizer(folder: str) -> int:
     return len(tokens)
 
 
-def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 32):
+def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8):
     """Create a tiny StableDiffusionPipeline with seeded random weights and save it to `out_dir`.
 
-    Returns the in-memory pipeline. `sample_size` is the latent size (images are 8x larger).
+    Returns the in-memory pipeline. `sample_size` is the latent size; images are 8x larger (64 px).
     """
     import paddle
     from ppdiffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -63,14 +63,17 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "eps
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32,
         )
+        # Four blocks, like SD's VAE, so that images are downsampled by 8 as in the real model.
         vae = AutoencoderKL(
-            block_out_channels=[32, 64],
+            block_out_channels=[16, 16, 32, 32],
+            layers_per_block=1,
+            norm_num_groups=8,
             in_channels=3,
             out_channels=3,
-            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
             latent_channels=4,
-            sample_size=sample_size * 2,
+            sample_size=sample_size * 8,
         )
         tmp = tempfile.mkdtemp()  # the tokenizer copies its files from here when the pipeline is saved
         vocab_size = write_tiny_tokenizer(tmp)

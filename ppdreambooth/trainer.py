@@ -41,7 +41,7 @@ class DreamBoothTrainer(Trainer):
     # ----- loss and logging ---------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False):
         outputs = model(**inputs)
-        for name in LOSS_PARTS:
+        for name in LOSS_PARTS if self.model.with_prior_preservation else LOSS_PARTS[:1]:
             self._loss_part_sums[name] = self._loss_part_sums.get(name, 0.0) + outputs[name]
         self._loss_part_count += 1
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]

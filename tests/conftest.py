@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random Stable Diffusion folder and a few subject photos, made in the test run."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs training in subprocesses (seconds to a minute); CI runs it")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from ppdreambooth.tiny import build_tiny_pipeline
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny-sd")
+    build_tiny_pipeline(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory):
+    from ppdreambooth.tiny import build_tiny_pipeline
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny-sd-v")
+    build_tiny_pipeline(path, seed=0, prediction_type="v_prediction")
+    return path
+
+
+def write_photos(folder, count=4, size=(96, 80), seed=0):
+    """Non-square random photos: a 64 px training crop from them is really random."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for i in range(count):
+        Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3)).astype(np.uint8)).save(
+            os.path.join(folder, f"photo-{i}.png")
+        )
+    return str(folder)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return write_photos(tmp_path / "instance")
+
+
+def run_module(args, cwd=ROOT, env=None, timeout=600):
+    """Run `python <args>` in a fresh process; returns the CompletedProcess (output captured)."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_argv(model, photos, out, steps=4, extra=()):
+    return [
+        "--pretrained_model_name_or_path", model, "--instance_data_dir", photos, "--output_dir", str(out),
+        "--instance_prompt", "a photo of sks dog", "--resolution", "64", "--train_batch_size", "1",
+        "--learning_rate", "1e-3", "--max_train_steps", str(steps), "--logging_steps", "1", "--seed", "7",
+        "--report_to", "none", *extra,
+    ]
+
+
+def load_unet_weights(folder):
+    """UNet weights of a saved pipeline folder, as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(folder, "unet", "diffusion_paddle_model.safetensors"))
