@@ -73,7 +73,7 @@ class DataArguments:
     )
     sample_batch_size: int = field(default=4, metadata={"help": "Batch size for generating class images."})
     class_image_inference_steps: int = field(
-        default=50, metadata={"help": "Denoising steps per generated class image."}
+        default=25, metadata={"help": "DPM-Solver steps per generated class image."}
     )
     resolution: int = field(default=512, metadata={"help": "Training image size, used where height/width are unset."})
     height: Optional[int] = field(default=None, metadata={"help": "Training image height (default: resolution)."})

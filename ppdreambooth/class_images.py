@@ -15,6 +15,7 @@ from typing import List, Optional
 import paddle
 
 from .images import list_image_files
+from .sampling import generate_images, use_dpm_solver
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +64,14 @@ def generate_class_images(
         pipeline = StableDiffusionPipeline.from_pretrained(
             model_path, revision=revision, safety_checker=None, requires_safety_checker=False
         )
+    use_dpm_solver(pipeline)  # deterministic: an image depends on its slot's seed only, not on the split
     pipeline.set_progress_bar_config(disable=True)
     height, width = image_size or (None, None)
     with tqdm(total=len(mine), desc="class images", disable=not show_progress) as progress:
         for start in range(0, len(mine), sample_batch_size):
             slots = mine[start : start + sample_batch_size]
-            generators = [paddle.Generator().manual_seed(seed + k) for k in slots]
-            with paddle.no_grad():
-                images = pipeline(
-                    [class_prompt] * len(slots),
-                    num_inference_steps=num_inference_steps,
-                    generator=generators,
-                    height=height,
-                    width=width,
-                ).images
+            images = generate_images(pipeline, [class_prompt] * len(slots), [seed + k for k in slots],
+                                     num_inference_steps=num_inference_steps, height=height, width=width)
             for k, image in zip(slots, images):
                 final = os.path.join(class_dir, SLOT_NAME.format(k))
                 tmp = os.path.join(class_dir, f".{SLOT_NAME.format(k)}.tmp")

@@ -52,19 +52,18 @@ def prepare_assets(assets: str = ASSETS) -> None:
 
 def write_samples(model_dir: str, prompt: str, out_dir: str, count: int = 4, size: int = 64) -> List[str]:
     """Generate `count` images from the fine-tuned pipeline (fixed seeds) and save them as PNG files."""
-    import paddle
-    from ppdiffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from ppdiffusers import StableDiffusionPipeline
+
+    from .sampling import generate_images, use_dpm_solver
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    use_dpm_solver(pipe)
     pipe.set_progress_bar_config(disable=True)
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image = pipe(prompt, num_inference_steps=25, height=size, width=size,
-                     generator=paddle.Generator().manual_seed(i)).images[0]
-        paths.append(os.path.join(out_dir, f"sample-{i}.png"))
-        image.save(paths[-1])
+    images = generate_images(pipe, [prompt] * count, list(range(count)), height=size, width=size)
+    paths = [os.path.join(out_dir, f"sample-{i}.png") for i in range(count)]
+    for image, path in zip(images, paths):
+        image.save(path)
     return paths
 
 

@@ -1,0 +1,36 @@
+"""Training entry for the data-parallel test: records each rank's timesteps and final trained weights.
+
+Run under `python -m paddle.distributed.launch`; writes <output_dir>/rank-<r>-timesteps.json and
+<output_dir>/rank-<r>-weights.npz next to the normal outputs.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import paddle
+
+from ppdreambooth import train
+from ppdreambooth.model import DreamBoothModel
+
+drawn = []
+original_draw_noise = DreamBoothModel.draw_noise
+
+
+def recording_draw_noise(self, latents):
+    noise, timesteps = original_draw_noise(self, latents)
+    drawn.append({"timesteps": timesteps.numpy().tolist(), "noise_sum": float(noise.sum())})
+    return noise, timesteps
+
+
+DreamBoothModel.draw_noise = recording_draw_noise
+
+if __name__ == "__main__":
+    args = train.parse_args(sys.argv[1:])
+    trainer = train.run(*args)
+    rank = paddle.distributed.get_rank()
+    out = trainer.args.output_dir
+    with open(os.path.join(out, f"rank-{rank}-timesteps.json"), "w") as f:
+        json.dump(drawn, f)
+    weights = {k: v.numpy() for k, v in trainer.model.trainable_state_dict().items()}
+    np.savez(os.path.join(out, f"rank-{rank}-weights.npz"), **weights)
