@@ -109,6 +109,7 @@ class DreamBoothTrainingArguments(TrainingArguments):
     """PaddleNLP TrainingArguments with the defaults of ppdiffusers' `train_dreambooth.py`."""
 
     output_dir: str = field(default="dreambooth-model", metadata={"help": "Where checkpoints and the model go."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Batch size per device."})
     learning_rate: float = field(default=5e-6, metadata={"help": "Initial learning rate (after warmup)."})
     lr_scheduler_type: str = field(
         default="constant",
@@ -116,6 +117,9 @@ class DreamBoothTrainingArguments(TrainingArguments):
             "help": "Learning-rate schedule.",
             "choices": LR_SCHEDULERS,
         },
+    )
+    warmup_steps: int = field(
+        default=500, metadata={"help": "Linear warmup steps (the constant schedule has none)."}
     )
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=-1.0, metadata={"help": "Gradient clipping norm; <= 0 disables clipping."})

@@ -45,6 +45,7 @@ def test_defaults_follow_the_seed_script(tmp_path, monkeypatch):
     assert args.max_grad_norm == -1 and args.weight_decay == 1e-2
     assert args.adam_beta1 == 0.9 and args.adam_beta2 == 0.999 and args.adam_epsilon == 1e-8
     assert args.lr_scheduler_type.value == "constant" and args.num_train_epochs == 1
+    assert args.per_device_train_batch_size == 4 and args.warmup_steps == 500 and args.save_steps == 500
     assert args.report_to == ["visualdl"] and args.seed == 42
     assert args.output_dir == "dreambooth-model"
     assert args.logging_dir == "dreambooth-model/logs"  # joined with output_dir, as the seed says

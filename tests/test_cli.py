@@ -1,0 +1,116 @@
+"""Entry points: clear early errors (exit 2, no traceback, no model loaded), run_train.sh, prior preservation."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_module, train_argv
+from ppdreambooth import train
+from ppdreambooth.model import DreamBoothModel
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(DreamBoothModel, "__init__", refuse)
+
+
+def error_of(argv, capsys):
+    code = train.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    return err
+
+
+def test_bad_inputs_fail_early_with_a_named_cause(tiny_model, photos, tmp_path, capsys, no_model_loading):
+    out = str(tmp_path / "out")
+    base = train_argv(tiny_model, photos, out)
+
+    def with_(flag, value):
+        argv = list(base)
+        argv[argv.index(flag) + 1] = value
+        return argv
+
+    assert "--instance_data_dir" in error_of(with_("--instance_data_dir", str(tmp_path / "nope")), capsys)
+    only_text = tmp_path / "only_text"
+    only_text.mkdir()
+    (only_text / "readme.txt").write_text("hi")
+    assert "holds no usable image" in error_of(with_("--instance_data_dir", str(only_text)), capsys)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"")
+    assert "a.jpg is empty" in error_of(with_("--instance_data_dir", str(broken)), capsys)
+
+    no_vae = tmp_path / "no_vae"
+    shutil.copytree(tiny_model, no_vae)
+    shutil.rmtree(no_vae / "vae")
+    assert "lacks vae/" in error_of(with_("--pretrained_model_name_or_path", str(no_vae)), capsys)
+    assert "unknown flag 'instance_promt'" in error_of(base + ["--instance_promt", "x"], capsys)
+    assert "--class_prompt" in error_of(base + ["--with_prior_preservation", "--class_data_dir", out], capsys)
+    assert "memory-efficient attention" in error_of(base + ["--enable_xformers_memory_efficient_attention"], capsys)
+    assert "not a complete checkpoint" in error_of(base + ["--resume_from_checkpoint", out], capsys)
+
+    os.makedirs(out)
+    (tmp_path / "out" / "model_index.json").write_text("{}")
+    assert "already holds a finished model" in error_of(base, capsys)
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text()) == {}  # untouched
+
+
+def test_a_corrupt_image_is_skipped_with_a_warning(photos, tmp_path, caplog):
+    from ppdreambooth.data import collect_images
+
+    (tmp_path / "instance" / "zz-truncated.png").write_bytes(open(os.path.join(photos, "photo-0.png"), "rb").read()[:60])
+    files = collect_images(photos, "instance_data_dir")
+    assert len(files) == 4 and "zz-truncated.png" in caplog.text
+
+
+@pytest.mark.slow
+def test_error_in_a_real_process_has_no_traceback(tmp_path):
+    result = run_module(["-m", "ppdreambooth.train", "--pretrained_model_name_or_path", str(tmp_path),
+                         "--instance_data_dir", str(tmp_path / "missing"), "--instance_prompt", "x"])
+    assert result.returncode == 2
+    assert "ppdreambooth: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_train_sh_with_json_config_and_override(tiny_model, photos, tmp_path):
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({
+        "pretrained_model_name_or_path": tiny_model, "instance_data_dir": photos, "output_dir": str(out),
+        "instance_prompt": "a photo of sks dog", "resolution": 64, "max_train_steps": 50, "report_to": "none",
+        "checkpointing_steps": 1, "logging_steps": 1,
+    }))
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_train.sh"), str(cfg), "--max_train_steps", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_seed_prior_preservation_command(tiny_model, photos, tmp_path):
+    class_dir = tmp_path / "dream_class_image"
+    class_dir.mkdir()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(class_dir / "my-dog.png")
+    mine = (class_dir / "my-dog.png").read_bytes()
+    out = tmp_path / "dream_outputs_with_class"
+    # The seed README's prior-preservation command, with a local tiny model, 3 class images and 2 steps.
+    argv = ["-u", "-m", "ppdreambooth.train", f"--pretrained_model_name_or_path={tiny_model}",
+            f"--instance_data_dir={photos}", f"--class_data_dir={class_dir}", f"--output_dir={out}",
+            "--with_prior_preservation", "--prior_loss_weight=1.0", "--instance_prompt=a photo of sks dog",
+            "--class_prompt=a photo of dog", "--resolution=64", "--train_batch_size=1",
+            "--gradient_accumulation_steps=1", "--learning_rate=5e-6", "--lr_scheduler=constant",
+            "--lr_warmup_steps=0", "--num_class_images=3", "--max_train_steps=2",
+            "--sample_batch_size=2", "--class_image_inference_steps=2", "--logging_steps=1"]
+    result = run_module(argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(class_dir)) == ["class-00000.png", "class-00001.png", "my-dog.png"]
+    assert (class_dir / "my-dog.png").read_bytes() == mine
+    assert "loss_prior: " in result.stderr
+    assert (out / "model_index.json").is_file()
