@@ -126,3 +126,20 @@ def test_scale_lr(tmp_path, monkeypatch):
     _, _, args = parse_args(REQUIRED + ["--learning_rate", "1e-6", "--scale_lr", "--train_batch_size", "2",
                                         "--gradient_accumulation_steps", "3"])
     assert args.learning_rate == pytest.approx(6e-6)  # x accumulation x batch x 1 process
+
+
+def test_tensorboard_needs_tensorboardx(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pytest.importorskip("paddle")
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install tensorboardX"):
+            parse_args(REQUIRED + ["--report_to", "tensorboard"])
+    else:
+        _, _, args = parse_args(REQUIRED + ["--report_to", "tensorboard"])
+        assert args.report_to == ["tensorboard"]
+    with pytest.raises(ConfigError, match="--report_to 'wandbx' is not supported"):
+        parse_args(REQUIRED + ["--report_to", "wandbx"])
+    _, _, args = parse_args(REQUIRED + ["--report_to", "none"])
+    assert args.report_to == []

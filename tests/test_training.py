@@ -111,3 +111,14 @@ def test_resume_latest_without_checkpoint_starts_fresh(tiny_model, photos, tmp_p
         tiny_model, photos, out, steps=1, extra=["--resume_from_checkpoint", "latest"])])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting a new run" in result.stderr + result.stdout
+
+
+def test_bf16_autocast_trains_and_saves_float32(tiny_model, photos, tmp_path):
+    """bf16 O1 runs on a CPU too; the saved UNet stays float32 (weights are fp32 under O1)."""
+    out = tmp_path / "out"
+    result = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, out, steps=2,
+                                                                  extra=["--mixed_precision", "bf16"])])
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_unet_weights(str(out))
+    assert all(v.dtype == np.float32 for v in weights.values())
+    assert any(not np.array_equal(weights[k], v) for k, v in load_unet_weights(tiny_model).items())
