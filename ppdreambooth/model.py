@@ -60,9 +60,18 @@ class DreamBoothModel(paddle.nn.Layer):
             self.tokenizer = CLIPTokenizer.from_pretrained(model_args.tokenizer_name)
         else:
             self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision)
         self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision)
+        # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
+        # leaves them in float32, and state_dict()/checkpoints never contain them.
+        self._frozen: Dict[str, paddle.nn.Layer] = {"vae": vae}
+        freeze(vae)
+        if model_args.train_text_encoder:
+            self.add_sublayer("text_encoder", text_encoder)  # `text_encoder` is a property (below)
+        else:
+            freeze(text_encoder)
+            self._frozen["text_encoder"] = text_encoder
         # A plain attribute, not a sub-layer: its float32 alphas_cumprod must never be cast by AMP O2.
         self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
         self.prediction_type = model_args.prediction_type or self.noise_scheduler.config.prediction_type
@@ -70,14 +79,19 @@ class DreamBoothModel(paddle.nn.Layer):
             raise ConfigError(
                 f"the scheduler of {path} predicts {self.prediction_type!r}; use --prediction_type epsilon|v_prediction"
             )
-        self.scaling_factor = self.vae.config.scaling_factor
-        freeze(self.vae)
-        if not model_args.train_text_encoder:
-            freeze(self.text_encoder)
+        self.scaling_factor = vae.config.scaling_factor
         if recompute:
             self.enable_recompute()
         if memory_efficient_attention:
             self.unet.enable_xformers_memory_efficient_attention()
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self._frozen["vae"]
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self._sub_layers.get("text_encoder") or self._frozen["text_encoder"]
 
     # ----- set-up -------------------------------------------------------------------------------
     def enable_recompute(self) -> None:
@@ -86,12 +100,6 @@ class DreamBoothModel(paddle.nn.Layer):
         if self.model_args.train_text_encoder:
             self.text_encoder.gradient_checkpointing_enable()
 
-    def train(self):
-        super().train()
-        self.vae.eval()
-        if not self.model_args.train_text_encoder:
-            self.text_encoder.eval()
-        return self
 
     def trainable_named_parameters(self) -> List[Tuple[str, paddle.Tensor]]:
         return [(n, p) for n, p in self.named_parameters() if not p.stop_gradient]
