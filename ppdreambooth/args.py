@@ -80,6 +80,10 @@ class DataArguments:
     width: Optional[int] = field(default=None, metadata={"help": "Training image width (default: resolution)."})
     center_crop: bool = field(default=False, metadata={"help": "Crop the centre after resizing (else a random crop)."})
     random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
+    cache_latents: bool = field(
+        default=False,
+        metadata={"help": "Encode every image with the VAE once before training (needs --center_crop)."},
+    )
 
     def __post_init__(self):
         for name in ("resolution", "height", "width"):
@@ -90,6 +94,10 @@ class DataArguments:
                 )
         if self.num_class_images < 0 or self.sample_batch_size <= 0 or self.class_image_inference_steps <= 0:
             raise ConfigError("--num_class_images must be >= 0; --sample_batch_size and --class_image_inference_steps > 0.")
+        if self.cache_latents and not self.center_crop:
+            raise ConfigError(
+                "--cache_latents cannot reproduce random crops (one cached latent per image); add --center_crop."
+            )
         if self.with_prior_preservation:
             missing = [n for n in ("class_data_dir", "class_prompt") if not getattr(self, n)]
             if missing:

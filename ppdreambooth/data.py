@@ -49,10 +49,16 @@ def collect_images(folder: Optional[str], flag: str, allow_empty: bool = False) 
 
 @dataclass
 class ImageSet:
-    """Images of one role (instance or class) with the token ids of their prompt."""
+    """Images of one role (instance or class) and, per image, the token ids of its prompt.
+
+    `prompt_embeds` and `latents` are filled by `ppdreambooth.caching` when the text encoder is frozen
+    and with `--cache_latents`: then items carry those instead of token ids and pixels.
+    """
 
     images: list  # PIL images, already resized to cover the training size
-    input_ids: np.ndarray
+    input_ids: List[np.ndarray]
+    prompt_embeds: Optional[List[np.ndarray]] = None
+    latents: Optional[List[Dict[bool, Tuple[np.ndarray, np.ndarray]]]] = None  # per image: flip -> (mean, std)
 
 
 def load_image_set(paths: Sequence[str], prompt: str, tokenizer, size: Tuple[int, int]) -> ImageSet:
@@ -62,7 +68,8 @@ def load_image_set(paths: Sequence[str], prompt: str, tokenizer, size: Tuple[int
         if image.height < size[0] or image.width < size[1]:
             logger.warning("%s is %dx%d, smaller than %dx%d: it is upscaled", path, image.width, image.height, size[1], size[0])
         images.append(resize_to_cover(image, size))
-    return ImageSet(images=images, input_ids=tokenize(tokenizer, prompt))
+    ids = tokenize(tokenizer, prompt)
+    return ImageSet(images=images, input_ids=[ids] * len(images))
 
 
 def tokenize(tokenizer, prompt: str) -> np.ndarray:
@@ -86,32 +93,43 @@ class DreamBoothDataset(paddle.io.Dataset):
         self.instance, self.prior = instance, prior
         self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
 
+    @property
+    def image_sets(self) -> List[ImageSet]:
+        return [self.instance] + ([self.prior] if self.prior is not None else [])
+
     def __len__(self) -> int:
-        return max(len(self.instance.images), len(self.prior.images) if self.prior else 0)
+        return max(len(s.images) for s in self.image_sets)
 
-    def _example(self, images: ImageSet, index: int, rng: random.Random) -> Tuple[np.ndarray, np.ndarray]:
-        image = images.images[index % len(images.images)]
+    def pixels(self, image, flip: bool, rng: Optional[random.Random] = None) -> np.ndarray:
+        return prepare_image(image, self.size, self.center_crop, flip, rng)
+
+    def _example(self, images: ImageSet, index: int, rng: random.Random) -> Dict[str, np.ndarray]:
+        i = index % len(images.images)
         flip = self.random_flip and rng.random() < 0.5
-        return prepare_image(image, self.size, self.center_crop, flip, rng), images.input_ids
+        example = {}
+        if images.latents is not None:
+            example["latent_mean"], example["latent_std"] = images.latents[i][flip]
+        else:
+            example["pixel_values"] = self.pixels(images.images[i], flip, rng)
+        if images.prompt_embeds is not None:
+            example["prompt_embeds"] = images.prompt_embeds[i]
+        else:
+            example["input_ids"] = images.input_ids[i]
+        return example
 
-    def __getitem__(self, key) -> Dict[str, np.ndarray]:
+    def __getitem__(self, key) -> Dict[str, Dict[str, np.ndarray]]:
         index, seed = key if isinstance(key, tuple) else (key, key)
         rng = random.Random(seed)
-        item = {}
-        item["instance_pixel_values"], item["instance_input_ids"] = self._example(self.instance, index, rng)
+        item = {"instance": self._example(self.instance, index, rng)}
         if self.prior is not None:
-            item["class_pixel_values"], item["class_input_ids"] = self._example(self.prior, index, rng)
+            item["class"] = self._example(self.prior, index, rng)
         return item
 
 
-def collate(examples: List[Dict[str, np.ndarray]]) -> Dict[str, paddle.Tensor]:
+def collate(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, paddle.Tensor]:
     """Stack a batch: instance examples first, then (with prior preservation) the class examples."""
-    pixels = [e["instance_pixel_values"] for e in examples]
-    ids = [e["instance_input_ids"] for e in examples]
-    if "class_pixel_values" in examples[0]:
-        pixels += [e["class_pixel_values"] for e in examples]
-        ids += [e["class_input_ids"] for e in examples]
-    return {"pixel_values": paddle.to_tensor(np.stack(pixels)), "input_ids": paddle.to_tensor(np.stack(ids))}
+    rows = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    return {key: paddle.to_tensor(np.stack([row[key] for row in rows])) for key in rows[0]}
 
 
 class SeededBatchSampler(paddle.io.DistributedBatchSampler):

@@ -111,12 +111,33 @@ class DreamBoothModel(paddle.nn.Layer):
         """What a checkpoint holds: the trained weights only (no frozen VAE or text encoder)."""
         return dict(self.trainable_named_parameters())
 
+    def release_frozen(self, name: str, keep_on_cpu: bool) -> None:
+        """Stop holding a frozen component on the training device once its outputs are cached.
+
+        `keep_on_cpu` parks it in host memory (validation images still need it); otherwise it is dropped
+        and the final pipeline takes that component unchanged from the base model.
+        """
+        layer = self._frozen.pop(name)
+        if keep_on_cpu:
+            self._frozen[name] = layer.to("cpu")
+
+    def has_component(self, name: str) -> bool:
+        return name in self._frozen or name in self._sub_layers
+
     # ----- the training step ---------------------------------------------------------------------
     @paddle.no_grad()
-    def encode_images(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+    def latent_moments(self, pixel_values: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """Mean and standard deviation of the VAE's latent distribution, in float32."""
         with paddle.amp.auto_cast(enable=False):
             dist = self.vae.encode(pixel_values.astype(self.vae.dtype)).latent_dist
-            return dist.sample().astype("float32") * self.scaling_factor
+            return dist.mean.astype("float32"), dist.std.astype("float32")
+
+    def sample_latents(self, mean: paddle.Tensor, std: paddle.Tensor) -> paddle.Tensor:
+        """A scaled latent sample; draws from the RNG exactly as the VAE's own `latent_dist.sample()`."""
+        return (mean + std * paddle.randn(mean.shape, dtype="float32")) * self.scaling_factor
+
+    def encode_images(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
+        return self.sample_latents(*self.latent_moments(pixel_values))
 
     def encode_prompts(self, input_ids: paddle.Tensor) -> paddle.Tensor:
         if self.model_args.train_text_encoder:
@@ -137,21 +158,27 @@ class DreamBoothModel(paddle.nn.Layer):
 
     def forward(
         self,
-        pixel_values: paddle.Tensor,
-        input_ids: paddle.Tensor,
+        pixel_values: Optional[paddle.Tensor] = None,
+        input_ids: Optional[paddle.Tensor] = None,
+        latent_mean: Optional[paddle.Tensor] = None,
+        latent_std: Optional[paddle.Tensor] = None,
+        prompt_embeds: Optional[paddle.Tensor] = None,
         noise: Optional[paddle.Tensor] = None,
         timesteps: Optional[paddle.Tensor] = None,
     ) -> Dict[str, paddle.Tensor]:
-        """Loss for a batch of [instance; class] images. `noise`/`timesteps` may be given (tests)."""
-        latents = self.encode_images(pixel_values)
-        if noise is None or timesteps is None:
-            drawn_noise, drawn_steps = self.draw_noise(latents)
-            noise = drawn_noise if noise is None else noise
-            timesteps = drawn_steps if timesteps is None else timesteps
-        with paddle.amp.auto_cast(enable=False):
+        """Loss for a batch of [instance; class] examples, given as pixels or cached latent moments, and
+        as token ids or cached prompt embeddings. `noise`/`timesteps` may be given (tests)."""
+        if latent_mean is None:
+            latent_mean, latent_std = self.latent_moments(pixel_values)
+        with paddle.amp.auto_cast(enable=False):  # latents, noise and the noise schedule in float32
+            latents = self.sample_latents(latent_mean, latent_std)
+            if noise is None or timesteps is None:
+                drawn_noise, drawn_steps = self.draw_noise(latents)
+                noise = drawn_noise if noise is None else noise
+                timesteps = drawn_steps if timesteps is None else timesteps
             noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-        encoder_hidden_states = self.encode_prompts(input_ids)
+        encoder_hidden_states = prompt_embeds if prompt_embeds is not None else self.encode_prompts(input_ids)
         model_pred = self.unet(
             noisy_latents.astype(self.unet.dtype), timesteps, encoder_hidden_states.astype(self.unet.dtype)
         ).sample
@@ -159,6 +186,6 @@ class DreamBoothModel(paddle.nn.Layer):
             weights = None
             if self.model_args.snr_gamma is not None:
                 weights = min_snr_weights(self.noise_scheduler, timesteps, self.model_args.snr_gamma, self.prediction_type)
-            batch = pixel_values.shape[0]
+            batch = latents.shape[0]
             num_instance = batch // 2 if self.with_prior_preservation else batch
             return dreambooth_loss(model_pred, target, num_instance, self.model_args.prior_loss_weight, weights)

@@ -65,14 +65,10 @@ def write_pipeline(model, base_model: str, out_dir: str, revision: Optional[str]
     """
     from ppdiffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(
-        base_model,
-        revision=revision,
-        unet=model.unet,
-        text_encoder=model.text_encoder,
-        vae=model.vae,
-        tokenizer=model.tokenizer,
-    )
+    # Components the model no longer holds (released after caching) are read from the base model.
+    held = {"unet": model.unet, "tokenizer": model.tokenizer}
+    held.update({name: getattr(model, name) for name in ("vae", "text_encoder") if model.has_component(name)})
+    pipeline = DiffusionPipeline.from_pretrained(base_model, revision=revision, **held)
     staging = os.path.join(out_dir, ".pipeline-staging")
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)

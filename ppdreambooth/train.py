@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import paddle
 
 from .args import ConfigError, DataArguments, DreamBoothTrainingArguments, ModelArguments
+from .caching import cache_encodings
 from .config import parse_args
 from .data import DreamBoothDataset, collate, collect_images, load_image_set
 from .model import DreamBoothModel, check_model_folder
@@ -121,10 +122,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTr
             recompute=args.recompute,
             memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
         )
+    dataset = build_dataset(model, data_args, instance_files, class_files)
+    cache_encodings(model, dataset, data_args.cache_latents, keep_encoders=False)
     trainer = DreamBoothTrainer(
         model=model,
         args=args,
-        train_dataset=build_dataset(model, data_args, instance_files, class_files),
+        train_dataset=dataset,
         data_collator=collate,
         base_model=model_args.pretrained_model_name_or_path,
         base_revision=model_args.revision,

@@ -143,3 +143,11 @@ def test_tensorboard_needs_tensorboardx(tmp_path, monkeypatch):
         parse_args(REQUIRED + ["--report_to", "wandbx"])
     _, _, args = parse_args(REQUIRED + ["--report_to", "none"])
     assert args.report_to == []
+
+
+def test_cache_latents_refuses_random_crops(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--cache_latents cannot reproduce random crops.*--center_crop"):
+        parse_args(REQUIRED + ["--cache_latents"])
+    _, data, _ = parse_args(REQUIRED + ["--cache_latents", "--center_crop", "--random_flip"])
+    assert data.cache_latents

@@ -1,0 +1,67 @@
+"""Encode once what never changes during training, then stop holding the encoder on the device.
+
+With a frozen text encoder the same few prompts give the same embeddings every step: they are computed
+once here. With `--cache_latents` the VAE's latent distribution (mean, std) of every image is computed
+once, for both orientations when `--random_flip` is on; each step still draws its own latent sample from
+it, consuming the RNG exactly as encoding on the fly would, so losses match an uncached run.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+import numpy as np
+import paddle
+
+from .data import DreamBoothDataset
+from .model import DreamBoothModel
+
+logger = logging.getLogger(__name__)
+
+
+@paddle.no_grad()
+def cache_prompt_embeddings(model: DreamBoothModel, dataset: DreamBoothDataset) -> int:
+    """Fill `prompt_embeds` of every image set; returns the number of distinct prompts encoded."""
+    table: Dict[bytes, np.ndarray] = {}
+    for image_set in dataset.image_sets:
+        for ids in image_set.input_ids:
+            if ids.tobytes() not in table:
+                embeds = model.encode_prompts(paddle.to_tensor(ids[None]))
+                table[ids.tobytes()] = embeds[0].astype("float32").numpy()
+        image_set.prompt_embeds = [table[ids.tobytes()] for ids in image_set.input_ids]
+    return len(table)
+
+
+@paddle.no_grad()
+def cache_latents(model: DreamBoothModel, dataset: DreamBoothDataset, batch_size: int = 4) -> int:
+    """Fill `latents` of every image set (both orientations with random flips); returns images encoded."""
+    flips = (False, True) if dataset.random_flip else (False,)
+    count = 0
+    for image_set in dataset.image_sets:
+        jobs = [(i, flip) for i in range(len(image_set.images)) for flip in flips]
+        cached = [dict() for _ in image_set.images]
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            pixels = np.stack([dataset.pixels(image_set.images[i], flip) for i, flip in chunk])
+            mean, std = model.latent_moments(paddle.to_tensor(pixels))
+            for row, (i, flip) in enumerate(chunk):
+                cached[i][flip] = (mean[row].numpy(), std[row].numpy())
+        image_set.latents = cached
+        count += len(jobs)
+    return count
+
+
+def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_latents_too: bool,
+                    keep_encoders: bool, batch_size: int = 4) -> None:
+    """Cache what can be cached for this run and release the encoders it no longer needs for training.
+
+    `keep_encoders` parks released encoders on the CPU instead of dropping them (validation needs them).
+    """
+    if not model.model_args.train_text_encoder:
+        prompts = cache_prompt_embeddings(model, dataset)
+        model.release_frozen("text_encoder", keep_on_cpu=keep_encoders)
+        logger.info("cached the embeddings of %d prompt(s); the text encoder is off the training device", prompts)
+    if cache_latents_too:
+        encoded = cache_latents(model, dataset, batch_size)
+        model.release_frozen("vae", keep_on_cpu=keep_encoders)
+        logger.info("cached %d latent distributions; the VAE is off the training device", encoded)

@@ -1,0 +1,65 @@
+"""Caching prompt embeddings and latents: same losses as encoding every step, encoders released."""
+import numpy as np
+import paddle
+import pytest
+
+from ppdreambooth.args import ModelArguments
+from ppdreambooth.caching import cache_encodings, cache_latents, cache_prompt_embeddings
+from ppdreambooth.data import DreamBoothDataset, collate, load_image_set
+from ppdreambooth.images import list_image_files
+from ppdreambooth.model import DreamBoothModel
+
+
+def build(tiny_model, photos, flip, prior=True):
+    with paddle.utils.unique_name.guard():
+        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model),
+                                with_prior_preservation=prior)
+    files = list_image_files(photos)
+    inst = load_image_set(files, "a photo of sks dog", model.tokenizer, (64, 64))
+    cls = load_image_set(files[::-1], "a photo of dog", model.tokenizer, (64, 64)) if prior else None
+    return model, DreamBoothDataset(inst, (64, 64), center_crop=True, random_flip=flip, prior=cls)
+
+
+def losses(model, dataset, keys):
+    out = []
+    paddle.seed(123)
+    for batch_keys in keys:
+        batch = collate([dataset[k] for k in batch_keys])
+        with paddle.no_grad():
+            out.append(float(model(**batch)["loss"]))
+    return out
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["no_flip", "random_flip"])
+def test_cached_training_inputs_give_the_same_losses(tiny_model, photos, flip):
+    keys = [[(0, 1), (1, 2)], [(2, 3), (3, 4)], [(1, 5), (2, 6)], [(3, 7), (0, 8)]]
+    model, dataset = build(tiny_model, photos, flip)
+    reference = losses(model, dataset, keys)
+    assert "pixel_values" in collate([dataset[(0, 1)]]) and "input_ids" in collate([dataset[(0, 1)]])
+
+    assert cache_prompt_embeddings(model, dataset) == 2  # instance and class prompt
+    assert cache_latents(model, dataset) == 4 * (2 if flip else 1) * 2
+    batch = collate([dataset[(0, 1)]])
+    assert set(batch) == {"latent_mean", "latent_std", "prompt_embeds"}
+    assert batch["prompt_embeds"].shape == [2, 77, 32]
+    cached = losses(model, dataset, keys)
+    np.testing.assert_allclose(cached, reference, rtol=1e-5)
+
+
+def test_encoders_are_released_after_caching(tiny_model, photos):
+    model, dataset = build(tiny_model, photos, flip=False, prior=False)
+    cache_encodings(model, dataset, cache_latents_too=True, keep_encoders=False)
+    assert not model.has_component("text_encoder") and not model.has_component("vae")
+    assert all(n.startswith("unet.") for n, _ in model.trainable_named_parameters())
+    model, dataset = build(tiny_model, photos, flip=False, prior=False)
+    cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=True)
+    assert model.has_component("text_encoder") and model.has_component("vae")  # parked on the CPU
+    assert dataset.instance.prompt_embeds is not None and dataset.instance.latents is None
+
+
+def test_a_trained_text_encoder_is_not_cached(tiny_model, photos):
+    with paddle.utils.unique_name.guard():
+        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model, train_text_encoder=True))
+    _, dataset = build(tiny_model, photos, flip=False, prior=False)
+    cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=False)
+    assert model.has_component("text_encoder") and dataset.instance.prompt_embeds is None
