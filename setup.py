@@ -36,5 +36,10 @@ setup(
     python_requires=">=3.8",
     install_requires=CORE,
     extras_require={"cpu": CPU, "test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["ppdreambooth-train=ppdreambooth.train:cli"]},
+    entry_points={
+        "console_scripts": [
+            "ppdreambooth-train=ppdreambooth.train:cli",
+            "ppdreambooth-train-lora=ppdreambooth.train_lora:cli",
+        ]
+    },
 )

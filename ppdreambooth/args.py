@@ -32,7 +32,16 @@ class ModelArguments:
     tokenizer_name: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer to use instead of the model's `tokenizer/` folder."}
     )
-    train_text_encoder: bool = field(default=False, metadata={"help": "Also fine-tune the text encoder."})
+    train_text_encoder: bool = field(
+        default=False, metadata={"help": "Also train the text encoder (its LoRA adapters with --use_lora)."}
+    )
+    use_lora: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters on the attention projections instead of all weights."}
+    )
+    lora_rank: int = field(default=4, metadata={"help": "Rank of the LoRA matrices (also --rank)."})
+    lora_alpha: Optional[float] = field(
+        default=None, metadata={"help": "LoRA alpha; the adapters are scaled by alpha/rank. Default: the rank."}
+    )
     prior_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the prior-preservation loss."})
     noise_offset: float = field(
         default=0.0, metadata={"help": "Offset noise scale (about 0.1 helps very dark/bright images); 0 is off."}
@@ -49,6 +58,12 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        if self.lora_rank <= 0:
+            raise ConfigError(f"--lora_rank must be a positive integer, got {self.lora_rank}.")
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
+        elif self.lora_alpha <= 0:
+            raise ConfigError(f"--lora_alpha must be > 0, got {self.lora_alpha}.")
         if self.noise_offset < 0:
             raise ConfigError(f"--noise_offset must be >= 0, got {self.noise_offset}.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -147,6 +162,17 @@ class DreamBoothTrainingArguments(TrainingArguments):
     enable_xformers_memory_efficient_attention: bool = field(
         default=False, metadata={"help": "Use Paddle's memory-efficient attention (GPU builds only)."}
     )
+    validation_prompt: Optional[str] = field(
+        default=None, metadata={"help": "Prompt for validation images during training (off when unset)."}
+    )
+    num_validation_images: int = field(default=4, metadata={"help": "Validation images per validation run."})
+    validation_epochs: Optional[int] = field(
+        default=None, metadata={"help": "Generate validation images every N epochs (the LoRA script uses 50)."}
+    )
+    validation_steps: Optional[int] = field(
+        default=None, metadata={"help": "Generate validation images every N optimizer steps."}
+    )
+    validation_inference_steps: int = field(default=25, metadata={"help": "DPM-Solver steps per validation image."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hugging Face hub."})
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository (default: output_dir's name)."})
@@ -164,6 +190,10 @@ class DreamBoothTrainingArguments(TrainingArguments):
                 import tensorboardX  # noqa: F401
             except ImportError:
                 raise ConfigError("--report_to tensorboard needs tensorboardX: pip install tensorboardX") from None
+        for name in ("num_validation_images", "validation_epochs", "validation_steps", "validation_inference_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name} must be a positive integer, got {value}.")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are exclusive; choose one.")
         super().__post_init__()
@@ -189,6 +219,7 @@ class SeedFlagAliases:
     lr_warmup_steps: Optional[int] = field(default=None, metadata={"help": "= --warmup_steps."})
     adam_weight_decay: Optional[float] = field(default=None, metadata={"help": "= --weight_decay."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "= --recompute."})
+    rank: Optional[int] = field(default=None, metadata={"help": "= --lora_rank (the LoRA script's name)."})
     mixed_precision: Optional[str] = field(
         default=None, metadata={"help": "no | fp16 | bf16 (= --fp16 / --bf16).", "choices": ["no", "fp16", "bf16"]}
     )
@@ -204,4 +235,5 @@ ALIAS_TARGETS = {
     "lr_warmup_steps": "warmup_steps",
     "adam_weight_decay": "weight_decay",
     "gradient_checkpointing": "recompute",
+    "rank": "lora_rank",
 }

@@ -110,6 +110,9 @@ def _fold_aliases(given: Dict[str, object]) -> None:
             given[name] = wanted
 
 
+LORA_DEFAULT_LEARNING_RATE = 1e-4  # the seed LoRA README's rate; 5e-6 barely moves rank-4 adapters
+
+
 def parse_args(
     argv: Optional[Sequence[str]] = None,
 ) -> Tuple[ModelArguments, DataArguments, DreamBoothTrainingArguments]:
@@ -123,6 +126,8 @@ def parse_args(
         argv = json_to_argv(argv[0], known) + argv[1:]
     given = _given_values(parser, argv)
     _fold_aliases(given)
+    if given.get("use_lora") and "learning_rate" not in given:
+        given["learning_rate"] = LORA_DEFAULT_LEARNING_RATE
     outputs = []
     for cls in ARGUMENT_CLASSES[:3]:
         names = {f.name for f in cls.__dataclass_fields__.values() if f.init}

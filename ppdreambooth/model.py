@@ -6,6 +6,7 @@ scheduler is a plain attribute (not a sub-layer), so mixed-precision O2 never ca
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Dict, List, Optional, Tuple
@@ -14,7 +15,9 @@ import paddle
 from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
 
+from . import compat  # noqa: F401  (USE_PEFT_BACKEND before ppdiffusers)
 from .args import ConfigError, ModelArguments
+from .lora import add_text_encoder_lora, add_unet_lora
 from .losses import diffusion_target, dreambooth_loss, min_snr_weights
 
 logger = logging.getLogger(__name__)
@@ -63,11 +66,16 @@ class DreamBoothModel(paddle.nn.Layer):
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision)
         self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision)
+        if model_args.use_lora:
+            add_unet_lora(self.unet, model_args.lora_rank, model_args.lora_alpha)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
         # leaves them in float32, and state_dict()/checkpoints never contain them.
         self._frozen: Dict[str, paddle.nn.Layer] = {"vae": vae}
+        self._parked: set = set()  # frozen components moved to the CPU after caching their outputs
         freeze(vae)
         if model_args.train_text_encoder:
+            if model_args.use_lora:
+                add_text_encoder_lora(text_encoder, model_args.lora_rank, model_args.lora_alpha)
             self.add_sublayer("text_encoder", text_encoder)  # `text_encoder` is a property (below)
         else:
             freeze(text_encoder)
@@ -119,7 +127,22 @@ class DreamBoothModel(paddle.nn.Layer):
         """
         layer = self._frozen.pop(name)
         if keep_on_cpu:
-            self._frozen[name] = layer.to("cpu")
+            layer.to("cpu")
+            self._frozen[name] = layer
+            self._parked.add(name)
+
+    @contextlib.contextmanager
+    def parked_on_device(self):
+        """Bring components parked on the CPU back to the training device for a while (validation)."""
+        device = paddle.get_device()
+        parked = [self._frozen[name] for name in self._parked] if device != "cpu" else []
+        for layer in parked:
+            layer.to(device)
+        try:
+            yield
+        finally:
+            for layer in parked:
+                layer.to("cpu")
 
     def has_component(self, name: str) -> bool:
         return name in self._frozen or name in self._sub_layers

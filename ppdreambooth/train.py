@@ -22,6 +22,7 @@ from .data import DreamBoothDataset, collate, collect_images, load_image_set
 from .model import DreamBoothModel, check_model_folder
 from .saving import is_complete, latest_checkpoint, push_to_hub
 from .trainer import DreamBoothTrainer
+from .validation import ValidationCallback
 
 logger = logging.getLogger("ppdreambooth")
 
@@ -112,9 +113,16 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_fil
     )
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments) -> DreamBoothTrainer:
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: DreamBoothTrainingArguments,
+    callbacks: Sequence = (),
+) -> DreamBoothTrainer:
+    """Train and write the final model; `callbacks` are extra PaddleNLP TrainerCallbacks (benchmarks)."""
     instance_files, resume = check_inputs(model_args, data_args, args)
     class_files = prepare_class_images(model_args, data_args, args) if data_args.with_prior_preservation else None
+    paddle.seed(args.seed)  # LoRA layers are initialised at random: the same seed gives the same start
     with paddle.utils.unique_name.guard():  # parameter names (and so optimizer state keys) start from zero
         model = DreamBoothModel(
             model_args,
@@ -123,12 +131,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTr
             memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
         )
     dataset = build_dataset(model, data_args, instance_files, class_files)
-    cache_encodings(model, dataset, data_args.cache_latents, keep_encoders=False)
+    validating = bool(args.validation_prompt)
+    cache_encodings(model, dataset, data_args.cache_latents, keep_encoders=validating)
+    callbacks = list(callbacks)
+    if validating:
+        callbacks.append(ValidationCallback(model, model_args.pretrained_model_name_or_path, model_args.revision))
     trainer = DreamBoothTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collate,
+        callbacks=callbacks or None,
         base_model=model_args.pretrained_model_name_or_path,
         base_revision=model_args.revision,
     )

@@ -21,6 +21,7 @@ from paddlenlp.trainer.trainer_callback import TrainerState
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import SeededBatchSampler
+from .lora import save_lora_weights
 from .saving import (
     complete_checkpoints,
     mark_complete,
@@ -87,6 +88,10 @@ class DreamBoothTrainer(Trainer):
         if self.is_in_train:  # a checkpoint: trained weights for resume
             save_trainable_weights(self.model, output_dir)
             paddle.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        elif self.model.model_args.use_lora:  # the final adapters
+            model_args = self.model.model_args
+            text_encoder = self.model.text_encoder if model_args.train_text_encoder else None
+            save_lora_weights(output_dir, self.model.unet, text_encoder, model_args.lora_rank, model_args.lora_alpha)
         else:  # the final model
             write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision)
 

@@ -151,3 +151,20 @@ def test_cache_latents_refuses_random_crops(tmp_path, monkeypatch):
         parse_args(REQUIRED + ["--cache_latents"])
     _, data, _ = parse_args(REQUIRED + ["--cache_latents", "--center_crop", "--random_flip"])
     assert data.cache_latents
+
+
+def test_lora_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, _, args = parse_args(REQUIRED + ["--use_lora", "--lora_rank", "8"])
+    assert model.use_lora and model.lora_rank == 8 and model.lora_alpha == 8.0  # alpha defaults to the rank
+    assert args.learning_rate == 1e-4  # LoRA's default rate when none is given
+    model, _, args = parse_args(REQUIRED + ["--use_lora", "--rank", "16", "--lora_alpha", "8", "--learning_rate", "3e-4"])
+    assert model.lora_rank == 16 and model.lora_alpha == 8.0 and args.learning_rate == 3e-4
+    with pytest.raises(ConfigError, match="--rank 16 and --lora_rank 8"):
+        parse_args(REQUIRED + ["--rank", "16", "--lora_rank", "8"])
+    with pytest.raises(ConfigError, match="--lora_rank must be a positive integer"):
+        parse_args(REQUIRED + ["--use_lora", "--lora_rank", "0"])
+    with pytest.raises(ConfigError, match="--validation_epochs must be a positive integer"):
+        parse_args(REQUIRED + ["--validation_epochs", "0"])
+    _, _, args = parse_args(REQUIRED + ["--validation_prompt", "a photo of sks dog", "--validation_epochs", "50"])
+    assert args.num_validation_images == 4 and args.validation_epochs == 50

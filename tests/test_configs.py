@@ -13,7 +13,8 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
 
 def test_there_are_configs():
     names = {os.path.basename(c) for c in CONFIGS}
-    assert {"demo.json", "sd15_full.json", "sd15_full_prior.json", "sd2_768_full.json"} <= names
+    assert {"demo.json", "sd15_full.json", "sd15_full_prior.json", "sd2_768_full.json", "sd15_lora.json",
+            "sd2_768_lora.json"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -25,3 +26,6 @@ def test_config_parses(path, tmp_path, monkeypatch):
     assert data.image_size == (raw["resolution"], raw["resolution"])
     assert args.max_steps == raw["max_train_steps"]
     assert data.with_prior_preservation == raw.get("with_prior_preservation", False)
+    assert model.use_lora == raw.get("use_lora", False)
+    if model.use_lora:
+        assert model.lora_rank == raw["lora_rank"] and args.validation_prompt == raw["validation_prompt"]

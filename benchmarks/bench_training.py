@@ -1,0 +1,177 @@
+"""Training speed and memory against the floor, on a fixed tiny configuration (CPU).
+
+    python benchmarks/bench_training.py [--steps 30] [--warmup 5] [--out benchmarks/results]
+
+Each mode runs in a fresh process (so peak RSS is its own): steps per second over the timed steps,
+peak resident memory, and time from process launch to the first training step. The floor is the
+UNet's forward + backward + AdamW step alone on ready-made tensors of the same shapes; step/floor is
+the overhead of everything else. Also: class-image generation throughput. Writes JSON and Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+LAUNCHED = time.time()
+
+RESOLUTION = 64
+MODES = {
+    # name: (extra training flags, floor batch = instance + class rows)
+    "full": ([], 1),
+    "full + cache_latents": (["--cache_latents", "--center_crop"], 1),
+    "full + prior preservation": (["--with_prior_preservation", "--class_prompt", "a photo of dog"], 2),
+    "lora (rank 4)": (["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-4"], 1),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def make_assets(folder: str) -> tuple:
+    import numpy as np
+    from PIL import Image
+
+    from ppdreambooth.tiny import build_tiny_pipeline
+
+    model = os.path.join(folder, "tiny-sd")
+    build_tiny_pipeline(model)
+    photos = os.path.join(folder, "photos")
+    os.makedirs(photos)
+    rng = np.random.RandomState(0)
+    for i in range(4):
+        Image.fromarray(rng.randint(0, 255, (RESOLUTION, RESOLUTION, 3)).astype(np.uint8)).save(
+            os.path.join(photos, f"{i}.png"))
+    return model, photos
+
+
+def worker_train(model: str, photos: str, workdir: str, extra: list, warmup: int, steps: int) -> dict:
+    from paddlenlp.trainer import TrainerCallback
+
+    from ppdreambooth.config import parse_args
+    from ppdreambooth.train import run
+
+    marks = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not marks:
+                marks.append(("first", time.time()))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append((state.global_step, time.time()))
+
+    argv = ["--pretrained_model_name_or_path", model, "--instance_data_dir", photos,
+            "--instance_prompt", "a photo of sks dog", "--output_dir", os.path.join(workdir, "out"),
+            "--resolution", str(RESOLUTION), "--train_batch_size", "1", "--max_train_steps", str(warmup + steps),
+            "--save_steps", "100000", "--logging_steps", "10", "--report_to", "none", "--seed", "0",
+            "--class_data_dir", os.path.join(workdir, "class"), "--num_class_images", "4",
+            "--class_image_inference_steps", "2", "--disable_tqdm", "true", *extra]
+    run(*parse_args(argv), callbacks=[StepClock()])
+    times = dict(marks)
+    return {
+        "steps_per_second": steps / (times[warmup + steps] - times[warmup]),
+        "peak_rss_mb": peak_rss_mb(),
+        "launch_to_first_step_s": times["first"] - LAUNCHED,
+    }
+
+
+def worker_floor(model: str, batch: int, warmup: int, steps: int) -> dict:
+    import paddle
+    from ppdiffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.train()
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=unet.parameters(), weight_decay=1e-2)
+    size = RESOLUTION // 8
+    latents = paddle.randn([batch, 4, size, size])
+    hidden = paddle.randn([batch, 77, unet.config.cross_attention_dim])
+    target = paddle.randn([batch, 4, size, size])
+    timesteps = paddle.randint(0, 1000, [batch])
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.time()
+        pred = unet(latents, timesteps, hidden).sample
+        loss = ((pred - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    float(loss)
+    return {"steps_per_second": steps / (time.time() - start), "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_class_images(model: str, workdir: str, count: int) -> dict:
+    from ppdreambooth.class_images import generate_class_images
+
+    start = time.time()
+    generate_class_images(model, os.path.join(workdir, "gen"), "a photo of dog", list(range(count)),
+                          sample_batch_size=4, num_inference_steps=25, image_size=(RESOLUTION, RESOLUTION),
+                          show_progress=False)
+    return {"images_per_second": count / (time.time() - start), "peak_rss_mb": peak_rss_mb()}
+
+
+def spawn(*args) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    if result.returncode != 0:
+        raise SystemExit(f"worker {args[0]} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, *rest = json.loads(args.worker)
+        result = {"train": worker_train, "floor": worker_floor, "class_images": worker_class_images}[kind](*rest)
+        print(json.dumps(result))
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, photos = make_assets(tmp)
+        floors = {b: spawn("floor", model, b, args.warmup, args.steps) for b in sorted({b for _, b in MODES.values()})}
+        for name, (extra, batch) in MODES.items():
+            workdir = tempfile.mkdtemp(dir=tmp)
+            result = spawn("train", model, photos, workdir, extra, args.warmup, args.steps)
+            floor = floors[batch]
+            rows.append({"mode": name, **result, "floor_steps_per_second": floor["steps_per_second"],
+                         "floor_peak_rss_mb": floor["peak_rss_mb"],
+                         "step_over_floor": floor["steps_per_second"] / result["steps_per_second"]})
+        generation = spawn("class_images", model, tmp, 8)
+
+    report = {"config": {"resolution": RESOLUTION, "batch_size": 1, "steps": args.steps, "warmup": args.warmup,
+                         "model": "ppdreambooth.tiny (UNet 32/64 channels)", "cpu_count": os.cpu_count()},
+              "training": rows, "class_image_generation": generation}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = ["| mode | steps/s | floor steps/s | step/floor | peak RSS (MB) | floor peak RSS (MB) | launch→first step (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['steps_per_second']:.2f} | {r['floor_steps_per_second']:.2f} | "
+                     f"{r['step_over_floor']:.3f} | {r['peak_rss_mb']:.0f} | {r['floor_peak_rss_mb']:.0f} | "
+                     f"{r['launch_to_first_step_s']:.1f} |")
+    lines.append("")
+    lines.append(f"Class-image generation (DPM-Solver, 25 steps, {RESOLUTION} px, batch 4): "
+                 f"{generation['images_per_second']:.2f} images/s")
+    markdown = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "training.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

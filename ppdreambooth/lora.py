@@ -1,0 +1,100 @@
+"""LoRA adapters through ppdiffusers' own peft backend, saved in the file its loaders read.
+
+UNet: q, k, v and output projections of every attention block. Text encoder (with
+`--train_text_encoder`): q, k, v and output projections of its self-attention. Base weights are frozen.
+
+The saved `paddle_lora_weights.safetensors` is what `pipe.load_lora_weights(dir)` (and
+`pipe.unet.load_attn_procs(dir)` for the UNet part) reads. That loader assumes alpha == rank, so a
+`--lora_alpha` other than the rank is baked into the saved up-projection (B * alpha / rank): the
+loaded adapters then compute exactly what the trained ones did.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Dict, Optional
+
+import paddle
+
+from . import compat  # noqa: F401  (USE_PEFT_BACKEND before ppdiffusers)
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
+
+
+def lora_config(rank: int, alpha: float, targets):
+    from ppdiffusers.peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+
+
+def add_unet_lora(unet, rank: int, alpha: float) -> None:
+    """Freeze the UNet and add trainable LoRA layers to its attention projections."""
+    for param in unet.parameters():
+        param.stop_gradient = True
+    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS))
+
+
+def add_text_encoder_lora(text_encoder, rank: int, alpha: float) -> None:
+    """Freeze the text encoder and add trainable LoRA layers to its self-attention projections."""
+    from ppdiffusers.peft import inject_adapter_in_model
+
+    for param in text_encoder.parameters():
+        param.stop_gradient = True
+    # CLIPTextModel.add_adapter imports the PyTorch `peft` package (a ppdiffusers 0.29.0 bug), so the
+    # adapter is injected directly, exactly as that method would do with ppdiffusers' own peft.
+    inject_adapter_in_model(lora_config(rank, alpha, TEXT_ENCODER_TARGETS), text_encoder, "default")
+
+
+def adapter_state_dict(layer, rank: int, alpha: float) -> Dict[str, paddle.Tensor]:
+    """The layer's LoRA weights in the loaders' layout, with alpha / rank folded into lora_B."""
+    from ppdiffusers.peft.utils import get_peft_model_state_dict
+
+    scale = alpha / rank
+    state = get_peft_model_state_dict(layer)
+    return {k: (v * scale if scale != 1 and "lora_B" in k else v).astype("float32") for k, v in state.items()}
+
+
+def save_lora_weights(out_dir: str, unet, text_encoder: Optional[paddle.nn.Layer], rank: int, alpha: float) -> str:
+    """Write `paddle_lora_weights.safetensors` into `out_dir` (atomically); returns its path."""
+    from ppdiffusers import StableDiffusionPipeline
+
+    staging = os.path.join(out_dir, ".lora-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(
+        staging,
+        unet_lora_layers=adapter_state_dict(unet, rank, alpha),
+        text_encoder_lora_layers=adapter_state_dict(text_encoder, rank, alpha) if text_encoder is not None else None,
+        weight_name=LORA_WEIGHTS_NAME,
+        to_diffusers=False,
+    )
+    target = os.path.join(out_dir, LORA_WEIGHTS_NAME)
+    os.replace(os.path.join(staging, LORA_WEIGHTS_NAME), target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def lora_parameter_count(rank: int, unet_config: dict) -> int:
+    """Parameters of rank-`rank` UNet adapters on to_q/to_k/to_v/to_out.0, from a UNet config alone.
+
+    Each adapted Linear(in, out) adds rank * (in + out). Per transformer block: self-attention
+    (attn1) maps width->width four times; cross-attention (attn2) reads the text width for k and v.
+    """
+    widths = list(unet_config["block_out_channels"])
+    layers = unet_config.get("layers_per_block", 2)
+    depth = unet_config.get("transformer_layers_per_block", 1)
+    cross = unet_config["cross_attention_dim"]
+    cross_down = [t.startswith("CrossAttn") for t in unet_config["down_block_types"]]
+    cross_up = [t.startswith("CrossAttn") for t in unet_config["up_block_types"]]
+
+    def block(width: int) -> int:
+        attn1 = 4 * rank * (width + width)
+        attn2 = rank * (2 * width) + 2 * rank * (cross + width) + rank * (2 * width)
+        return depth * (attn1 + attn2)
+
+    total = sum(layers * block(w) for w, c in zip(widths, cross_down) if c)
+    total += sum((layers + 1) * block(w) for w, c in zip(reversed(widths), cross_up) if c)
+    if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn":
+        total += block(widths[-1])
+    return total
