@@ -1,6 +1,6 @@
 """Training speed and memory against the floor, on a fixed tiny configuration (CPU).
 
-    python benchmarks/bench_training.py [--steps 30] [--warmup 5] [--out benchmarks/results]
+    python benchmarks/bench_training.py [--steps 100] [--warmup 10] [--out benchmarks/results]
 
 Each mode runs in a fresh process (so peak RSS is its own): steps per second over the timed steps,
 peak resident memory, and time from process launch to the first training step. The floor is the
@@ -28,6 +28,8 @@ MODES = {
     "full": ([], 1),
     "full + cache_latents": (["--cache_latents", "--center_crop"], 1),
     "full + prior preservation": (["--with_prior_preservation", "--class_prompt", "a photo of dog"], 2),
+    "full + prior preservation + cache_latents": (["--with_prior_preservation", "--class_prompt", "a photo of dog",
+                                                   "--cache_latents", "--center_crop"], 2),
     "lora (rank 4)": (["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-4"], 1),
 }
 
@@ -128,8 +130,8 @@ def spawn(*args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

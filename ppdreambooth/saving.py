@@ -65,6 +65,10 @@ def write_pipeline(model, base_model: str, out_dir: str, revision: Optional[str]
     """
     from ppdiffusers import DiffusionPipeline
 
+    # Under AMP O2 the trained layers are float16/bfloat16; training is over, so cast them back in place:
+    # the shared weights are float32 like the base model's.
+    for layer in model.children():
+        layer.to(dtype="float32")
     # Components the model no longer holds (released after caching) are read from the base model.
     held = {"unet": model.unet, "tokenizer": model.tokenizer}
     held.update({name: getattr(model, name) for name in ("vae", "text_encoder") if model.has_component(name)})
