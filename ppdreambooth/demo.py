@@ -71,13 +71,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .args import ConfigError
     from .config import parse_args
     from .train import run
+    from .trainer import NonFiniteLossError
 
     os.chdir(ROOT)  # the demo config uses paths relative to the project folder
     prepare_assets()
     try:
         model_args, data_args, training_args = parse_args([DEMO_CONFIG, *(argv or [])])
         trainer = run(model_args, data_args, training_args)
-    except ConfigError as e:
+    except (ConfigError, NonFiniteLossError) as e:
         print(f"ppdreambooth: error: {e}", file=sys.stderr)
         return 2
     if trainer.args.should_save:

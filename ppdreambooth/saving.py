@@ -31,8 +31,23 @@ def save_trainable_weights(model, out_dir: str) -> None:
 
 
 def mark_complete(checkpoint_dir: str, step: int) -> None:
-    with open(os.path.join(checkpoint_dir, COMPLETE_MARKER), "w") as f:
+    tmp = os.path.join(checkpoint_dir, COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w") as f:
         f.write(f"{step}\n")
+    os.replace(tmp, os.path.join(checkpoint_dir, COMPLETE_MARKER))
+
+
+def mark_incomplete(checkpoint_dir: str) -> None:
+    """Before (re)writing a checkpoint folder, so that a kill mid-write never leaves it marked complete."""
+    marker = os.path.join(checkpoint_dir, COMPLETE_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+
+
+def delete_checkpoint(checkpoint_dir: str) -> None:
+    """Unmark first, then delete: a kill mid-deletion leaves an incomplete folder, never a broken 'complete' one."""
+    mark_incomplete(checkpoint_dir)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def is_complete(checkpoint_dir: str) -> bool:

@@ -21,7 +21,7 @@ from .config import parse_args
 from .data import DreamBoothDataset, collate, collect_images, load_image_set
 from .model import DreamBoothModel, check_model_folder
 from .saving import is_complete, latest_checkpoint, push_to_hub
-from .trainer import DreamBoothTrainer
+from .trainer import DreamBoothTrainer, NonFiniteLossError
 from .validation import ValidationCallback
 
 logger = logging.getLogger("ppdreambooth")
@@ -162,6 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"ppdreambooth: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"ppdreambooth: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

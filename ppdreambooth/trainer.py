@@ -5,31 +5,52 @@ What it changes, and why:
 - `_get_train_sampler` returns a sampler whose order and augmentations depend only on (seed, epoch).
 - `_save` writes only trained weights into checkpoints (the stock one dumps the frozen VAE and text
   encoder too) and, for the final save, a full ppdiffusers pipeline folder.
-- `_save_checkpoint` marks a checkpoint complete once all its files are written, and rotation
-  (`save_total_limit`) only ever counts and deletes complete checkpoints.
+- `_save_checkpoint` unmarks a checkpoint folder before writing and marks it complete once all its
+  files are written; rotation (`save_total_limit`) only ever counts and deletes complete checkpoints,
+  and unmarks each before deleting it.
+- `training_step` stops the run on a NaN/Inf loss, naming the step, before the optimizer applies it.
 - On resume at an epoch boundary the stock loop never restores the RNG state (it does so only after
-  skipping batches); `_inner_training_loop` restores it in that case too.
+  skipping batches), and from a checkpoint at the last step it trains one step too many;
+  `_inner_training_loop` restores the RNG state in the first case and skips training in the second.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import paddle
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import TrainerState
-from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from .data import SeededBatchSampler
 from .lora import save_lora_weights
 from .saving import (
     complete_checkpoints,
+    delete_checkpoint,
     mark_complete,
+    mark_incomplete,
     save_trainable_weights,
     write_pipeline,
 )
 
+logger = logging.getLogger(__name__)
 LOSS_PARTS = ("loss_instance", "loss_prior")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; raised before the optimizer applies the step."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(
+            f"the loss is {value} at step {step}; training stopped before applying it. The last complete "
+            "checkpoint is untouched and no final model was written. Usual causes: a learning rate that is "
+            "too high (DreamBooth full fine-tuning: about 5e-6; LoRA: 1e-4), fp16 overflow (try --bf16 or "
+            "fp32), or corrupt images. Resume with --resume_from_checkpoint latest after changing the cause."
+        )
+        self.step, self.value = step, value
 
 
 class DreamBoothTrainer(Trainer):
@@ -73,6 +94,11 @@ class DreamBoothTrainer(Trainer):
         state_file = os.path.join(resume_from_checkpoint or "", "trainer_state.json")
         if resume_from_checkpoint and os.path.isfile(state_file):
             step = TrainerState.load_from_json(state_file).global_step
+            if step >= max_steps:  # the stock loop would train one step more than asked
+                logger.info("checkpoint %s is already at step %d of %d: nothing left to train",
+                            resume_from_checkpoint, step, max_steps)
+                self.is_in_train = False
+                return TrainOutput(step, 0.0, {})
             if step % num_update_steps_per_epoch == 0:
                 self._load_rng_state(resume_from_checkpoint)
         return super()._inner_training_loop(
@@ -96,11 +122,26 @@ class DreamBoothTrainer(Trainer):
             write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision)
 
     def _save_checkpoint(self, model, metrics=None):
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            mark_incomplete(folder)  # it may exist from an earlier attempt at this step
         super()._save_checkpoint(model, metrics=metrics)
         if self.args.should_save:
-            folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             mark_complete(folder, self.state.global_step)
-            self._rotate_checkpoints(use_mtime=False, output_dir=self.args.output_dir)
+            self._rotate_checkpoints(output_dir=self.args.output_dir)
 
-    def _sorted_checkpoints(self, output_dir=None, checkpoint_prefix=PREFIX_CHECKPOINT_DIR, use_mtime=False) -> List[str]:
-        return complete_checkpoints(output_dir or self.args.output_dir)
+    def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
+        """Keep the newest `save_total_limit` complete checkpoints; never touch incomplete ones."""
+        limit = self.args.save_total_limit
+        if not self.args.should_save or limit is None or limit <= 0:
+            return
+        for old in complete_checkpoints(output_dir or self.args.output_dir)[:-limit]:
+            delete_checkpoint(old)
+
+    # ----- bad numbers ------------------------------------------------------------------------------
+    def training_step(self, model, inputs):
+        loss = super().training_step(model, inputs)
+        value = float(loss)  # one host sync per step: a NaN must stop the run before the optimizer applies it
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self.state.global_step + 1, value)
+        return loss
