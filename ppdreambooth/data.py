@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,8 +29,6 @@ def collect_images(folder: Optional[str], flag: str, allow_empty: bool = False) 
 
     Raises ConfigError (naming `flag` and the folder) when the folder is missing or has no usable image.
     """
-    import os
-
     if not folder or not os.path.isdir(folder):
         raise ConfigError(f"--{flag} {folder!r} is not a folder; point it at a folder of images.")
     files, bad = [], []

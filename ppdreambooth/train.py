@@ -10,6 +10,7 @@ parse and check every input (no model is loaded before that) -> class images -> 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -18,6 +19,7 @@ import paddle
 from .args import ConfigError, DataArguments, DreamBoothTrainingArguments, ModelArguments
 from .caching import cache_encodings
 from .config import parse_args
+from .lora import LORA_WEIGHTS_NAME
 from .data import DreamBoothDataset, collate, collect_images, load_image_set
 from .model import DreamBoothModel, check_model_folder
 from .saving import is_complete, latest_checkpoint, push_to_hub
@@ -25,12 +27,11 @@ from .trainer import DreamBoothTrainer, NonFiniteLossError
 from .validation import ValidationCallback
 
 logger = logging.getLogger("ppdreambooth")
+FINAL_FILES = ("model_index.json", LORA_WEIGHTS_NAME)  # what a finished full / LoRA run leaves in output_dir
 
 
 def resolve_resume(args: DreamBoothTrainingArguments) -> Optional[str]:
     """`--resume_from_checkpoint latest|<dir>` -> a complete checkpoint folder, or None to start fresh."""
-    import os
-
     wanted = args.resume_from_checkpoint
     if not wanted:
         return None
@@ -48,9 +49,7 @@ def resolve_resume(args: DreamBoothTrainingArguments) -> Optional[str]:
 
 
 def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -> None:
-    import os
-
-    finished = os.path.isfile(os.path.join(args.output_dir, "model_index.json"))
+    finished = any(os.path.isfile(os.path.join(args.output_dir, name)) for name in FINAL_FILES)
     if finished and resume is None and not args.overwrite_output_dir:
         raise ConfigError(
             f"--output_dir {args.output_dir} already holds a finished model. Choose another --output_dir, "

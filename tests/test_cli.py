@@ -59,6 +59,11 @@ def test_bad_inputs_fail_early_with_a_named_cause(tiny_model, photos, tmp_path, 
     (tmp_path / "out" / "model_index.json").write_text("{}")
     assert "already holds a finished model" in error_of(base, capsys)
     assert json.loads((tmp_path / "out" / "model_index.json").read_text()) == {}  # untouched
+    lora_out = tmp_path / "lora_out"
+    lora_out.mkdir()
+    (lora_out / "paddle_lora_weights.safetensors").write_bytes(b"mine")
+    assert "already holds a finished model" in error_of(with_("--output_dir", str(lora_out)) + ["--use_lora"], capsys)
+    assert (lora_out / "paddle_lora_weights.safetensors").read_bytes() == b"mine"
 
 
 def test_a_corrupt_image_is_skipped_with_a_warning(photos, tmp_path, caplog):
