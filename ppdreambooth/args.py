@@ -173,6 +173,14 @@ class DreamBoothTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Generate validation images every N optimizer steps."}
     )
     validation_inference_steps: int = field(default=25, metadata={"help": "DPM-Solver steps per validation image."})
+    text_encoder_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of a trained text encoder (default: --learning_rate)."}
+    )
+    stop_text_encoder_training: Optional[int] = field(
+        default=None, metadata={"help": "Freeze a trained text encoder from this optimizer step on."}
+    )
+    use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the trained weights; it is the output."})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (warmed up as min(decay, (1+n)/(10+n)))."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hugging Face hub."})
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository (default: output_dir's name)."})
@@ -194,6 +202,12 @@ class DreamBoothTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {value}.")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"--ema_decay must be between 0 and 1, got {self.ema_decay}.")
+        if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate < 0:
+            raise ConfigError("--text_encoder_learning_rate must be >= 0.")
+        if self.stop_text_encoder_training is not None and self.stop_text_encoder_training < 0:
+            raise ConfigError("--stop_text_encoder_training must be a step number >= 0.")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are exclusive; choose one.")
         super().__post_init__()

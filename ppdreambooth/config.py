@@ -140,6 +140,9 @@ def parse_args(
     model_args, data_args, training_args = outputs
     if not model_args.pretrained_model_name_or_path:
         raise ConfigError("--pretrained_model_name_or_path is required (a ppdiffusers model folder or hub id).")
+    if (training_args.text_encoder_learning_rate is not None or training_args.stop_text_encoder_training
+            is not None) and not model_args.train_text_encoder:
+        raise ConfigError("--text_encoder_learning_rate and --stop_text_encoder_training need --train_text_encoder.")
     if not data_args.instance_data_dir or not data_args.instance_prompt:
         raise ConfigError("--instance_data_dir and --instance_prompt are required.")
     return model_args, data_args, training_args

@@ -115,6 +115,21 @@ class DreamBoothModel(paddle.nn.Layer):
     def trainable_parameters(self) -> List[paddle.Tensor]:
         return [p for _, p in self.trainable_named_parameters()]
 
+    def text_encoder_parameters(self) -> List[paddle.Tensor]:
+        return [p for n, p in self.trainable_named_parameters() if n.startswith("text_encoder.")]
+
+    def parameter_groups(self, learning_rate: float, text_encoder_learning_rate: Optional[float]) -> list:
+        """Optimizer parameters: one list, or two groups when the text encoder has its own rate.
+
+        A Paddle group's `learning_rate` multiplies the scheduler's rate, hence the ratio.
+        """
+        if text_encoder_learning_rate is None or not self.text_encoder_parameters():
+            return self.trainable_parameters()
+        text_encoder = {id(p) for p in self.text_encoder_parameters()}
+        rest = [p for p in self.trainable_parameters() if id(p) not in text_encoder]
+        ratio = text_encoder_learning_rate / learning_rate if learning_rate else 0.0
+        return [{"params": rest}, {"params": self.text_encoder_parameters(), "learning_rate": ratio}]
+
     def trainable_state_dict(self) -> Dict[str, paddle.Tensor]:
         """What a checkpoint holds: the trained weights only (no frozen VAE or text encoder)."""
         return dict(self.trainable_named_parameters())

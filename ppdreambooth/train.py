@@ -18,9 +18,11 @@ import paddle
 
 from .args import ConfigError, DataArguments, DreamBoothTrainingArguments, ModelArguments
 from .caching import cache_encodings
+from .callbacks import StopTextEncoderCallback
 from .config import parse_args
 from .lora import LORA_WEIGHTS_NAME
 from .data import DreamBoothDataset, collate, collect_images, load_image_set
+from .ema import EMACallback, WeightEMA
 from .model import DreamBoothModel, check_model_folder
 from .saving import is_complete, latest_checkpoint, push_to_hub
 from .trainer import DreamBoothTrainer, NonFiniteLossError
@@ -132,9 +134,14 @@ def run(
     dataset = build_dataset(model, data_args, instance_files, class_files)
     validating = bool(args.validation_prompt)
     cache_encodings(model, dataset, data_args.cache_latents, keep_encoders=validating)
+    ema = WeightEMA(model, args.ema_decay) if args.use_ema else None
     callbacks = list(callbacks)
+    if ema is not None:
+        callbacks.append(EMACallback(ema))  # before validation: images use the updated average
+    if args.stop_text_encoder_training is not None:
+        callbacks.append(StopTextEncoderCallback(model, args.stop_text_encoder_training))
     if validating:
-        callbacks.append(ValidationCallback(model, model_args.pretrained_model_name_or_path, model_args.revision))
+        callbacks.append(ValidationCallback(model, model_args.pretrained_model_name_or_path, model_args.revision, ema))
     trainer = DreamBoothTrainer(
         model=model,
         args=args,
@@ -143,8 +150,9 @@ def run(
         callbacks=callbacks or None,
         base_model=model_args.pretrained_model_name_or_path,
         base_revision=model_args.revision,
+        ema=ema,
     )
-    trainer.set_optimizer_grouped_parameters(model.trainable_parameters())
+    trainer.set_optimizer_grouped_parameters(model.parameter_groups(args.learning_rate, args.text_encoder_learning_rate))
     if resume is None:
         # The Trainer seeds every data-parallel rank alike; give each its own noise and timesteps.
         paddle.seed(args.seed + max(args.process_index, 0))

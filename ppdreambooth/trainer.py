@@ -54,9 +54,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DreamBoothTrainer(Trainer):
-    def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, **kwargs):
+    def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, ema=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.base_model, self.base_revision = base_model, base_revision
+        self.ema = ema  # ppdreambooth.ema.WeightEMA or None
         self._loss_part_sums: Dict[str, paddle.Tensor] = {}
         self._loss_part_count = 0
 
@@ -114,12 +115,22 @@ class DreamBoothTrainer(Trainer):
         if self.is_in_train:  # a checkpoint: trained weights for resume
             save_trainable_weights(self.model, output_dir)
             paddle.save(self.args, os.path.join(output_dir, "training_args.bin"))
-        elif self.model.model_args.use_lora:  # the final adapters
+            if self.ema is not None:
+                self.ema.save(output_dir)
+            return
+        if self.ema is not None:  # the output is the average
+            self.ema.copy_to_model()
+        if self.model.model_args.use_lora:  # the final adapters
             model_args = self.model.model_args
             text_encoder = self.model.text_encoder if model_args.train_text_encoder else None
             save_lora_weights(output_dir, self.model.unet, text_encoder, model_args.lora_rank, model_args.lora_alpha)
         else:  # the final model
             write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint=None):
+        super()._load_from_checkpoint(resume_from_checkpoint)
+        if self.ema is not None and resume_from_checkpoint:
+            self.ema.load(resume_from_checkpoint)
 
     def _save_checkpoint(self, model, metrics=None):
         folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

@@ -4,7 +4,8 @@ every `--validation_epochs` epochs, and once more when training ends.
 Images come from the weights being trained (LoRA adapters active), DPM-Solver with
 `--validation_inference_steps` steps and fixed seeds (seed + i), so runs and steps compare. They are
 written to `output_dir/validation/step-N/` and logged to VisualDL, on the first process only.
-Validation does not change training: the UNet's train/eval mode and every RNG state are restored.
+With `--use_ema` the images come from the EMA weights. Validation does not change training: the
+model's weights, its train/eval mode and every RNG state are restored.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def validation_pipeline(model, base_model: str, revision=None):
 
 
 class ValidationCallback(TrainerCallback):
-    def __init__(self, model, base_model: str, revision=None):
-        self.model, self.base_model, self.revision = model, base_model, revision
+    def __init__(self, model, base_model: str, revision=None, ema=None):
+        self.model, self.base_model, self.revision, self.ema = model, base_model, revision, ema
         self._done_steps = set()
         self._writer = None
 
@@ -79,7 +80,8 @@ class ValidationCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, "validation", f"step-{step}")
         os.makedirs(folder, exist_ok=True)
         unet_was_training = self.model.unet.training
-        with preserved_rng_state(), self.model.parked_on_device():
+        averaged = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with preserved_rng_state(), self.model.parked_on_device(), averaged:
             self.model.eval()
             try:
                 pipeline = validation_pipeline(self.model, self.base_model, self.revision)

@@ -1,0 +1,28 @@
+"""Small training-time callbacks."""
+from __future__ import annotations
+
+from paddlenlp.trainer import TrainerCallback
+
+
+class StopTextEncoderCallback(TrainerCallback):
+    """Freeze the text encoder from `--stop_text_encoder_training` steps on (also after a resume).
+
+    The text encoder's learning-rate multiplier drops to 0 (AdamW then changes neither the weights nor,
+    being decoupled and scaled by the rate, their decay). Gradients still flow, so data-parallel
+    reducers see the same parameters every step.
+    """
+
+    def __init__(self, model, stop_step: int):
+        self.model, self.stop_step, self.stopped = model, stop_step, False
+
+    def _maybe_stop(self, step: int) -> None:
+        if not self.stopped and step >= self.stop_step:
+            for param in self.model.text_encoder_parameters():
+                param.optimize_attr["learning_rate"] = 0.0
+            self.stopped = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._maybe_stop(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._maybe_stop(state.global_step)
