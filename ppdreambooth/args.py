@@ -99,6 +99,20 @@ class DataArguments:
         default=False,
         metadata={"help": "Encode every image with the VAE once before training (needs --center_crop)."},
     )
+    concepts: Optional[str] = field(
+        default=None,
+        metadata={"help": "Several subjects: a JSON list (or .json file) of objects with instance_data_dir, "
+                          "instance_prompt and optionally class_data_dir, class_prompt, num_class_images, repeats."},
+    )
+    caption_extension: str = field(
+        default=".txt", metadata={"help": "A file beside an image with this extension is its caption."}
+    )
+    enable_bucket: bool = field(
+        default=False, metadata={"help": "Keep aspect ratios: batch images by the size bucket nearest their shape."}
+    )
+    min_bucket_reso: int = field(default=256, metadata={"help": "Smallest bucket side."})
+    max_bucket_reso: int = field(default=1024, metadata={"help": "Largest bucket side."})
+    bucket_reso_steps: int = field(default=64, metadata={"help": "Bucket sides are multiples of this."})
 
     def __post_init__(self):
         for name in ("resolution", "height", "width"):
@@ -109,17 +123,29 @@ class DataArguments:
                 )
         if self.num_class_images < 0 or self.sample_batch_size <= 0 or self.class_image_inference_steps <= 0:
             raise ConfigError("--num_class_images must be >= 0; --sample_batch_size and --class_image_inference_steps > 0.")
-        if self.cache_latents and not self.center_crop:
+        if self.cache_latents and not (self.center_crop or self.enable_bucket):
             raise ConfigError(
                 "--cache_latents cannot reproduce random crops (one cached latent per image); add --center_crop."
             )
+        if self.enable_bucket:
+            step = self.bucket_reso_steps
+            if step <= 0 or step % 8 or self.min_bucket_reso % step or self.max_bucket_reso % step:
+                raise ConfigError("--bucket_reso_steps must be a multiple of 8 that divides --min_bucket_reso "
+                                  "and --max_bucket_reso.")
+            if not 0 < self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+                raise ConfigError("buckets need --min_bucket_reso <= --resolution <= --max_bucket_reso.")
+        from .concepts import resolve_concepts  # here: concepts.py imports ConfigError from this module
+
+        self.concept_list = resolve_concepts(self)
         if self.with_prior_preservation:
-            missing = [n for n in ("class_data_dir", "class_prompt") if not getattr(self, n)]
-            if missing:
-                raise ConfigError(
-                    "--with_prior_preservation needs " + " and ".join(f"--{m}" for m in missing)
-                    + " (a folder for class images and a prompt such as 'a photo of dog')."
-                )
+            for i, concept in enumerate(self.concept_list):
+                missing = [n for n in ("class_data_dir", "class_prompt") if not getattr(concept, n)]
+                if missing:
+                    where = "" if i == 0 and self.instance_data_dir else f" (concepts entry {concept.instance_data_dir})"
+                    raise ConfigError(
+                        "--with_prior_preservation needs " + " and ".join(f"--{m}" for m in missing) + where
+                        + " (a folder for class images and a prompt such as 'a photo of dog')."
+                    )
 
     @property
     def image_size(self) -> tuple:

@@ -34,21 +34,28 @@ def cache_prompt_embeddings(model: DreamBoothModel, dataset: DreamBoothDataset) 
 
 @paddle.no_grad()
 def cache_latents(model: DreamBoothModel, dataset: DreamBoothDataset, batch_size: int = 4) -> int:
-    """Fill `latents` of every image set (both orientations with random flips); returns images encoded."""
+    """Fill `latents` of every image set for each (image, training size) the dataset uses, in both
+    orientations with random flips; returns the number of encodings."""
     flips = (False, True) if dataset.random_flip else (False,)
-    count = 0
-    for image_set in dataset.image_sets:
-        jobs = [(i, flip) for i in range(len(image_set.images)) for flip in flips]
-        cached = [dict() for _ in image_set.images]
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            pixels = np.stack([dataset.pixels(image_set.images[i], flip) for i, flip in chunk])
+    jobs = {}  # (image set, image, size, flip), in first-use order
+    for index in range(len(dataset)):
+        for images, i, size in dataset.parts(index):
+            for flip in flips:
+                jobs.setdefault((id(images), i, size, flip), images)
+    for images in dataset.image_sets:
+        images.latents = {}
+    keys = list(jobs)
+    by_size = {}
+    for key in keys:
+        by_size.setdefault(key[2], []).append(key)  # one VAE batch holds one size
+    for size, group in by_size.items():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            pixels = np.stack([dataset.pixels(jobs[k].images[k[1]], size, k[3]) for k in chunk])
             mean, std = model.latent_moments(paddle.to_tensor(pixels))
-            for row, (i, flip) in enumerate(chunk):
-                cached[i][flip] = (mean[row].numpy(), std[row].numpy())
-        image_set.latents = cached
-        count += len(jobs)
-    return count
+            for row, (_, i, (h, w), flip) in enumerate(chunk):
+                jobs[chunk[row]].latents[(i, h, w, flip)] = (mean[row].numpy(), std[row].numpy())
+    return len(keys)
 
 
 def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_latents_too: bool,

@@ -64,6 +64,9 @@ def json_to_argv(path: str, known: Sequence[str]) -> List[str]:
             raise _unknown_error(key, known, f"key in {path}:")
         if value is None:
             continue
+        if key == "concepts" and not isinstance(value, str):
+            argv += [f"--{key}", json.dumps(value)]
+            continue
         values = value if isinstance(value, list) else [value]
         argv.append(f"--{key}")
         argv.extend(str(v) for v in values)
@@ -143,7 +146,10 @@ def parse_args(
     if (training_args.text_encoder_learning_rate is not None or training_args.stop_text_encoder_training
             is not None) and not model_args.train_text_encoder:
         raise ConfigError("--text_encoder_learning_rate and --stop_text_encoder_training need --train_text_encoder.")
-    if not data_args.instance_data_dir or not data_args.instance_prompt:
-        raise ConfigError("--instance_data_dir and --instance_prompt are required.")
+    if not data_args.concept_list:
+        raise ConfigError("--instance_data_dir and --instance_prompt are required (or a --concepts list).")
+    if data_args.instance_data_dir and not data_args.instance_prompt or (
+            data_args.instance_prompt and not data_args.instance_data_dir):
+        raise ConfigError("--instance_data_dir and --instance_prompt go together; give both.")
     return model_args, data_args, training_args
 

@@ -1,5 +1,6 @@
 """The DreamBooth dataset: instance photos (and class images) paired as the paper trains them.
 
+Several subjects (concepts) can train together; captions beside images replace the instance prompt.
 Each item holds one instance example and, with prior preservation, one class example; `collate`
 concatenates the instance half and the class half so the model runs one forward pass over both.
 Random crops and flips draw from a seed that the batch sampler hands out with each index (derived
@@ -13,7 +14,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -22,6 +23,7 @@ from .args import ConfigError
 from .images import ImageError, list_image_files, load_rgb, prepare_image, resize_to_cover
 
 logger = logging.getLogger(__name__)
+Size = Tuple[int, int]  # (height, width)
 
 
 def collect_images(folder: Optional[str], flag: str, allow_empty: bool = False) -> List[str]:
@@ -48,27 +50,50 @@ def collect_images(folder: Optional[str], flag: str, allow_empty: bool = False) 
 
 @dataclass
 class ImageSet:
-    """Images of one role (instance or class) and, per image, the token ids of its prompt.
+    """Images of one role (instance or class), each with its training size and prompt token ids.
 
     `prompt_embeds` and `latents` are filled by `ppdreambooth.caching` when the text encoder is frozen
     and with `--cache_latents`: then items carry those instead of token ids and pixels.
     """
 
-    images: list  # PIL images, already resized to cover the training size
+    images: list  # PIL images, already resized to cover their training size
+    sizes: List[Size]  # (height, width) per image: the training size, or its aspect-ratio bucket
     input_ids: List[np.ndarray]
     prompt_embeds: Optional[List[np.ndarray]] = None
-    latents: Optional[List[Dict[bool, Tuple[np.ndarray, np.ndarray]]]] = None  # per image: flip -> (mean, std)
+    latents: Optional[Dict[tuple, Tuple[np.ndarray, np.ndarray]]] = None  # (image, h, w, flip) -> (mean, std)
 
 
-def load_image_set(paths: Sequence[str], prompt: str, tokenizer, size: Tuple[int, int]) -> ImageSet:
-    images = []
+def read_caption(image_path: str, extension: str, instance_prompt: str) -> Optional[str]:
+    """The caption file beside an image (`photo.jpg` -> `photo.txt`), with {instance_prompt} filled in."""
+    path = os.path.splitext(image_path)[0] + extension
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        caption = " ".join(f.read().split())
+    return caption.replace("{instance_prompt}", instance_prompt) if caption else None
+
+
+def load_image_set(
+    paths: Sequence[str],
+    prompt: str,
+    tokenizer,
+    size_of: Callable[[int, int], Size],
+    caption_extension: Optional[str] = None,
+) -> ImageSet:
+    """Open and resize images; `size_of(h, w)` gives each one's training size; captions override `prompt`."""
+    images, sizes, ids, cache = [], [], [], {}
     for path in paths:
         image = load_rgb(path)
+        size = size_of(image.height, image.width)
         if image.height < size[0] or image.width < size[1]:
             logger.warning("%s is %dx%d, smaller than %dx%d: it is upscaled", path, image.width, image.height, size[1], size[0])
         images.append(resize_to_cover(image, size))
-    ids = tokenize(tokenizer, prompt)
-    return ImageSet(images=images, input_ids=[ids] * len(images))
+        sizes.append(size)
+        text = (read_caption(path, caption_extension, prompt) if caption_extension else None) or prompt
+        if text not in cache:
+            cache[text] = tokenize(tokenizer, text)
+        ids.append(cache[text])
+    return ImageSet(images=images, sizes=sizes, input_ids=ids)
 
 
 def tokenize(tokenizer, prompt: str) -> np.ndarray:
@@ -78,38 +103,62 @@ def tokenize(tokenizer, prompt: str) -> np.ndarray:
     return np.asarray(ids[0], dtype=np.int64)
 
 
-class DreamBoothDataset(paddle.io.Dataset):
-    """Map-style dataset; an item key is `(index, augmentation_seed)` or a plain index."""
+@dataclass
+class ConceptData:
+    instance: ImageSet
+    prior: Optional[ImageSet] = None
+    repeats: int = 1
 
-    def __init__(
-        self,
-        instance: ImageSet,
-        size: Tuple[int, int],
-        center_crop: bool = False,
-        random_flip: bool = False,
-        prior: Optional[ImageSet] = None,
-    ):
-        self.instance, self.prior = instance, prior
-        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+
+class DreamBoothDataset(paddle.io.Dataset):
+    """Map-style dataset over all concepts; an item key is `(index, augmentation_seed)` or a plain index.
+
+    Concept c contributes max(instance photos x repeats, class images) entries; its entry k pairs
+    instance photo k mod n_instance with class image k mod n_class. An entry's training size is its
+    instance photo's (the class image is fitted to it), so one batch can hold both halves.
+    """
+
+    def __init__(self, concepts: List[ConceptData], center_crop: bool = False, random_flip: bool = False):
+        self.concepts, self.center_crop, self.random_flip = concepts, center_crop, random_flip
+        self.entries = []
+        for c, concept in enumerate(concepts):
+            count = len(concept.instance.images) * concept.repeats
+            if concept.prior is not None:
+                count = max(count, len(concept.prior.images))
+            self.entries += [(c, k) for k in range(count)]
 
     @property
     def image_sets(self) -> List[ImageSet]:
-        return [self.instance] + ([self.prior] if self.prior is not None else [])
+        sets = [c.instance for c in self.concepts]
+        return sets + [c.prior for c in self.concepts if c.prior is not None]
 
     def __len__(self) -> int:
-        return max(len(s.images) for s in self.image_sets)
+        return len(self.entries)
 
-    def pixels(self, image, flip: bool, rng: Optional[random.Random] = None) -> np.ndarray:
-        return prepare_image(image, self.size, self.center_crop, flip, rng)
+    def parts(self, index: int) -> List[Tuple[ImageSet, int, Size]]:
+        """(image set, image index, training size) of the instance and (if any) class half of an entry."""
+        c, k = self.entries[index]
+        concept = self.concepts[c]
+        i = k % len(concept.instance.images)
+        size = concept.instance.sizes[i]
+        parts = [(concept.instance, i, size)]
+        if concept.prior is not None:
+            parts.append((concept.prior, k % len(concept.prior.images), size))
+        return parts
 
-    def _example(self, images: ImageSet, index: int, rng: random.Random) -> Dict[str, np.ndarray]:
-        i = index % len(images.images)
+    def size_of_entry(self, index: int) -> Size:
+        return self.parts(index)[0][2]
+
+    def pixels(self, image, size: Size, flip: bool, rng: Optional[random.Random] = None) -> np.ndarray:
+        return prepare_image(image, size, self.center_crop, flip, rng)
+
+    def _example(self, images: ImageSet, i: int, size: Size, rng: random.Random) -> Dict[str, np.ndarray]:
         flip = self.random_flip and rng.random() < 0.5
         example = {}
         if images.latents is not None:
-            example["latent_mean"], example["latent_std"] = images.latents[i][flip]
+            example["latent_mean"], example["latent_std"] = images.latents[(i, *size, flip)]
         else:
-            example["pixel_values"] = self.pixels(images.images[i], flip, rng)
+            example["pixel_values"] = self.pixels(images.images[i], size, flip, rng)
         if images.prompt_embeds is not None:
             example["prompt_embeds"] = images.prompt_embeds[i]
         else:
@@ -119,10 +168,8 @@ class DreamBoothDataset(paddle.io.Dataset):
     def __getitem__(self, key) -> Dict[str, Dict[str, np.ndarray]]:
         index, seed = key if isinstance(key, tuple) else (key, key)
         rng = random.Random(seed)
-        item = {"instance": self._example(self.instance, index, rng)}
-        if self.prior is not None:
-            item["class"] = self._example(self.prior, index, rng)
-        return item
+        examples = [self._example(images, i, size, rng) for images, i, size in self.parts(index)]
+        return {"instance": examples[0], **({"class": examples[1]} if len(examples) > 1 else {})}
 
 
 def collate(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, paddle.Tensor]:
@@ -132,11 +179,14 @@ def collate(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, paddl
 
 
 class SeededBatchSampler(paddle.io.DistributedBatchSampler):
-    """Shuffles by (seed, epoch), shards across ranks, and pairs each index with an augmentation seed.
+    """Batches that depend only on (seed, epoch), one training size per batch, sharded across ranks.
 
-    Subclassing Paddle's DistributedBatchSampler lets PaddleNLP's training loop call `set_epoch` on it.
-    Unlike Paddle's single-process BatchSampler it draws nothing from the global NumPy RNG, so the order
-    of every epoch is a pure function of the seed and epoch, which makes mid-epoch resume exact.
+    Entries are grouped by training size (one group unless aspect-ratio buckets are on), shuffled within
+    each group and cut into batches; the batch order is shuffled and every rank takes every n-th batch
+    (padded so all ranks get as many). Each index comes with an augmentation seed. Subclassing Paddle's
+    DistributedBatchSampler lets PaddleNLP's training loop call `set_epoch` on it; unlike Paddle's
+    single-process BatchSampler nothing is drawn from the global NumPy RNG, which makes mid-epoch
+    resume exact.
     """
 
     def __init__(self, dataset, batch_size: int, num_replicas: int, rank: int, seed: int, drop_last: bool = False):
@@ -144,23 +194,30 @@ class SeededBatchSampler(paddle.io.DistributedBatchSampler):
             dataset, batch_size=batch_size, num_replicas=num_replicas, rank=rank, shuffle=True, drop_last=drop_last
         )
         self.seed = seed
+        groups: Dict[Size, List[int]] = {}
+        for index in range(len(dataset)):
+            groups.setdefault(dataset.size_of_entry(index), []).append(index)
+        self.groups = [groups[size] for size in sorted(groups)]
+
+    def _epoch_batches(self) -> List[List[Tuple[int, int]]]:
+        rng = np.random.RandomState((self.seed * 1_000_003 + self.epoch) % (2**32))
+        batches = []
+        for members in self.groups:
+            order = [members[i] for i in rng.permutation(len(members))]
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    batches.append(chunk)
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        per_rank = math.ceil(len(batches) / self.nranks)
+        batches = [batches[i % len(batches)] for i in range(per_rank * self.nranks)]  # pad: equal share
+        seeds = rng.randint(0, 2**31 - 1, size=(len(batches), self.batch_size))
+        return [list(zip(b, seeds[n].tolist())) for n, b in enumerate(batches)]
 
     def __iter__(self):
-        rng = np.random.RandomState((self.seed * 1_000_003 + self.epoch) % (2**32))
-        perm = rng.permutation(len(self.dataset)).tolist()
-        order = [perm[i % len(perm)] for i in range(self.total_size)]  # padded: every rank gets the same count
-        aug_seeds = rng.randint(0, 2**31 - 1, size=self.total_size).tolist()
-        mine = list(range(self.local_rank, self.total_size, self.nranks))
-        batch = []
-        for position in mine:
-            batch.append((order[position], aug_seeds[position]))
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch and not self.drop_last:
-            yield batch
+        yield from self._epoch_batches()[self.local_rank :: self.nranks]
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+        full = sum(len(g) // self.batch_size for g in self.groups)
+        partial = 0 if self.drop_last else sum(1 for g in self.groups if len(g) % self.batch_size)
+        return math.ceil((full + partial) / self.nranks)

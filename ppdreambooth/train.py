@@ -21,7 +21,8 @@ from .caching import cache_encodings
 from .callbacks import StopTextEncoderCallback
 from .config import parse_args
 from .lora import LORA_WEIGHTS_NAME
-from .data import DreamBoothDataset, collate, collect_images, load_image_set
+from .buckets import make_buckets, nearest_bucket
+from .data import ConceptData, DreamBoothDataset, collate, collect_images, load_image_set
 from .ema import EMACallback, WeightEMA
 from .model import DreamBoothModel, check_model_folder
 from .saving import is_complete, latest_checkpoint, push_to_hub
@@ -60,9 +61,9 @@ def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -
 
 
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
-    """Every check that needs no model; returns (instance image files, checkpoint to resume or None)."""
+    """Every check that needs no model; returns (instance image files per concept, checkpoint or None)."""
     check_model_folder(model_args.pretrained_model_name_or_path)
-    instance_files = collect_images(data_args.instance_data_dir, "instance_data_dir")
+    instance_files = [collect_images(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
     if args.enable_xformers_memory_efficient_attention:
         from ppdiffusers.utils import is_ppxformers_available
 
@@ -77,41 +78,55 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
 
 
 def prepare_class_images(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
-    """Generate missing class images, split across ranks; every rank waits until all are written."""
+    """Generate each concept's missing class images, split across ranks; every rank waits for all.
+
+    Returns the class image files of each concept."""
     from .class_images import free_slots, generate_class_images
 
-    slots = free_slots(data_args.class_data_dir, data_args.num_class_images)
+    concepts = data_args.concept_list
+    slots = [free_slots(c.class_data_dir, c.num_class_images) for c in concepts]
     if args.world_size > 1:
         paddle.distributed.barrier()  # every rank has listed the free slots before any rank writes
-    generate_class_images(
-        model_args.pretrained_model_name_or_path,
-        data_args.class_data_dir,
-        data_args.class_prompt,
-        slots[max(args.process_index, 0) :: max(args.world_size, 1)],
-        sample_batch_size=data_args.sample_batch_size,
-        num_inference_steps=data_args.class_image_inference_steps,
-        seed=args.seed,
-        revision=model_args.revision,
-        image_size=data_args.image_size,
-        show_progress=args.process_index <= 0,
-    )
+    for concept, free in zip(concepts, slots):
+        generate_class_images(
+            model_args.pretrained_model_name_or_path,
+            concept.class_data_dir,
+            concept.class_prompt,
+            free[max(args.process_index, 0) :: max(args.world_size, 1)],
+            sample_batch_size=data_args.sample_batch_size,
+            num_inference_steps=data_args.class_image_inference_steps,
+            seed=args.seed,
+            revision=model_args.revision,
+            image_size=(data_args.resolution, data_args.resolution) if data_args.enable_bucket else data_args.image_size,
+            show_progress=args.process_index <= 0,
+        )
     if args.world_size > 1:
         paddle.distributed.barrier()
-    return collect_images(data_args.class_data_dir, "class_data_dir")
+    return [collect_images(c.class_data_dir, "class_data_dir") for c in concepts]
 
 
 def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_files, class_files):
-    size = data_args.image_size
-    prior = None
-    if class_files is not None:
-        prior = load_image_set(class_files, data_args.class_prompt, model.tokenizer, size)
-    return DreamBoothDataset(
-        load_image_set(instance_files, data_args.instance_prompt, model.tokenizer, size),
-        size,
-        center_crop=data_args.center_crop,
-        random_flip=data_args.random_flip,
-        prior=prior,
-    )
+    """One ConceptData per concept; sizes are the training size or, with buckets, each image's bucket."""
+    if data_args.enable_bucket:
+        buckets = make_buckets(data_args.resolution, data_args.min_bucket_reso, data_args.max_bucket_reso,
+                               data_args.bucket_reso_steps)
+
+        def size_of(h, w):
+            return nearest_bucket(h, w, buckets)
+    else:
+        def size_of(h, w):
+            return data_args.image_size
+
+    concepts = []
+    for n, concept in enumerate(data_args.concept_list):
+        instance = load_image_set(instance_files[n], concept.instance_prompt, model.tokenizer, size_of,
+                                  data_args.caption_extension)
+        prior = None
+        if class_files is not None:
+            prior = load_image_set(class_files[n], concept.class_prompt, model.tokenizer, size_of)
+        concepts.append(ConceptData(instance, prior, concept.repeats))
+    return DreamBoothDataset(concepts, center_crop=data_args.center_crop or data_args.enable_bucket,
+                             random_flip=data_args.random_flip)
 
 
 def run(

@@ -5,7 +5,7 @@ import pytest
 
 from ppdreambooth.args import ModelArguments
 from ppdreambooth.caching import cache_encodings, cache_latents, cache_prompt_embeddings
-from ppdreambooth.data import DreamBoothDataset, collate, load_image_set
+from ppdreambooth.data import ConceptData, DreamBoothDataset, collate, load_image_set
 from ppdreambooth.images import list_image_files
 from ppdreambooth.model import DreamBoothModel
 
@@ -15,9 +15,9 @@ def build(tiny_model, photos, flip, prior=True):
         model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model),
                                 with_prior_preservation=prior)
     files = list_image_files(photos)
-    inst = load_image_set(files, "a photo of sks dog", model.tokenizer, (64, 64))
-    cls = load_image_set(files[::-1], "a photo of dog", model.tokenizer, (64, 64)) if prior else None
-    return model, DreamBoothDataset(inst, (64, 64), center_crop=True, random_flip=flip, prior=cls)
+    inst = load_image_set(files, "a photo of sks dog", model.tokenizer, lambda h, w: (64, 64))
+    cls = load_image_set(files[::-1], "a photo of dog", model.tokenizer, lambda h, w: (64, 64)) if prior else None
+    return model, DreamBoothDataset([ConceptData(inst, cls)], center_crop=True, random_flip=flip)
 
 
 def losses(model, dataset, keys):
@@ -54,7 +54,7 @@ def test_encoders_are_released_after_caching(tiny_model, photos):
     model, dataset = build(tiny_model, photos, flip=False, prior=False)
     cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=True)
     assert model.has_component("text_encoder") and model.has_component("vae")  # parked on the CPU
-    assert dataset.instance.prompt_embeds is not None and dataset.instance.latents is None
+    assert dataset.concepts[0].instance.prompt_embeds is not None and dataset.concepts[0].instance.latents is None
 
 
 def test_a_trained_text_encoder_is_not_cached(tiny_model, photos):
@@ -62,4 +62,4 @@ def test_a_trained_text_encoder_is_not_cached(tiny_model, photos):
         model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model, train_text_encoder=True))
     _, dataset = build(tiny_model, photos, flip=False, prior=False)
     cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=False)
-    assert model.has_component("text_encoder") and dataset.instance.prompt_embeds is None
+    assert model.has_component("text_encoder") and dataset.concepts[0].instance.prompt_embeds is None

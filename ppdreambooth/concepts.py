@@ -1,0 +1,80 @@
+"""The subjects of a run: the single-subject flags and/or a `concepts` list.
+
+A concept is one subject: its photos and prompt, and (with prior preservation) its class folder and
+prompt. In a JSON config:
+
+    "concepts": [
+      {"instance_data_dir": "photos/dog", "instance_prompt": "a photo of sks dog",
+       "class_data_dir": "class/dog", "class_prompt": "a photo of dog", "num_class_images": 100, "repeats": 2},
+      {"instance_data_dir": "photos/cat", "instance_prompt": "a photo of zwx cat", ...}
+    ]
+
+On the command line `--concepts` takes the same list as JSON text, or the path of a .json file holding it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+from .args import ConfigError
+
+
+@dataclass
+class Concept:
+    instance_data_dir: str
+    instance_prompt: str
+    class_data_dir: Optional[str] = None
+    class_prompt: Optional[str] = None
+    num_class_images: Optional[int] = None  # default: --num_class_images
+    repeats: int = 1  # how many times each instance photo appears per epoch
+
+
+def _concept_from_dict(entry, index: int) -> Concept:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"concepts[{index}] must be an object with instance_data_dir and instance_prompt.")
+    names = [f.name for f in dataclasses.fields(Concept)]
+    for key in entry:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else f" Valid keys: {', '.join(names)}."
+            raise ConfigError(f"unknown key '{key}' in concepts[{index}].{hint}")
+    missing = [n for n in ("instance_data_dir", "instance_prompt") if not entry.get(n)]
+    if missing:
+        raise ConfigError(f"concepts[{index}] needs {' and '.join(missing)}.")
+    concept = Concept(**entry)
+    if not isinstance(concept.repeats, int) or concept.repeats < 1:
+        raise ConfigError(f"concepts[{index}].repeats must be a positive integer, got {concept.repeats!r}.")
+    return concept
+
+
+def parse_concepts(text: Optional[str]) -> List[Concept]:
+    """`--concepts` value (JSON text or a .json path) -> concepts."""
+    if not text:
+        return []
+    if text.strip().endswith(".json") and os.path.isfile(text.strip()):
+        with open(text.strip(), encoding="utf-8") as f:
+            text = f.read()
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--concepts is not valid JSON ({e}); give a list of objects or a .json file.") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("--concepts must be a non-empty JSON list of objects.")
+    return [_concept_from_dict(entry, i) for i, entry in enumerate(entries)]
+
+
+def resolve_concepts(data_args) -> List[Concept]:
+    """All concepts of a run (the single-subject flags first), checked for prior preservation."""
+    concepts = []
+    if data_args.instance_data_dir or data_args.instance_prompt:
+        concepts.append(Concept(data_args.instance_data_dir, data_args.instance_prompt, data_args.class_data_dir,
+                                data_args.class_prompt))
+    concepts += parse_concepts(data_args.concepts)
+    for concept in concepts:
+        if concept.num_class_images is None:
+            concept.num_class_images = data_args.num_class_images
+    return concepts
