@@ -14,7 +14,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
 def test_there_are_configs():
     names = {os.path.basename(c) for c in CONFIGS}
     assert {"demo.json", "sd15_full.json", "sd15_full_prior.json", "sd2_768_full.json", "sd15_lora.json",
-            "sd2_768_lora.json"} <= names
+            "sd2_768_lora.json", "sd15_two_concepts.json"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -24,6 +24,7 @@ def test_config_parses(path, tmp_path, monkeypatch):
     raw = json.load(open(path))
     assert model.pretrained_model_name_or_path == raw["pretrained_model_name_or_path"]
     assert data.image_size == (raw["resolution"], raw["resolution"])
+    assert len(data.concept_list) == len(raw.get("concepts", [])) + ("instance_data_dir" in raw)
     assert args.max_steps == raw["max_train_steps"]
     assert data.with_prior_preservation == raw.get("with_prior_preservation", False)
     assert model.use_lora == raw.get("use_lora", False)
