@@ -25,6 +25,7 @@ from .buckets import make_buckets, nearest_bucket
 from .data import ConceptData, DreamBoothDataset, collate, collect_images, load_image_set
 from .ema import EMACallback, WeightEMA
 from .model import DreamBoothModel, check_model_folder
+from .model_card import closing_summary, write_model_card
 from .saving import is_complete, latest_checkpoint, push_to_hub
 from .trainer import DreamBoothTrainer, NonFiniteLossError
 from .validation import ValidationCallback
@@ -173,8 +174,11 @@ def run(
         paddle.seed(args.seed + max(args.process_index, 0))
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    if args.push_to_hub and args.should_save:
-        push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
+    if args.should_save:
+        write_model_card(args.output_dir, model_args, data_args, args, trainer.state.global_step)
+        if args.push_to_hub:
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
+        print(closing_summary(args.output_dir, model_args, args), flush=True)
     return trainer
 
 

@@ -1,0 +1,130 @@
+"""Generate images from a trained model (or a base model plus LoRA adapters).
+
+    python -m ppdreambooth.generate --model ./dream_outputs --prompt "a photo of sks dog in a bucket"
+    python -m ppdreambooth.generate --model runwayml/stable-diffusion-v1-5 --lora ./lora_out --lora_scale 0.8 \\
+        --prompts_file prompts.txt --num_images 4 --seed 0 --out ./samples
+
+Writes one PNG per image (`<index>-<prompt slug>-seed<seed>.png`) and a grid `grid.png` into `--out`.
+Images depend only on prompt, seed, steps and guidance (DPM-Solver by default, 25 steps).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from typing import List, Optional, Sequence
+
+from . import compat  # noqa: F401  (LoRA loading needs ppdiffusers' peft backend)
+
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppdreambooth.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="pipeline folder or hub id (a training output_dir works)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    parser.add_argument("--prompts_file", help="a text file with one prompt per line")
+    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="dpm")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--lora", help="folder with paddle_lora_weights.safetensors to load into the model")
+    parser.add_argument("--lora_scale", type=float, default=1.0)
+    parser.add_argument("--out", default="samples")
+    return parser
+
+
+def read_prompts(args) -> List[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    return prompts
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")[:limit].lower() or "prompt"
+
+
+def make_grid(images: list, columns: int):
+    from PIL import Image
+
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def generate(args) -> List[str]:
+    import ppdiffusers
+    from ppdiffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    from .sampling import seeded_latents
+
+    prompts = read_prompts(args)
+    pipe = DiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = getattr(ppdiffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = args.height or default, args.width or default
+    os.makedirs(args.out, exist_ok=True)
+    import paddle
+
+    paths, images = [], []
+    with tqdm(total=len(prompts) * args.num_images, desc="images") as progress:
+        for p, prompt in enumerate(prompts):
+            for i in range(args.num_images):
+                seed = args.seed + i
+                with paddle.no_grad():
+                    image = pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                                 guidance_scale=args.guidance_scale, height=height, width=width,
+                                 latents=seeded_latents(pipe, [seed], height, width),
+                                 cross_attention_kwargs={"scale": args.lora_scale} if args.lora else None).images[0]
+                paths.append(os.path.join(args.out, f"{p:02d}-{i:02d}-{slug(prompt)}-seed{seed}.png"))
+                image.save(paths[-1])
+                images.append(image)
+                progress.update(1)
+    make_grid(images, columns=args.num_images).save(os.path.join(args.out, "grid.png"))
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not read_prompts(args):
+        parser.error("give at least one --prompt or a --prompts_file")
+    if args.num_images <= 0 or args.steps <= 0:
+        parser.error("--num_images and --steps must be positive")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            parser.error(f"--{name} must be a positive multiple of 8")
+    paths = generate(args)
+    print(f"{len(paths)} images and grid.png written to {args.out}")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

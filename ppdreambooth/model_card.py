@@ -1,0 +1,93 @@
+"""The model card (`output_dir/README.md`) and the closing summary printed after training."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+from .lora import LORA_WEIGHTS_NAME
+from .saving import complete_checkpoints
+
+
+def latest_validation_images(output_dir: str) -> List[str]:
+    folder = os.path.join(output_dir, "validation")
+    if not os.path.isdir(folder):
+        return []
+    steps = sorted((int(n.split("-")[1]), n) for n in os.listdir(folder) if n.startswith("step-"))
+    if not steps:
+        return []
+    last = os.path.join("validation", steps[-1][1])
+    return [os.path.join(last, n) for n in sorted(os.listdir(os.path.join(output_dir, last))) if n.endswith(".png")]
+
+
+def usage(model_args, output_dir: str) -> str:
+    if model_args.use_lora:
+        return (f"python -m ppdreambooth.generate --model {model_args.pretrained_model_name_or_path} "
+                f"--lora {output_dir} --prompt \"...\"")
+    return f"python -m ppdreambooth.generate --model {output_dir} --prompt \"...\""
+
+
+def write_model_card(output_dir: str, model_args, data_args, args, global_step: int) -> str:
+    mode = (f"LoRA (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}), file `{LORA_WEIGHTS_NAME}`"
+            if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
+    lines = [
+        "---",
+        f"base_model: {model_args.pretrained_model_name_or_path}",
+        "library_name: ppdiffusers",
+        "tags: [stable-diffusion, dreambooth, ppdreambooth" + (", lora]" if model_args.use_lora else "]"),
+        "---",
+        "",
+        "# DreamBooth model trained with ppdreambooth",
+        "",
+        f"- Base model: `{model_args.pretrained_model_name_or_path}`",
+        f"- Weights: {mode}",
+    ]
+    for concept in data_args.concept_list:
+        line = f"- Instance prompt: `{concept.instance_prompt}` ({concept.instance_data_dir})"
+        if data_args.with_prior_preservation:
+            line += f"; class prompt `{concept.class_prompt}`, {concept.num_class_images} class images"
+        lines.append(line)
+    settings = [
+        f"steps {global_step}", f"learning rate {args.learning_rate:g} ({args.lr_scheduler_type.value})",
+        f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation "
+        f"x {max(args.world_size, 1)} processes",
+        f"resolution {data_args.image_size[0]}x{data_args.image_size[1]}"
+        + (" with aspect-ratio buckets" if data_args.enable_bucket else ""),
+        f"prior preservation {'on (weight %g)' % model_args.prior_loss_weight if data_args.with_prior_preservation else 'off'}",
+        f"text encoder {'trained' if model_args.train_text_encoder else 'frozen'}",
+        f"seed {args.seed}",
+    ]
+    if args.use_ema:
+        settings.append(f"EMA decay {args.ema_decay:g} (the weights are the average)")
+    if args.fp16 or args.bf16:
+        settings.append(f"{'fp16' if args.fp16 else 'bf16'} {args.fp16_opt_level}")
+    lines += ["- Training: " + ", ".join(settings), "", "## Use", "", "```bash", usage(model_args, output_dir), "```"]
+    if model_args.use_lora:
+        lines += ["", "```python", "import ppdreambooth  # ppdiffusers' LoRA backend", "from ppdiffusers import "
+                  "DiffusionPipeline", "", f"pipe = DiffusionPipeline.from_pretrained(\"{model_args.pretrained_model_name_or_path}\")",
+                  f"pipe.load_lora_weights(\"{output_dir}\")", "```"]
+    images = latest_validation_images(output_dir)
+    if images:
+        lines += ["", f"## Validation images (`{args.validation_prompt}`)", ""]
+        lines += [f"![validation image {i}]({path})" for i, path in enumerate(images)]
+    path = os.path.join(output_dir, "README.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def closing_summary(output_dir: str, model_args, args) -> str:
+    checkpoints = complete_checkpoints(output_dir)
+    images = latest_validation_images(output_dir)
+    what = os.path.join(output_dir, LORA_WEIGHTS_NAME) if model_args.use_lora else output_dir
+    lines = [
+        "",
+        "Training finished.",
+        f"  model:       {what}",
+        f"  model card:  {os.path.join(output_dir, 'README.md')}",
+        f"  checkpoints: {', '.join(os.path.basename(c) for c in checkpoints) or 'none'} in {output_dir}",
+        f"  validation:  {os.path.dirname(os.path.join(output_dir, images[0])) if images else 'none (--validation_prompt)'}",
+        f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
+        f"  generate:    {usage(model_args, output_dir)}",
+    ]
+    return "\n".join(lines)
