@@ -40,6 +40,8 @@ setup(
         "console_scripts": [
             "ppdreambooth-train=ppdreambooth.train:cli",
             "ppdreambooth-train-lora=ppdreambooth.train_lora:cli",
+            "ppdreambooth-export=ppdreambooth.export:cli",
+            "ppdreambooth-generate=ppdreambooth.generate:cli",
         ]
     },
 )

@@ -207,6 +207,9 @@ class DreamBoothTrainingArguments(TrainingArguments):
     )
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the trained weights; it is the output."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (warmed up as min(decay, (1+n)/(10+n)))."})
+    export_formats: Optional[str] = field(
+        default=None, metadata={"help": "Also export at the end: comma-separated diffusers,kohya (see ppdreambooth.export)."}
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hugging Face hub."})
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository (default: output_dir's name)."})
@@ -228,6 +231,10 @@ class DreamBoothTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {value}.")
+        formats = [f for f in (self.export_formats or "").split(",") if f]
+        unknown = [f for f in formats if f not in ("diffusers", "kohya")]
+        if unknown:
+            raise ConfigError(f"--export_formats: unknown format {unknown[0]!r}; use diffusers and/or kohya.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay must be between 0 and 1, got {self.ema_decay}.")
         if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate < 0:

@@ -12,11 +12,12 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 import paddle
-from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from ppdiffusers import AutoencoderKL
 from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
 
 from . import compat  # noqa: F401  (USE_PEFT_BACKEND before ppdiffusers)
 from .args import ConfigError, ModelArguments
+from .loading import load_components
 from .lora import add_text_encoder_lora, add_unet_lora
 from .losses import diffusion_target, dreambooth_loss, min_snr_weights
 
@@ -59,13 +60,12 @@ class DreamBoothModel(paddle.nn.Layer):
         self.with_prior_preservation = with_prior_preservation  # batches are [instance; class] halves
         path, revision = model_args.pretrained_model_name_or_path, model_args.revision
         self.model_args = model_args
+        self.tokenizer, text_encoder, vae, self.unet, self.noise_scheduler = load_components(path, revision)
         if model_args.tokenizer_name:
             self.tokenizer = CLIPTokenizer.from_pretrained(model_args.tokenizer_name)
-        else:
-            self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision)
+        # Prompts are padded to the tokenizer's length; some saved tokenizers say "unlimited" (1e30).
+        self.tokenizer.model_max_length = min(self.tokenizer.model_max_length,
+                                              text_encoder.config.max_position_embeddings)
         if model_args.use_lora:
             add_unet_lora(self.unet, model_args.lora_rank, model_args.lora_alpha)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
@@ -80,8 +80,7 @@ class DreamBoothModel(paddle.nn.Layer):
         else:
             freeze(text_encoder)
             self._frozen["text_encoder"] = text_encoder
-        # A plain attribute, not a sub-layer: its float32 alphas_cumprod must never be cast by AMP O2.
-        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+        # The noise scheduler is a plain attribute, not a sub-layer: AMP O2 never casts its alphas_cumprod.
         self.prediction_type = model_args.prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(

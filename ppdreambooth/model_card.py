@@ -87,6 +87,7 @@ def closing_summary(output_dir: str, model_args, args) -> str:
         f"  model card:  {os.path.join(output_dir, 'README.md')}",
         f"  checkpoints: {', '.join(os.path.basename(c) for c in checkpoints) or 'none'} in {output_dir}",
         f"  validation:  {os.path.dirname(os.path.join(output_dir, images[0])) if images else 'none (--validation_prompt)'}",
+        f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in (args.export_formats or '').split(',') if f) or 'none (--export_formats)'}",
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
         f"  generate:    {usage(model_args, output_dir)}",
     ]

@@ -15,6 +15,8 @@ from typing import List, Optional
 
 import paddle
 
+from .loading import is_diffusers_folder, load_component
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint"
@@ -84,10 +86,12 @@ def write_pipeline(model, base_model: str, out_dir: str, revision: Optional[str]
     # the shared weights are float32 like the base model's.
     for layer in model.children():
         layer.to(dtype="float32")
-    # Components the model no longer holds (released after caching) are read from the base model.
+    # Components the model no longer holds (released after caching) are read again from the base model.
     held = {"unet": model.unet, "tokenizer": model.tokenizer}
-    held.update({name: getattr(model, name) for name in ("vae", "text_encoder") if model.has_component(name)})
-    pipeline = DiffusionPipeline.from_pretrained(base_model, revision=revision, **held)
+    for name in ("vae", "text_encoder"):
+        held[name] = getattr(model, name) if model.has_component(name) else load_component(base_model, name, revision)
+    options = {"from_diffusers": True} if os.path.isdir(base_model) and is_diffusers_folder(base_model) else {}
+    pipeline = DiffusionPipeline.from_pretrained(base_model, revision=revision, **options, **held)
     staging = os.path.join(out_dir, ".pipeline-staging")
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)

@@ -20,6 +20,7 @@ from .args import ConfigError, DataArguments, DreamBoothTrainingArguments, Model
 from .caching import cache_encodings
 from .callbacks import StopTextEncoderCallback
 from .config import parse_args
+from .export import export
 from .lora import LORA_WEIGHTS_NAME
 from .buckets import make_buckets, nearest_bucket
 from .data import ConceptData, DreamBoothDataset, collate, collect_images, load_image_set
@@ -176,6 +177,8 @@ def run(
     trainer.save_model()
     if args.should_save:
         write_model_card(args.output_dir, model_args, data_args, args, trainer.state.global_step)
+        for fmt in [f for f in (args.export_formats or "").split(",") if f]:
+            export(args.output_dir, fmt, os.path.join(args.output_dir, f"export-{fmt}"))
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         print(closing_summary(args.output_dir, model_args, args), flush=True)

@@ -34,3 +34,16 @@ ppdb_install() {  # ppdb_install [extra,...]: (re)install when setup.py or the p
     echo "$want" > "$stamp" 2>/dev/null || true
   fi
 }
+
+ppdb_torch_client() {  # prints the Python of .venv-torch (PyTorch + diffusers), creating it when needed
+  local venv="$PPDB_ROOT/.venv-torch" req="$PPDB_ROOT/tests/torch_client_requirements.txt"
+  local want
+  want=$(cksum < "$req")
+  if [ "$(cat "$venv/.installed" 2>/dev/null)" != "$want" ]; then
+    echo "ppdreambooth: preparing $venv (PyTorch + diffusers client for the interop tests) ..." >&2
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req" >&2
+    echo "$want" > "$venv/.installed"
+  fi
+  echo "$venv/bin/python"
+}

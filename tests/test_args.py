@@ -168,3 +168,13 @@ def test_lora_flags(tmp_path, monkeypatch):
         parse_args(REQUIRED + ["--validation_epochs", "0"])
     _, _, args = parse_args(REQUIRED + ["--validation_prompt", "a photo of sks dog", "--validation_epochs", "50"])
     assert args.num_validation_images == 4 and args.validation_epochs == 50
+
+
+def test_export_formats(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, _, args = parse_args(REQUIRED + ["--use_lora", "--export_formats", "diffusers,kohya"])
+    assert args.export_formats == "diffusers,kohya"
+    with pytest.raises(ConfigError, match="unknown format 'onnx'"):
+        parse_args(REQUIRED + ["--export_formats", "diffusers,onnx"])
+    with pytest.raises(ConfigError, match="kohya exports LoRA adapters; it needs --use_lora"):
+        parse_args(REQUIRED + ["--export_formats", "kohya"])

@@ -1,0 +1,85 @@
+"""Runs in the PyTorch environment (torch + diffusers from PyPI), never imports Paddle.
+
+    python diffusers_client.py unet <pipeline_dir> <inputs.npz> <outputs.npz> [--lora <file or dir>]
+    python diffusers_client.py make_tiny <out_dir>
+
+`unet`: loads a diffusers pipeline folder (optionally with LoRA weights) and writes the text encoder's
+hidden states and the UNet's prediction for the given inputs (latents, timesteps, input_ids).
+`make_tiny`: builds a tiny random Stable Diffusion pipeline with diffusers and saves it (diffusers layout).
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def run_unet(pipeline_dir, inputs_path, outputs_path, lora=None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None, requires_safety_checker=False)
+    if lora:
+        folder, name = (os.path.dirname(lora), os.path.basename(lora)) if os.path.isfile(lora) else (lora, None)
+        pipe.load_lora_weights(folder, weight_name=name)
+    data = np.load(inputs_path)
+    with torch.no_grad():
+        hidden = pipe.text_encoder(torch.from_numpy(data["input_ids"]))[0]
+        pred = pipe.unet(torch.from_numpy(data["latents"]), torch.from_numpy(data["timesteps"]), hidden).sample
+    np.savez(outputs_path, hidden=hidden.numpy(), pred=pred.numpy())
+
+
+def make_tiny(out_dir):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+    vae = AutoencoderKL(block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8, in_channels=3,
+                        out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, sample_size=64)
+    tok_dir = os.path.join(out_dir, "_tok")
+    os.makedirs(tok_dir, exist_ok=True)
+    # a character-level vocabulary (same construction as ppdreambooth.tiny)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in bs:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
+                              model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37,
+                                                layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5,
+                                                vocab_size=len(tokens)))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):  # as hub folders have them (transformers 5 saves only tokenizer.json)
+        shutil.copy(os.path.join(tok_dir, name), os.path.join(out_dir, "tokenizer", name))
+    shutil.rmtree(tok_dir)
+
+
+if __name__ == "__main__":
+    command = sys.argv[1]
+    if command == "unet":
+        lora = sys.argv[sys.argv.index("--lora") + 1] if "--lora" in sys.argv else None
+        run_unet(sys.argv[2], sys.argv[3], sys.argv[4], lora)
+    elif command == "make_tiny":
+        make_tiny(sys.argv[2])
+    else:
+        raise SystemExit(f"unknown command {command}")
