@@ -112,3 +112,14 @@ def test_recompute_turns_on_gradient_checkpointing(tiny_model):
         m(pixels, ids, noise=noise, timesteps=steps)["loss"].backward()
         grads.append(m.unet.conv_in.weight.grad.numpy().copy())
     assert np.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_prediction_type_and_tokenizer_overrides(tiny_model):
+    import os
+
+    model = make_model(tiny_model, prediction_type="v_prediction")
+    assert model.noise_scheduler.config.prediction_type == "epsilon" and model.prediction_type == "v_prediction"
+    with paddle.utils.unique_name.guard():
+        custom = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model,
+                                                tokenizer_name=os.path.join(tiny_model, "tokenizer")))
+    assert custom.tokenizer.model_max_length == 77

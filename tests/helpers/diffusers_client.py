@@ -7,7 +7,6 @@
 hidden states and the UNet's prediction for the given inputs (latents, timesteps, input_ids).
 `make_tiny`: builds a tiny random Stable Diffusion pipeline with diffusers and saves it (diffusers layout).
 """
-import json
 import os
 import sys
 
@@ -29,6 +28,17 @@ def run_unet(pipeline_dir, inputs_path, outputs_path, lora=None):
     np.savez(outputs_path, hidden=hidden.numpy(), pred=pred.numpy())
 
 
+def _tiny_tokenizer_module():
+    """ppdreambooth/tiny.py loaded by path: the package's __init__ imports Paddle, absent here."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "ppdreambooth", "tiny.py")
+    spec = importlib.util.spec_from_file_location("ppdreambooth_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tiny(out_dir):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -41,27 +51,13 @@ def make_tiny(out_dir):
                         out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, sample_size=64)
     tok_dir = os.path.join(out_dir, "_tok")
-    os.makedirs(tok_dir, exist_ok=True)
-    # a character-level vocabulary (same construction as ppdreambooth.tiny)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in bs:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f)
-    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
+    vocab_size = _tiny_tokenizer_module().write_tiny_tokenizer(tok_dir)  # the same vocabulary as ppdreambooth.tiny
     tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
                               model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                 pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37,
                                                 layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5,
-                                                vocab_size=len(tokens)))
+                                                vocab_size=vocab_size))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
