@@ -29,6 +29,11 @@ class ModelArguments:
         metadata={"help": "Stable Diffusion pipeline to fine-tune: a local ppdiffusers folder or a hub id."},
     )
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the pretrained model."})
+    single_file_config: Optional[str] = field(
+        default=None,
+        metadata={"help": "With a single-file .safetensors checkpoint: a model folder or hub id of the same "
+                          "architecture, for its configuration, tokenizer and scheduler."},
+    )
     tokenizer_name: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer to use instead of the model's `tokenizer/` folder."}
     )
@@ -208,7 +213,7 @@ class DreamBoothTrainingArguments(TrainingArguments):
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the trained weights; it is the output."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (warmed up as min(decay, (1+n)/(10+n)))."})
     export_formats: Optional[str] = field(
-        default=None, metadata={"help": "Also export at the end: comma-separated diffusers,kohya (see ppdreambooth.export)."}
+        default=None, metadata={"help": "Also export at the end: comma-separated diffusers, single-file (full) and/or kohya (LoRA)."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hugging Face hub."})
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
@@ -232,9 +237,9 @@ class DreamBoothTrainingArguments(TrainingArguments):
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {value}.")
         formats = [f for f in (self.export_formats or "").split(",") if f]
-        unknown = [f for f in formats if f not in ("diffusers", "kohya")]
+        unknown = [f for f in formats if f not in ("diffusers", "single-file", "kohya")]
         if unknown:
-            raise ConfigError(f"--export_formats: unknown format {unknown[0]!r}; use diffusers and/or kohya.")
+            raise ConfigError(f"--export_formats: unknown format {unknown[0]!r}; use diffusers, single-file, kohya.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay must be between 0 and 1, got {self.ema_decay}.")
         if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate < 0:

@@ -146,8 +146,11 @@ def parse_args(
     if (training_args.text_encoder_learning_rate is not None or training_args.stop_text_encoder_training
             is not None) and not model_args.train_text_encoder:
         raise ConfigError("--text_encoder_learning_rate and --stop_text_encoder_training need --train_text_encoder.")
-    if "kohya" in (training_args.export_formats or "") and not model_args.use_lora:
+    formats = (training_args.export_formats or "").split(",")
+    if "kohya" in formats and not model_args.use_lora:
         raise ConfigError("--export_formats kohya exports LoRA adapters; it needs --use_lora.")
+    if "single-file" in formats and model_args.use_lora:
+        raise ConfigError("--export_formats single-file exports a full model; with --use_lora use kohya or diffusers.")
     if not data_args.concept_list:
         raise ConfigError("--instance_data_dir and --instance_prompt are required (or a --concepts list).")
     if data_args.instance_data_dir and not data_args.instance_prompt or (

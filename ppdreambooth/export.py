@@ -1,16 +1,17 @@
 """Export a training output for the PyTorch world.
 
     python -m ppdreambooth.export <output_dir> --format diffusers --out <folder>
+    python -m ppdreambooth.export <output_dir> --format single-file --out <file.safetensors>
     python -m ppdreambooth.export <output_dir> --format kohya --out <file.safetensors>
 
 - `diffusers`, full fine-tuning: a diffusers (PyTorch) pipeline folder, written by ppdiffusers'
   own `save_pretrained(to_diffusers=True)` (which transposes Linear weights to PyTorch's layout).
 - `diffusers`, LoRA: `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`: the same
   keys in PyTorch's layout (every 2-D matrix transposed).
+- `single-file`, full fine-tuning: one `.safetensors` in the layout of WebUI / ComfyUI checkpoints
+  (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`).
 - `kohya`, LoRA: `lora_unet_*` / `lora_te_*` keys with `lora_down`/`lora_up` and `alpha`, the layout
   AUTOMATIC1111's WebUI and ComfyUI read. Our adapters already carry alpha/rank in lora_up, so alpha = rank.
-
-Single-file (WebUI checkpoint) export is not available yet.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 from . import compat  # noqa: F401
 from .lora import LORA_WEIGHTS_NAME
 
-FORMATS = ("diffusers", "kohya")
+FORMATS = ("diffusers", "single-file", "kohya")
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -67,6 +68,14 @@ def export(output_dir: str, fmt: str, out: str) -> List[str]:
         raise ExportError(f"{output_dir} holds no finished run (no model_index.json or {LORA_WEIGHTS_NAME}).")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    if fmt == "single-file":
+        if not is_full:
+            raise ExportError("--format single-file writes a full model; this run trained LoRA adapters "
+                              "(use kohya or diffusers).")
+        from .single_file import write_single_file
+
+        path = out if out.endswith(".safetensors") else os.path.join(out, "model.safetensors")
+        return [write_single_file(output_dir, path)]
     if fmt == "kohya":
         if not is_lora:
             raise ExportError("--format kohya writes LoRA adapters; this run is a full fine-tune (use diffusers).")

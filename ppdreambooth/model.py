@@ -26,8 +26,21 @@ logger = logging.getLogger(__name__)
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def check_model_folder(path: str) -> None:
+def check_model_folder(path: str, single_file_config: Optional[str] = None) -> None:
     """For a local model folder, name any missing component before anything is loaded."""
+    if path.endswith((".safetensors", ".ckpt")):
+        if not os.path.isfile(path):
+            raise ConfigError(f"--pretrained_model_name_or_path {path} does not exist.")
+        if not path.endswith(".safetensors"):
+            raise ConfigError(f"{path}: only .safetensors single-file checkpoints are read (not pickled .ckpt).")
+        if not single_file_config:
+            raise ConfigError(
+                f"{path} is a single-file checkpoint, which carries no configuration, tokenizer or scheduler: pass "
+                "--single_file_config with a model folder or hub id of the same architecture "
+                "(e.g. runwayml/stable-diffusion-v1-5)."
+            )
+        check_model_folder(single_file_config)
+        return
     if not os.path.isdir(path):
         if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
             raise ConfigError(

@@ -64,7 +64,7 @@ def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -
 
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
     """Every check that needs no model; returns (instance image files per concept, checkpoint or None)."""
-    check_model_folder(model_args.pretrained_model_name_or_path)
+    check_model_folder(model_args.pretrained_model_name_or_path, model_args.single_file_config)
     instance_files = [collect_images(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
     if args.enable_xformers_memory_efficient_attention:
         from ppdiffusers.utils import is_ppxformers_available
@@ -77,6 +77,24 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
     resume = resolve_resume(args)
     check_output_dir(args, resume)
     return instance_files, resume
+
+
+def base_from_single_file(model_args: ModelArguments, args: DreamBoothTrainingArguments) -> None:
+    """Train from a single-file checkpoint: convert it once into a ppdiffusers folder beside the run's outputs."""
+    source = model_args.pretrained_model_name_or_path
+    if not source.endswith(".safetensors"):
+        return
+    from .single_file import read_single_file
+
+    folder = os.path.join(args.output_dir, ".base-from-single-file")
+    marker = os.path.join(folder, "single_file_source.json")
+    if not os.path.isfile(marker):
+        if args.process_index <= 0:
+            read_single_file(source, model_args.single_file_config, folder + ".tmp")
+            os.replace(folder + ".tmp", folder)
+        if args.world_size > 1:
+            paddle.distributed.barrier()
+    model_args.pretrained_model_name_or_path = folder
 
 
 def prepare_class_images(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
@@ -139,6 +157,7 @@ def run(
 ) -> DreamBoothTrainer:
     """Train and write the final model; `callbacks` are extra PaddleNLP TrainerCallbacks (benchmarks)."""
     instance_files, resume = check_inputs(model_args, data_args, args)
+    base_from_single_file(model_args, args)
     class_files = prepare_class_images(model_args, data_args, args) if data_args.with_prior_preservation else None
     paddle.seed(args.seed)  # LoRA layers are initialised at random: the same seed gives the same start
     with paddle.utils.unique_name.guard():  # parameter names (and so optimizer state keys) start from zero

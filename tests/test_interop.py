@@ -148,3 +148,35 @@ def test_kohya_key_names():
     assert kohya[f"{name}.lora_down.weight"].shape == (4, 32) and kohya[f"{name}.lora_up.weight"].shape == (32, 4)
     assert float(kohya[f"{name}.alpha"]) == 4.0
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in kohya
+
+
+def test_single_file_export_loads_in_diffusers_and_trains_back(torch_python, photos, inputs, tmp_path):
+    """A tiny model made by diffusers -> our single file -> diffusers' from_single_file gives the same
+    outputs as the original folder; training then starts from that single file."""
+    from ppdiffusers import StableDiffusionPipeline
+
+    source = tmp_path / "made_by_diffusers"
+    client(torch_python, "make_tiny", source)
+    out = tmp_path / "out"
+    assert run_module(["-m", "ppdreambooth.train", *train_argv(str(source), photos, out, steps=2)]).returncode == 0
+    export(out, "--format", "single-file", "--out", tmp_path / "sks.safetensors")
+    from safetensors.numpy import load_file
+
+    keys = load_file(str(tmp_path / "sks.safetensors"))
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+    assert any(k.startswith("first_stage_model.encoder.down.") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+    client(torch_python, "unet", tmp_path / "sks.safetensors", inputs[0], tmp_path / "sf.npz",
+           "--single_file_config", source)
+    expected = paddle_outputs(StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None), inputs[1])
+    assert_close(dict(np.load(tmp_path / "sf.npz")), expected)
+
+    again = tmp_path / "from_single_file"
+    argv = train_argv(str(tmp_path / "sks.safetensors"), photos, again, steps=1)
+    refused = run_module(["-m", "ppdreambooth.train", *argv])
+    assert refused.returncode == 2 and "--single_file_config" in refused.stderr
+    result = run_module(["-m", "ppdreambooth.train", *argv, "--single_file_config", str(source)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the imported base is exactly the exported model
+    base = StableDiffusionPipeline.from_pretrained(str(again / ".base-from-single-file"), safety_checker=None)
+    assert_close(paddle_outputs(base, inputs[1]), expected, rel=1e-6)

@@ -1,6 +1,7 @@
 """Runs in the PyTorch environment (torch + diffusers from PyPI), never imports Paddle.
 
-    python diffusers_client.py unet <pipeline_dir> <inputs.npz> <outputs.npz> [--lora <file or dir>]
+    python diffusers_client.py unet <pipeline_dir or file> <inputs.npz> <outputs.npz> [--lora <file or dir>]
+        [--single_file_config <diffusers folder>]
     python diffusers_client.py make_tiny <out_dir>
 
 `unet`: loads a diffusers pipeline folder (optionally with LoRA weights) and writes the text encoder's
@@ -14,10 +15,14 @@ import numpy as np
 import torch
 
 
-def run_unet(pipeline_dir, inputs_path, outputs_path, lora=None):
+def run_unet(pipeline_dir, inputs_path, outputs_path, lora=None, single_file_config=None):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None, requires_safety_checker=False)
+    if single_file_config:  # `pipeline_dir` is a single-file checkpoint; the architecture comes from a folder
+        pipe = StableDiffusionPipeline.from_single_file(pipeline_dir, config=single_file_config,
+                                                        safety_checker=None, requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None, requires_safety_checker=False)
     if lora:
         folder, name = (os.path.dirname(lora), os.path.basename(lora)) if os.path.isfile(lora) else (lora, None)
         pipe.load_lora_weights(folder, weight_name=name)
@@ -74,7 +79,8 @@ if __name__ == "__main__":
     command = sys.argv[1]
     if command == "unet":
         lora = sys.argv[sys.argv.index("--lora") + 1] if "--lora" in sys.argv else None
-        run_unet(sys.argv[2], sys.argv[3], sys.argv[4], lora)
+        config = sys.argv[sys.argv.index("--single_file_config") + 1] if "--single_file_config" in sys.argv else None
+        run_unet(sys.argv[2], sys.argv[3], sys.argv[4], lora, config)
     elif command == "make_tiny":
         make_tiny(sys.argv[2])
     else:
