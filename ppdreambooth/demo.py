@@ -78,9 +78,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         model_args, data_args, training_args = parse_args([DEMO_CONFIG, *(argv or [])])
         trainer = run(model_args, data_args, training_args)
-    except (ConfigError, NonFiniteLossError) as e:
+    except ConfigError as e:
         print(f"ppdreambooth: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # same exit statuses as ppdreambooth.train
+        print(f"ppdreambooth: error: {e}", file=sys.stderr)
+        return 3
     if trainer.args.should_save:
         samples = write_samples(
             training_args.output_dir,

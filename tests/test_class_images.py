@@ -2,7 +2,6 @@
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from ppdreambooth.class_images import SLOT_NAME, free_slots, generate_class_images
@@ -66,3 +65,11 @@ def test_continuation_after_a_kill_and_split_across_ranks_give_the_same_images(t
         diff = np.abs(pixels(split / name).astype(int) - pixels(single / name).astype(int))
         assert diff.max() <= 2, (name, diff.max())
     assert not np.array_equal(pixels(single / SLOT_NAME.format(0)), pixels(single / SLOT_NAME.format(1)))
+
+
+def test_inference_steps_are_honoured(tiny_model, tmp_path):
+    two, four = tmp_path / "two", tmp_path / "four"
+    generate(tiny_model, two, [0])
+    generate_class_images(tiny_model, str(four), "a photo of dog", [0], num_inference_steps=4,
+                          image_size=(64, 64), show_progress=False)
+    assert not np.array_equal(pixels(two / SLOT_NAME.format(0)), pixels(four / SLOT_NAME.format(0)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_module, train_argv
+from conftest import run_module
 from ppdreambooth.buckets import make_buckets, nearest_bucket
 from ppdreambooth.config import parse_args
 from ppdreambooth.data import (ConceptData, DreamBoothDataset, SeededBatchSampler, collate, load_image_set,

@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import paddle
-import pytest
 from safetensors.numpy import load_file
 
 from ppdreambooth.args import ModelArguments

@@ -6,7 +6,6 @@ import numpy as np
 import paddle
 import pytest
 from PIL import Image
-from safetensors.numpy import load_file
 
 from conftest import ROOT, load_unet_weights, run_module, train_argv, write_photos
 from ppdreambooth.data import collect_images
