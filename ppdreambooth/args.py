@@ -8,6 +8,7 @@ and are folded into the Trainer's field by `ppdreambooth.config.parse_args`.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -26,9 +27,18 @@ class ConfigError(ValueError):
 class ModelArguments:
     pretrained_model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Stable Diffusion pipeline to fine-tune: a local ppdiffusers folder or a hub id."},
+        metadata={"help": "Pipeline to fine-tune (SD 1.x/2.x or SDXL): a ppdiffusers or diffusers folder, or a hub id."},
     )
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the pretrained model."})
+    model_family: Optional[str] = field(
+        default=None,
+        metadata={"help": "sd (1.x/2.x) or sdxl. Unset: read from the model's model_index.json.",
+                  "choices": [None, "sd", "sdxl"]},
+    )
+    pretrained_vae_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "A VAE (folder or hub id) to use instead of the model's own, e.g. an fp16-fixed SDXL VAE."},
+    )
     single_file_config: Optional[str] = field(
         default=None,
         metadata={"help": "With a single-file .safetensors checkpoint: a model folder or hub id of the same "
@@ -176,7 +186,15 @@ class DreamBoothTrainingArguments(TrainingArguments):
         default=500, metadata={"help": "Linear warmup steps (the constant schedule has none)."}
     )
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=-1.0, metadata={"help": "Gradient clipping norm; <= 0 disables clipping."})
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "Clip gradients to this global norm, as the seed script does (1.0); <= 0 disables clipping."},
+    )
+    decay_bias_and_norm: bool = field(
+        default=True,
+        metadata={"help": "Apply --weight_decay to biases and normalisation weights too, as the seed script's AdamW "
+                          "does (default). false exempts them (the transformers/diffusers convention)."},
+    )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to train (max_train_steps wins)."})
     logging_dir: Optional[str] = field(
         default="logs", metadata={"help": "VisualDL/TensorBoard log folder; a relative path is inside output_dir."}
@@ -226,12 +244,11 @@ class DreamBoothTrainingArguments(TrainingArguments):
             self.report_to = []
         unknown = [r for r in self.report_to if r not in ("visualdl", "tensorboard", "wandb")]
         if unknown:
-            raise ConfigError(f"--report_to {unknown[0]!r} is not supported; use visualdl, tensorboard or none.")
-        if "tensorboard" in self.report_to:
-            try:
-                import tensorboardX  # noqa: F401
-            except ImportError:
-                raise ConfigError("--report_to tensorboard needs tensorboardX: pip install tensorboardX") from None
+            raise ConfigError(f"--report_to {unknown[0]!r} is not supported; use visualdl, tensorboard, wandb or none.")
+        for logger_name, module, package in (("tensorboard", "tensorboardX", "tensorboardX"), ("wandb", "wandb", "wandb")):
+            if logger_name in self.report_to and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"--report_to {logger_name} needs the {package} package: pip install {package} "
+                                  "(or use --report_to visualdl, the default, or none).")
         for name in ("num_validation_images", "validation_epochs", "validation_steps", "validation_inference_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -272,6 +289,9 @@ class SeedFlagAliases:
     adam_weight_decay: Optional[float] = field(default=None, metadata={"help": "= --weight_decay."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "= --recompute."})
     rank: Optional[int] = field(default=None, metadata={"help": "= --lora_rank (the LoRA script's name)."})
+    text_encoder_lr: Optional[float] = field(
+        default=None, metadata={"help": "= --text_encoder_learning_rate (the SDXL LoRA script's name)."}
+    )
     mixed_precision: Optional[str] = field(
         default=None, metadata={"help": "no | fp16 | bf16 (= --fp16 / --bf16).", "choices": ["no", "fp16", "bf16"]}
     )
@@ -288,4 +308,5 @@ ALIAS_TARGETS = {
     "adam_weight_decay": "weight_decay",
     "gradient_checkpointing": "recompute",
     "rank": "lora_rank",
+    "text_encoder_lr": "text_encoder_learning_rate",
 }

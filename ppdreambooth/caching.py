@@ -1,6 +1,6 @@
 """Encode once what never changes during training, then stop holding the encoder on the device.
 
-With a frozen text encoder the same few prompts give the same embeddings every step: they are computed
+With frozen text encoders the same few prompts give the same embeddings every step: they are computed
 once here. With `--cache_latents` the VAE's latent distribution (mean, std) of every image is computed
 once, for both orientations when `--random_flip` is on; each step still draws its own latent sample from
 it, consuming the RNG exactly as encoding on the fly would, so losses match an uncached run.
@@ -21,14 +21,18 @@ logger = logging.getLogger(__name__)
 
 @paddle.no_grad()
 def cache_prompt_embeddings(model: DreamBoothModel, dataset: DreamBoothDataset) -> int:
-    """Fill `prompt_embeds` of every image set; returns the number of distinct prompts encoded."""
-    table: Dict[bytes, np.ndarray] = {}
+    """Fill `prompt_embeds` of every image set with the text encoders' outputs (the family's
+    `prompt_embeds`, and `pooled_prompt_embeds` for SDXL); returns the number of distinct prompts encoded."""
+    table: Dict[bytes, Dict[str, np.ndarray]] = {}
     for image_set in dataset.image_sets:
-        for ids in image_set.input_ids:
-            if ids.tobytes() not in table:
-                embeds = model.encode_prompts(paddle.to_tensor(ids[None]))
-                table[ids.tobytes()] = embeds[0].astype("float32").numpy()
-        image_set.prompt_embeds = [table[ids.tobytes()] for ids in image_set.input_ids]
+        keys = []
+        for tokens in image_set.tokens:
+            key = b"".join(tokens[name].tobytes() for name in sorted(tokens))
+            if key not in table:
+                encoded = model.encode_prompts({k: paddle.to_tensor(v[None]) for k, v in tokens.items()})
+                table[key] = {k: v[0].astype("float32").numpy() for k, v in encoded.items()}
+            keys.append(key)
+        image_set.prompt_embeds = [table[key] for key in keys]
     return len(table)
 
 
@@ -66,8 +70,9 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
     """
     if not model.model_args.train_text_encoder:
         prompts = cache_prompt_embeddings(model, dataset)
-        model.release_frozen("text_encoder", keep_on_cpu=keep_encoders)
-        logger.info("cached the embeddings of %d prompt(s); the text encoder is off the training device", prompts)
+        for name in model.family.text_encoders:
+            model.release_frozen(name, keep_on_cpu=keep_encoders)
+        logger.info("cached the embeddings of %d prompt(s); the text encoders are off the training device", prompts)
     if cache_latents_too:
         encoded = cache_latents(model, dataset, batch_size)
         model.release_frozen("vae", keep_on_cpu=keep_encoders)

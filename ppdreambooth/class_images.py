@@ -46,8 +46,10 @@ def generate_class_images(
     revision: Optional[str] = None,
     image_size: Optional[tuple] = None,
     show_progress: bool = True,
+    family=None,
 ) -> int:
-    """Generate the images of `slots` (this rank's share of `free_slots`); returns how many were written.
+    """Generate the images of `slots` (this rank's share of `free_slots`) with the base model's own pipeline
+    (`family`'s, detected from `model_path` when not given); returns how many were written.
 
     With several processes, every rank must take its share of one `free_slots` list computed before any
     rank starts writing (see `ppdreambooth.train.prepare_class_images`).
@@ -56,14 +58,14 @@ def generate_class_images(
     mine = list(slots)
     if not mine:
         return 0
-    from ppdiffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 
+    from .families import detect_family
+
+    family = family or detect_family(model_path, revision=revision)
     logger.info("generating %d class images for %r in %s", len(mine), class_prompt, class_dir)
     with paddle.utils.unique_name.guard():  # keep the training model's parameter names unaffected
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model_path, revision=revision, safety_checker=None, requires_safety_checker=False
-        )
+        pipeline = family.load_pipeline(model_path, revision)
     use_dpm_solver(pipeline)  # deterministic: an image depends on its slot's seed only, not on the split
     pipeline.set_progress_bar_config(disable=True)
     height, width = image_size or (None, None)

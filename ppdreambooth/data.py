@@ -20,7 +20,7 @@ import numpy as np
 import paddle
 
 from .args import ConfigError
-from .images import ImageError, list_image_files, load_rgb, prepare_image, resize_to_cover
+from .images import ImageError, crop_and_scale, crop_box, list_image_files, load_rgb, prepare_image, resize_to_cover
 
 logger = logging.getLogger(__name__)
 Size = Tuple[int, int]  # (height, width)
@@ -50,16 +50,18 @@ def collect_images(folder: Optional[str], flag: str, allow_empty: bool = False) 
 
 @dataclass
 class ImageSet:
-    """Images of one role (instance or class), each with its training size and prompt token ids.
+    """Images of one role (instance or class), each with its training size, original size and prompt tokens.
 
-    `prompt_embeds` and `latents` are filled by `ppdreambooth.caching` when the text encoder is frozen
-    and with `--cache_latents`: then items carry those instead of token ids and pixels.
+    `tokens` holds each image's token ids per tokenizer (`input_ids`, `input_ids_2`, ...). `prompt_embeds`
+    and `latents` are filled by `ppdreambooth.caching` when the text encoders are frozen and when latents
+    are cached: then items carry those instead of token ids and pixels.
     """
 
     images: list  # PIL images, already resized to cover their training size
     sizes: List[Size]  # (height, width) per image: the training size, or its aspect-ratio bucket
-    input_ids: List[np.ndarray]
-    prompt_embeds: Optional[List[np.ndarray]] = None
+    tokens: List[Dict[str, np.ndarray]]
+    original_sizes: List[Size] = None  # (height, width) of each file before resizing
+    prompt_embeds: Optional[List[Dict[str, np.ndarray]]] = None  # the text encoders' outputs per image
     latents: Optional[Dict[tuple, Tuple[np.ndarray, np.ndarray]]] = None  # (image, h, w, flip) -> (mean, std)
 
 
@@ -76,31 +78,27 @@ def read_caption(image_path: str, extension: str, instance_prompt: str) -> Optio
 def load_image_set(
     paths: Sequence[str],
     prompt: str,
-    tokenizer,
+    tokenize: Callable[[str], Dict[str, np.ndarray]],
     size_of: Callable[[int, int], Size],
     caption_extension: Optional[str] = None,
 ) -> ImageSet:
-    """Open and resize images; `size_of(h, w)` gives each one's training size; captions override `prompt`."""
-    images, sizes, ids, cache = [], [], [], {}
+    """Open and resize images; `size_of(h, w)` gives each one's training size; captions override `prompt`.
+
+    `tokenize(text)` gives the token ids of every tokenizer of the model (`DreamBoothModel.tokenize`)."""
+    images, sizes, originals, tokens, cache = [], [], [], [], {}
     for path in paths:
         image = load_rgb(path)
         size = size_of(image.height, image.width)
         if image.height < size[0] or image.width < size[1]:
             logger.warning("%s is %dx%d, smaller than %dx%d: it is upscaled", path, image.width, image.height, size[1], size[0])
+        originals.append((image.height, image.width))
         images.append(resize_to_cover(image, size))
         sizes.append(size)
         text = (read_caption(path, caption_extension, prompt) if caption_extension else None) or prompt
         if text not in cache:
-            cache[text] = tokenize(tokenizer, text)
-        ids.append(cache[text])
-    return ImageSet(images=images, sizes=sizes, input_ids=ids)
-
-
-def tokenize(tokenizer, prompt: str) -> np.ndarray:
-    ids = tokenizer(
-        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="np"
-    ).input_ids
-    return np.asarray(ids[0], dtype=np.int64)
+            cache[text] = tokenize(text)
+        tokens.append(cache[text])
+    return ImageSet(images=images, sizes=sizes, tokens=tokens, original_sizes=originals)
 
 
 @dataclass
@@ -118,8 +116,11 @@ class DreamBoothDataset(paddle.io.Dataset):
     instance photo's (the class image is fitted to it), so one batch can hold both halves.
     """
 
-    def __init__(self, concepts: List[ConceptData], center_crop: bool = False, random_flip: bool = False):
+    def __init__(self, concepts: List[ConceptData], center_crop: bool = False, random_flip: bool = False,
+                 size_conditioning: Optional[Callable[[Size, Size, Size], Dict[str, np.ndarray]]] = None):
         self.concepts, self.center_crop, self.random_flip = concepts, center_crop, random_flip
+        # The family's conditioning on (original size, crop corner, target size), e.g. SDXL's time ids.
+        self.size_conditioning = size_conditioning
         self.entries = []
         for c, concept in enumerate(concepts):
             count = len(concept.instance.images) * concept.repeats
@@ -154,15 +155,18 @@ class DreamBoothDataset(paddle.io.Dataset):
 
     def _example(self, images: ImageSet, i: int, size: Size, rng: random.Random) -> Dict[str, np.ndarray]:
         flip = self.random_flip and rng.random() < 0.5
+        image = images.images[i]
+        corner = crop_box((image.height, image.width), size, self.center_crop, rng)
         example = {}
         if images.latents is not None:
             example["latent_mean"], example["latent_std"] = images.latents[(i, *size, flip)]
         else:
-            example["pixel_values"] = self.pixels(images.images[i], size, flip, rng)
-        if images.prompt_embeds is not None:
-            example["prompt_embeds"] = images.prompt_embeds[i]
-        else:
-            example["input_ids"] = images.input_ids[i]
+            example["pixel_values"] = crop_and_scale(image, size, corner, flip)
+        if self.size_conditioning is not None:
+            # The corner as seen in the picture trained on: a flip mirrors the left edge (as kohya does).
+            left = image.width - corner[1] - size[1] if flip else corner[1]
+            example.update(self.size_conditioning(images.original_sizes[i], (corner[0], left), size))
+        example.update(images.prompt_embeds[i] if images.prompt_embeds is not None else images.tokens[i])
         return example
 
     def __getitem__(self, key) -> Dict[str, Dict[str, np.ndarray]]:

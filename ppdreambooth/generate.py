@@ -75,7 +75,7 @@ def generate(args) -> List[str]:
     from ppdiffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
-    from .sampling import seeded_latents
+    from .sampling import default_image_size, seeded_latents
 
     prompts = read_prompts(args)
     pipe = DiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
@@ -83,7 +83,7 @@ def generate(args) -> List[str]:
     pipe.set_progress_bar_config(disable=True)
     if args.lora:
         pipe.load_lora_weights(args.lora)
-    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    default = default_image_size(pipe)
     height, width = args.height or default, args.width or default
     os.makedirs(args.out, exist_ok=True)
     import paddle

@@ -89,6 +89,17 @@ def resize_to_cover(image: Image.Image, target: Tuple[int, int]) -> Image.Image:
     return image if new_size == image.size else image.resize(new_size, resample=Image.BILINEAR)
 
 
+def crop_and_scale(image: Image.Image, target: Tuple[int, int], corner: Tuple[int, int], flip: bool) -> np.ndarray:
+    """Crop `target`=(h, w) at `corner`=(top, left) from an image that covers it, optionally flip; return
+    float32 CHW in [-1, 1]."""
+    (height, width), (top, left) = target, corner
+    image = image.crop((left, top, left + width, top + height))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return array.transpose(2, 0, 1).copy()
+
+
 def prepare_image(
     image: Image.Image,
     target: Tuple[int, int],
@@ -97,11 +108,6 @@ def prepare_image(
     rng: Optional[random.Random] = None,
 ) -> np.ndarray:
     """Resize `image` to cover `target`=(h, w), crop, optionally flip; return float32 CHW in [-1, 1]."""
-    height, width = target
     image = resize_to_cover(image, target)
-    top, left = crop_box((image.height, image.width), target, center_crop, rng)
-    image = image.crop((left, top, left + width, top + height))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return array.transpose(2, 0, 1).copy()
+    corner = crop_box((image.height, image.width), target, center_crop, rng)
+    return crop_and_scale(image, target, corner, flip)

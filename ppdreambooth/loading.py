@@ -1,4 +1,4 @@
-"""Load the Stable Diffusion components from a ppdiffusers folder, a diffusers (PyTorch) folder or a hub id.
+"""Load the components of a model of any family from a ppdiffusers folder, a diffusers (PyTorch) folder or a hub id.
 
 A diffusers folder (`unet/diffusion_pytorch_model.safetensors`, `text_encoder/model.safetensors`) is
 read with ppdiffusers' own PyTorch->Paddle conversion (`from_diffusers=True`). The text encoder is
@@ -18,9 +18,9 @@ PADDLE_WEIGHT_FILES = ("diffusion_paddle_model.safetensors", "diffusion_paddle_m
                        "model.safetensors", "model_state.pdparams")
 
 
-def is_diffusers_folder(path: str) -> bool:
-    """True for a local folder whose UNet is stored in PyTorch's format only."""
-    unet = os.path.join(path, "unet")
+def is_diffusers_folder(path: str, denoiser: str = "unet") -> bool:
+    """True for a local folder whose denoiser is stored in PyTorch's format only."""
+    unet = os.path.join(path, denoiser)
     if not os.path.isdir(unet):
         return False
     names = set(os.listdir(unet))
@@ -28,19 +28,21 @@ def is_diffusers_folder(path: str) -> bool:
         n.startswith("diffusion_paddle_model") or n == "model_state.pdparams" for n in names)
 
 
-def load_torch_text_encoder(path: str):
-    """CLIPTextModel from a diffusers/transformers folder holding PyTorch-layout safetensors."""
+def load_torch_text_encoder(path: str, name: str, class_name: str):
+    """A CLIP text encoder (`class_name` of ppdiffusers.transformers) from a diffusers/transformers folder
+    holding PyTorch-layout safetensors."""
     from safetensors.numpy import load_file
 
+    import ppdiffusers.transformers as transformers
     from ppdiffusers.models.modeling_pytorch_paddle_utils import convert_pytorch_state_dict_to_paddle
-    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = os.path.join(path, "text_encoder")
-    model = CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
+    folder = os.path.join(path, name)
+    model = getattr(transformers, class_name)(transformers.CLIPTextConfig.from_pretrained(folder))
     weights = load_file(os.path.join(folder, "model.safetensors"))
-    weights = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in weights.items()}
-    convert_pytorch_state_dict_to_paddle(model, weights)  # transposes Linear weights in place
     expected = {k for k in model.state_dict() if "position_ids" not in k}
+    weights = {("text_model." + k if k not in expected and "text_model." + k in expected else k): v
+               for k, v in weights.items()}
+    convert_pytorch_state_dict_to_paddle(model, weights)  # transposes Linear weights in place
     missing = sorted(expected - set(weights))
     if missing:
         raise ConfigError(f"{folder}/model.safetensors lacks {len(missing)} weights of the text encoder, "
@@ -50,25 +52,41 @@ def load_torch_text_encoder(path: str):
     return model
 
 
-def load_component(path: str, name: str, revision: Optional[str] = None):
-    """One of tokenizer, text_encoder, vae, unet, scheduler (the noise scheduler, as DDPM)."""
-    from ppdiffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
+def load_component(path: str, name: str, revision: Optional[str] = None, family=None):
+    """One component of a `family` model (default: SD 1.x/2.x) by its subfolder name: a tokenizer, a text
+    encoder, the vae, the denoiser, or the scheduler (loaded as the DDPM noise scheduler for training)."""
+    import ppdiffusers
+    import ppdiffusers.transformers as transformers
 
-    torch_format = os.path.isdir(path) and is_diffusers_folder(path)
+    from .families import FAMILIES
+
+    family = family or FAMILIES["sd"]
+    torch_format = os.path.isdir(path) and is_diffusers_folder(path, family.denoiser)
     options = {"revision": revision, **({"from_diffusers": True} if torch_format else {})}
-    if name == "tokenizer":
-        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    if name == "text_encoder":
+    if name in family.tokenizers:
+        return transformers.CLIPTokenizer.from_pretrained(path, subfolder=name)
+    if name in family.text_encoders:
+        class_name = family.text_encoder_classes[name]
         if torch_format:
-            return load_torch_text_encoder(path)
-        return CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=revision)
+            return load_torch_text_encoder(path, name, class_name)
+        return getattr(transformers, class_name).from_pretrained(path, subfolder=name, revision=revision)
     if name == "scheduler":
-        return DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
-    model_class = {"vae": AutoencoderKL, "unet": UNet2DConditionModel}[name]
-    return model_class.from_pretrained(path, subfolder=name, **options)
+        return ppdiffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+    if name == "vae":
+        return ppdiffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **options)
+    if name == family.denoiser:
+        return getattr(ppdiffusers, family.denoiser_class).from_pretrained(path, subfolder=name, **options)
+    raise ValueError(f"{name!r} is not a component of a {family.name} model")
 
 
-def load_components(path: str, revision: Optional[str] = None):
-    """(tokenizer, text_encoder, vae, unet, noise_scheduler) of a Stable Diffusion model."""
-    return tuple(load_component(path, name, revision) for name in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
+def load_components(path: str, family, revision: Optional[str] = None, vae_path: Optional[str] = None) -> dict:
+    """Every component of a `family` model, by subfolder name; `vae_path` replaces the model's VAE
+    (a folder or hub id holding the VAE itself, e.g. an fp16-fixed SDXL VAE)."""
+    components = {name: load_component(path, name, revision, family) for name in family.components if name != "vae"}
+    if vae_path:
+        import ppdiffusers
+
+        components["vae"] = ppdiffusers.AutoencoderKL.from_pretrained(vae_path)
+    else:
+        components["vae"] = load_component(path, "vae", revision, family)
+    return components

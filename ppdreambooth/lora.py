@@ -1,7 +1,8 @@
 """LoRA adapters through ppdiffusers' own peft backend, saved in the file its loaders read.
 
-UNet: q, k, v and output projections of every attention block. Text encoder (with
-`--train_text_encoder`): q, k, v and output projections of its self-attention. Base weights are frozen.
+The modules adapted are the family's (`ModelFamily.denoiser_lora_targets`, `text_encoder_lora_targets`):
+for SD and SDXL the q, k, v and output projections of every UNet attention block and, with
+`--train_text_encoder`, of each text encoder's self-attention. Base weights are frozen.
 
 The saved `paddle_lora_weights.safetensors` is what `pipe.load_lora_weights(dir)` (and
 `pipe.unet.load_attn_procs(dir)` for the UNet part) reads. That loader assumes alpha == rank, so a
@@ -12,14 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Sequence
 
 import paddle
 
 from . import compat  # noqa: F401  (USE_PEFT_BACKEND before ppdiffusers)
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
 
 
@@ -29,22 +28,20 @@ def lora_config(rank: int, alpha: float, targets):
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
 
 
-def add_unet_lora(unet, rank: int, alpha: float) -> None:
-    """Freeze the UNet and add trainable LoRA layers to its attention projections."""
-    for param in unet.parameters():
-        param.stop_gradient = True
-    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS))
-
-
-def add_text_encoder_lora(text_encoder, rank: int, alpha: float) -> None:
-    """Freeze the text encoder and add trainable LoRA layers to its self-attention projections."""
+def add_lora(layer, targets: Sequence[str], rank: int, alpha: float) -> None:
+    """Freeze `layer` and add trainable LoRA layers to its modules named `targets`."""
+    from ppdiffusers import ModelMixin
     from ppdiffusers.peft import inject_adapter_in_model
 
-    for param in text_encoder.parameters():
+    for param in layer.parameters():
         param.stop_gradient = True
-    # CLIPTextModel.add_adapter imports the PyTorch `peft` package (a ppdiffusers 0.29.0 bug), so the
-    # adapter is injected directly, exactly as that method would do with ppdiffusers' own peft.
-    inject_adapter_in_model(lora_config(rank, alpha, TEXT_ENCODER_TARGETS), text_encoder, "default")
+    config = lora_config(rank, alpha, targets)
+    if isinstance(layer, ModelMixin):  # a ppdiffusers model (UNet, transformer): its own method
+        layer.add_adapter(config)
+    else:
+        # CLIPTextModel.add_adapter imports the PyTorch `peft` package (a ppdiffusers 0.29.0 bug), so the
+        # adapter is injected directly, exactly as that method would do with ppdiffusers' own peft.
+        inject_adapter_in_model(config, layer, "default")
 
 
 def adapter_state_dict(layer, rank: int, alpha: float) -> Dict[str, paddle.Tensor]:
@@ -56,19 +53,13 @@ def adapter_state_dict(layer, rank: int, alpha: float) -> Dict[str, paddle.Tenso
     return {k: (v * scale if scale != 1 and "lora_B" in k else v).astype("float32") for k, v in state.items()}
 
 
-def save_lora_weights(out_dir: str, unet, text_encoder: Optional[paddle.nn.Layer], rank: int, alpha: float) -> str:
-    """Write `paddle_lora_weights.safetensors` into `out_dir` (atomically); returns its path."""
-    from ppdiffusers import StableDiffusionPipeline
-
+def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], rank: int, alpha: float) -> str:
+    """Write `paddle_lora_weights.safetensors` into `out_dir` (atomically) with the adapters of `layers`
+    (component name -> layer, e.g. unet, text_encoder, text_encoder_2); returns its path."""
     staging = os.path.join(out_dir, ".lora-staging")
     shutil.rmtree(staging, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(
-        staging,
-        unet_lora_layers=adapter_state_dict(unet, rank, alpha),
-        text_encoder_lora_layers=adapter_state_dict(text_encoder, rank, alpha) if text_encoder is not None else None,
-        weight_name=LORA_WEIGHTS_NAME,
-        to_diffusers=False,
-    )
+    family.save_lora(staging, LORA_WEIGHTS_NAME,
+                     {name: adapter_state_dict(layer, rank, alpha) for name, layer in layers.items()})
     target = os.path.join(out_dir, LORA_WEIGHTS_NAME)
     os.replace(os.path.join(staging, LORA_WEIGHTS_NAME), target)
     shutil.rmtree(staging, ignore_errors=True)

@@ -1,8 +1,11 @@
-"""`DreamBoothModel`: VAE encode -> noise -> UNet -> DreamBooth loss, in one `forward`.
+"""`DreamBoothModel`: VAE encode -> noise -> denoiser -> DreamBooth loss, in one `forward`, for any family.
 
-The VAE is always frozen; the text encoder is frozen unless `--train_text_encoder`. The noise
-scheduler is a plain attribute (not a sub-layer), so mixed-precision O2 never casts its float32
-`alphas_cumprod`; the frozen encoding, the noising and the loss run in float32 outside autocast.
+What differs between model families (text encoders, conditioning, the denoiser call, the objective)
+is asked of `self.family` (`ppdreambooth.families`) and `self.objective` (`ppdreambooth.objectives`).
+The VAE is always frozen; the text encoders are frozen unless `--train_text_encoder`. Components are
+reached by their subfolder name (`model.unet`, `model.text_encoder_2`, `model.vae`). The frozen ones
+live outside the Layer tree, so AMP O2 never casts them and checkpoints never hold them; the frozen
+encoding, the noising and the loss run in float32 outside autocast.
 """
 from __future__ import annotations
 
@@ -12,22 +15,23 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 import paddle
-from ppdiffusers import AutoencoderKL
-from ppdiffusers.transformers import CLIPTextModel, CLIPTokenizer
 
 from . import compat  # noqa: F401  (USE_PEFT_BACKEND before ppdiffusers)
 from .args import ConfigError, ModelArguments
+from .families import ModelFamily, detect_family
 from .loading import load_components
-from .lora import add_text_encoder_lora, add_unet_lora
-from .losses import diffusion_target, dreambooth_loss, min_snr_weights
+from .lora import add_lora
+from .losses import dreambooth_loss
+from .objectives import build_objective
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ENCODED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")  # batch keys of cached text-encoder outputs
 
 
-def check_model_folder(path: str, single_file_config: Optional[str] = None) -> None:
-    """For a local model folder, name any missing component before anything is loaded."""
+def check_model_path(path: str, single_file_config: Optional[str] = None) -> str:
+    """Check the shape of --pretrained_model_name_or_path before anything is loaded; returns the folder or hub
+    id whose configs describe the model (the model itself, or --single_file_config for a single file)."""
     if path.endswith((".safetensors", ".ckpt")):
         if not os.path.isfile(path):
             raise ConfigError(f"--pretrained_model_name_or_path {path} does not exist.")
@@ -39,19 +43,23 @@ def check_model_folder(path: str, single_file_config: Optional[str] = None) -> N
                 "--single_file_config with a model folder or hub id of the same architecture "
                 "(e.g. runwayml/stable-diffusion-v1-5)."
             )
-        check_model_folder(single_file_config)
-        return
+        return check_model_path(single_file_config)
+    if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1):
+        raise ConfigError(
+            f"--pretrained_model_name_or_path {path!r} is neither a model folder nor a hub id like 'org/name'."
+        )
+    return path
+
+
+def check_model_folder(path: str, family: ModelFamily) -> None:
+    """For a local model folder, name any component of `family` that it lacks (a hub id is not checked)."""
     if not os.path.isdir(path):
-        if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
-            raise ConfigError(
-                f"--pretrained_model_name_or_path {path!r} is neither a model folder nor a hub id like 'org/name'."
-            )
         return  # a hub id: ppdiffusers downloads it
-    missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+    missing = [c for c in family.components if not os.path.isdir(os.path.join(path, c))]
     if missing:
         raise ConfigError(
-            f"model folder {path} lacks {', '.join(c + '/' for c in missing)}; it must be a Stable Diffusion "
-            "pipeline folder (vae/, text_encoder/, tokenizer/, unet/, scheduler/)."
+            f"model folder {path} lacks {', '.join(c + '/' for c in missing)}; a {family.pipeline_class} folder has "
+            f"{', '.join(c + '/' for c in family.components)}."
         )
 
 
@@ -68,58 +76,88 @@ class DreamBoothModel(paddle.nn.Layer):
         with_prior_preservation: bool = False,
         recompute: bool = False,
         memory_efficient_attention: bool = False,
+        family: Optional[ModelFamily] = None,
     ):
         super().__init__()
         self.with_prior_preservation = with_prior_preservation  # batches are [instance; class] halves
         path, revision = model_args.pretrained_model_name_or_path, model_args.revision
         self.model_args = model_args
-        self.tokenizer, text_encoder, vae, self.unet, self.noise_scheduler = load_components(path, revision)
+        self.family = family or detect_family(path, model_args.model_family, revision)
+        parts = load_components(path, self.family, revision, model_args.pretrained_vae_model_name_or_path)
+        self.tokenizers = {name: parts[name] for name in self.family.tokenizers}
         if model_args.tokenizer_name:
-            self.tokenizer = CLIPTokenizer.from_pretrained(model_args.tokenizer_name)
-        # Prompts are padded to the tokenizer's length; some saved tokenizers say "unlimited" (1e30).
-        self.tokenizer.model_max_length = min(self.tokenizer.model_max_length,
-                                              text_encoder.config.max_position_embeddings)
+            from ppdiffusers.transformers import CLIPTokenizer
+
+            self.tokenizers[self.family.tokenizers[0]] = CLIPTokenizer.from_pretrained(model_args.tokenizer_name)
+        for tokenizer, encoder in zip(self.tokenizers.values(), self.family.text_encoders):
+            # Prompts are padded to the tokenizer's length; some saved tokenizers say "unlimited" (1e30).
+            tokenizer.model_max_length = min(tokenizer.model_max_length,
+                                             parts[encoder].config.max_position_embeddings)
+        denoiser = parts[self.family.denoiser]
         if model_args.use_lora:
-            add_unet_lora(self.unet, model_args.lora_rank, model_args.lora_alpha)
+            add_lora(denoiser, self.family.denoiser_lora_targets, model_args.lora_rank, model_args.lora_alpha)
+        self.add_sublayer(self.family.denoiser, denoiser)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
         # leaves them in float32, and state_dict()/checkpoints never contain them.
-        self._frozen: Dict[str, paddle.nn.Layer] = {"vae": vae}
+        self._frozen: Dict[str, paddle.nn.Layer] = {"vae": parts["vae"]}
         self._parked: set = set()  # frozen components moved to the CPU after caching their outputs
-        freeze(vae)
-        if model_args.train_text_encoder:
-            if model_args.use_lora:
-                add_text_encoder_lora(text_encoder, model_args.lora_rank, model_args.lora_alpha)
-            self.add_sublayer("text_encoder", text_encoder)  # `text_encoder` is a property (below)
-        else:
-            freeze(text_encoder)
-            self._frozen["text_encoder"] = text_encoder
-        # The noise scheduler is a plain attribute, not a sub-layer: AMP O2 never casts its alphas_cumprod.
-        self.prediction_type = model_args.prediction_type or self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(
-                f"the scheduler of {path} predicts {self.prediction_type!r}; use --prediction_type epsilon|v_prediction"
-            )
-        self.scaling_factor = vae.config.scaling_factor
+        freeze(parts["vae"])
+        for name in self.family.text_encoders:
+            encoder = parts[name]
+            if model_args.train_text_encoder:
+                if model_args.use_lora:
+                    add_lora(encoder, self.family.text_encoder_lora_targets, model_args.lora_rank,
+                             model_args.lora_alpha)
+                self.add_sublayer(name, encoder)
+            else:
+                freeze(encoder)
+                self._frozen[name] = encoder
+        self.objective = build_objective(self.family.objective, parts["scheduler"], model_args)
+        vae_config = parts["vae"].config
+        self.scaling_factor = vae_config.scaling_factor
+        self.shift_factor = vae_config.get("shift_factor", None) or 0.0  # SD3's VAE; SD/SDXL have none
         if recompute:
             self.enable_recompute()
         if memory_efficient_attention:
-            self.unet.enable_xformers_memory_efficient_attention()
+            self.denoiser.enable_xformers_memory_efficient_attention()
+
+    def __getattr__(self, name: str):
+        """Components by subfolder name: trained ones are sub-layers, frozen ones and tokenizers are not."""
+        for table in ("_frozen", "tokenizers"):
+            held = self.__dict__.get(table)
+            if held is not None and name in held:
+                return held[name]
+        return super().__getattr__(name)
 
     @property
-    def vae(self) -> AutoencoderKL:
-        return self._frozen["vae"]
+    def denoiser(self) -> paddle.nn.Layer:
+        return self._sub_layers[self.family.denoiser]
 
     @property
-    def text_encoder(self) -> CLIPTextModel:
-        return self._sub_layers.get("text_encoder") or self._frozen["text_encoder"]
+    def noise_scheduler(self):
+        return self.objective.noise_scheduler
+
+    @property
+    def prediction_type(self) -> str:
+        return self.objective.prediction_type
+
+    def text_encoders(self) -> Dict[str, paddle.nn.Layer]:
+        """Every text encoder the model still holds, trained or frozen, by subfolder name."""
+        return {name: getattr(self, name) for name in self.family.text_encoders if self.has_component(name)}
 
     # ----- set-up -------------------------------------------------------------------------------
     def enable_recompute(self) -> None:
-        """Gradient checkpointing in the UNet and, when it trains, the text encoder."""
-        self.unet.enable_gradient_checkpointing()
-        if self.model_args.train_text_encoder:
-            self.text_encoder.gradient_checkpointing_enable()
+        """Gradient checkpointing in the denoiser and in every trained text encoder."""
+        self.denoiser.enable_gradient_checkpointing()
+        for encoder in self.trained_text_encoders():
+            encoder.gradient_checkpointing_enable()
 
+    def trained_text_encoders(self) -> List[paddle.nn.Layer]:
+        return [self._sub_layers[n] for n in self.family.text_encoders if n in self._sub_layers]
+
+    def trained_layers(self) -> Dict[str, paddle.nn.Layer]:
+        """The denoiser and every trained text encoder, by component name (what LoRA adapters are saved from)."""
+        return {name: layer for name, layer in self._sub_layers.items()}
 
     def trainable_named_parameters(self) -> List[Tuple[str, paddle.Tensor]]:
         return [(n, p) for n, p in self.named_parameters() if not p.stop_gradient]
@@ -128,19 +166,21 @@ class DreamBoothModel(paddle.nn.Layer):
         return [p for _, p in self.trainable_named_parameters()]
 
     def text_encoder_parameters(self) -> List[paddle.Tensor]:
-        return [p for n, p in self.trainable_named_parameters() if n.startswith("text_encoder.")]
+        """Trained parameters of every text encoder, selected by the layer they belong to."""
+        return [p for encoder in self.trained_text_encoders() for p in encoder.parameters() if not p.stop_gradient]
 
-    def parameter_groups(self, learning_rate: float, text_encoder_learning_rate: Optional[float]) -> list:
-        """Optimizer parameters: one list, or two groups when the text encoder has its own rate.
+    def set_text_encoder_learning_rate(self, learning_rate: float, text_encoder_learning_rate: Optional[float]) -> None:
+        """Give trained text-encoder weights their own rate, as a multiplier of the scheduler's rate.
 
-        A Paddle group's `learning_rate` multiplies the scheduler's rate, hence the ratio.
+        Paddle multiplies the rate by each parameter's `optimize_attr["learning_rate"]`. Parameter groups
+        would do the same, but Paddle clips gradients per group, not over all of them: the optimizer must
+        get one list so that `--max_grad_norm` clips the global norm, as the plain training loop does.
         """
-        if text_encoder_learning_rate is None or not self.text_encoder_parameters():
-            return self.trainable_parameters()
-        text_encoder = {id(p) for p in self.text_encoder_parameters()}
-        rest = [p for p in self.trainable_parameters() if id(p) not in text_encoder]
-        ratio = text_encoder_learning_rate / learning_rate if learning_rate else 0.0
-        return [{"params": rest}, {"params": self.text_encoder_parameters(), "learning_rate": ratio}]
+        ratio = 1.0
+        if text_encoder_learning_rate is not None:
+            ratio = text_encoder_learning_rate / learning_rate if learning_rate else 0.0
+        for param in self.text_encoder_parameters():
+            param.optimize_attr["learning_rate"] = ratio
 
     def trainable_state_dict(self) -> Dict[str, paddle.Tensor]:
         """What a checkpoint holds: the trained weights only (no frozen VAE or text encoder)."""
@@ -172,7 +212,7 @@ class DreamBoothModel(paddle.nn.Layer):
                 layer.to("cpu")
 
     def has_component(self, name: str) -> bool:
-        return name in self._frozen or name in self._sub_layers
+        return name in self._frozen or name in self._sub_layers or name in self.tokenizers
 
     # ----- the training step ---------------------------------------------------------------------
     @paddle.no_grad()
@@ -183,28 +223,22 @@ class DreamBoothModel(paddle.nn.Layer):
             return dist.mean.astype("float32"), dist.std.astype("float32")
 
     def sample_latents(self, mean: paddle.Tensor, std: paddle.Tensor) -> paddle.Tensor:
-        """A scaled latent sample; draws from the RNG exactly as the VAE's own `latent_dist.sample()`."""
-        return (mean + std * paddle.randn(mean.shape, dtype="float32")) * self.scaling_factor
+        """A shifted, scaled latent sample; draws from the RNG exactly as the VAE's own `latent_dist.sample()`."""
+        return (mean + std * paddle.randn(mean.shape, dtype="float32") - self.shift_factor) * self.scaling_factor
 
     def encode_images(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
         return self.sample_latents(*self.latent_moments(pixel_values))
 
-    def encode_prompts(self, input_ids: paddle.Tensor) -> paddle.Tensor:
-        if self.model_args.train_text_encoder:
-            return self.text_encoder(input_ids)[0]
-        with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
-            return self.text_encoder(input_ids)[0]
+    def tokenize(self, prompt: str) -> dict:
+        """Token ids of `prompt` for every tokenizer of the family (numpy, one row)."""
+        return self.family.tokenize(self.tokenizers, prompt)
 
-    def draw_noise(self, latents: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
-        """Gaussian noise (plus optional offset noise) and uniform timesteps, one per sample."""
-        noise = paddle.randn(latents.shape, dtype="float32")
-        if self.model_args.noise_offset:
-            noise = noise + self.model_args.noise_offset * paddle.randn(
-                [latents.shape[0], latents.shape[1], 1, 1], dtype="float32"
-            )
-        num_steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = paddle.randint(0, num_steps, [latents.shape[0]], dtype="int64")
-        return noise, timesteps
+    def encode_prompts(self, tokens: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+        """The family's prompt conditioning (`prompt_embeds`, maybe `pooled_prompt_embeds`) for token ids."""
+        if self.model_args.train_text_encoder:
+            return self.family.encode_prompt(self.text_encoders(), tokens)
+        with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
+            return self.family.encode_prompt(self.text_encoders(), tokens)
 
     def forward(
         self,
@@ -215,27 +249,31 @@ class DreamBoothModel(paddle.nn.Layer):
         prompt_embeds: Optional[paddle.Tensor] = None,
         noise: Optional[paddle.Tensor] = None,
         timesteps: Optional[paddle.Tensor] = None,
+        **conditioning: paddle.Tensor,
     ) -> Dict[str, paddle.Tensor]:
-        """Loss for a batch of [instance; class] examples, given as pixels or cached latent moments, and
-        as token ids or cached prompt embeddings. `noise`/`timesteps` may be given (tests)."""
+        """Loss for a batch of [instance; class] examples, given as pixels or cached latent moments, and as
+        token ids (`input_ids`, `input_ids_2`) or cached encodings (`prompt_embeds`, `pooled_prompt_embeds`),
+        plus the family's per-sample conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests)."""
         if latent_mean is None:
             latent_mean, latent_std = self.latent_moments(pixel_values)
         with paddle.amp.auto_cast(enable=False):  # latents, noise and the noise schedule in float32
             latents = self.sample_latents(latent_mean, latent_std)
             if noise is None or timesteps is None:
-                drawn_noise, drawn_steps = self.draw_noise(latents)
+                drawn_noise, drawn_steps = self.objective.draw(latents)
                 noise = drawn_noise if noise is None else noise
                 timesteps = drawn_steps if timesteps is None else timesteps
-            noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-            target = diffusion_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-        encoder_hidden_states = prompt_embeds if prompt_embeds is not None else self.encode_prompts(input_ids)
-        model_pred = self.unet(
-            noisy_latents.astype(self.unet.dtype), timesteps, encoder_hidden_states.astype(self.unet.dtype)
-        ).sample
+            noisy_latents = self.objective.noisy_latents(latents, noise, timesteps)
+            target = self.objective.target(latents, noise, timesteps)
+        if prompt_embeds is None:
+            tokens = {k: v for k, v in conditioning.items() if k.startswith("input_ids")}
+            conditioning.update(self.encode_prompts({"input_ids": input_ids, **tokens}))
+        else:
+            conditioning["prompt_embeds"] = prompt_embeds
+        dtype = self.denoiser.dtype
+        conditioning = {k: v.astype(dtype) for k, v in conditioning.items() if not k.startswith("input_ids")}
+        model_pred = self.family.predict(self.denoiser, noisy_latents.astype(dtype), timesteps, conditioning)
         with paddle.amp.auto_cast(enable=False):
-            weights = None
-            if self.model_args.snr_gamma is not None:
-                weights = min_snr_weights(self.noise_scheduler, timesteps, self.model_args.snr_gamma, self.prediction_type)
+            weights = self.objective.loss_weights(timesteps)
             batch = latents.shape[0]
             num_instance = batch // 2 if self.with_prior_preservation else batch
             return dreambooth_loss(model_pred, target, num_instance, self.model_args.prior_loss_weight, weights)

@@ -26,19 +26,20 @@ def usage(model_args, output_dir: str) -> str:
     return f"python -m ppdreambooth.generate --model {output_dir} --prompt \"...\""
 
 
-def write_model_card(output_dir: str, model_args, data_args, args, global_step: int) -> str:
+def write_model_card(output_dir: str, model_args, data_args, args, global_step: int, family) -> str:
     mode = (f"LoRA (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}), file `{LORA_WEIGHTS_NAME}`"
             if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
     lines = [
         "---",
         f"base_model: {model_args.pretrained_model_name_or_path}",
         "library_name: ppdiffusers",
-        "tags: [stable-diffusion, dreambooth, ppdreambooth" + (", lora]" if model_args.use_lora else "]"),
+        f"tags: [{family.card_tag}, dreambooth, ppdreambooth" + (", lora]" if model_args.use_lora else "]"),
         "---",
         "",
         "# DreamBooth model trained with ppdreambooth",
         "",
-        f"- Base model: `{model_args.pretrained_model_name_or_path}`",
+        f"- Base model: `{model_args.pretrained_model_name_or_path}` (model family `{family.name}`, "
+        f"`{family.pipeline_class}`)",
         f"- Weights: {mode}",
     ]
     for concept in data_args.concept_list:
@@ -53,7 +54,8 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
         f"resolution {data_args.image_size[0]}x{data_args.image_size[1]}"
         + (" with aspect-ratio buckets" if data_args.enable_bucket else ""),
         f"prior preservation {'on (weight %g)' % model_args.prior_loss_weight if data_args.with_prior_preservation else 'off'}",
-        f"text encoder {'trained' if model_args.train_text_encoder else 'frozen'}",
+        f"text encoder{'s' if len(family.text_encoders) > 1 else ''} "
+        f"{'trained' if model_args.train_text_encoder else 'frozen'}",
         f"seed {args.seed}",
     ]
     if args.use_ema:

@@ -13,9 +13,18 @@ import numpy as np
 import paddle
 
 
+def pipeline_denoiser(pipeline):
+    """The network a pipeline denoises with (a UNet, or SD3's transformer)."""
+    return pipeline.unet if getattr(pipeline, "unet", None) is not None else pipeline.transformer
+
+
+def default_image_size(pipeline) -> int:
+    return pipeline_denoiser(pipeline).config.sample_size * pipeline.vae_scale_factor
+
+
 def seeded_latents(pipeline, seeds: Sequence[int], height: int, width: int) -> paddle.Tensor:
     factor = pipeline.vae_scale_factor
-    shape = (pipeline.unet.config.in_channels, height // factor, width // factor)
+    shape = (pipeline_denoiser(pipeline).config.in_channels, height // factor, width // factor)
     arrays = [np.random.RandomState(seed % 2**32).standard_normal(shape) for seed in seeds]
     return paddle.to_tensor(np.stack(arrays).astype(np.float32))
 
@@ -36,7 +45,7 @@ def generate_images(
     guidance_scale: float = 7.5,
 ) -> List:
     """PIL images, one per (prompt, seed) pair, generated in one batch."""
-    default = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    default = default_image_size(pipeline)
     height, width = height or default, width or default
     with paddle.no_grad():
         return pipeline(

@@ -77,20 +77,27 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 def write_pipeline(model, base_model: str, out_dir: str, revision: Optional[str] = None) -> None:
     """Save the trained model as a ppdiffusers pipeline folder that `from_pretrained(out_dir)` loads.
 
-    The trained UNet (and text encoder) come from `model`; the scheduler and any other component
+    The trained denoiser (and text encoders) come from `model`; the scheduler and any other component
     (feature extractor, safety checker) come from the base model unchanged.
     """
-    from ppdiffusers import DiffusionPipeline
+    from ppdiffusers import AutoencoderKL, DiffusionPipeline
 
     # Under AMP O2 the trained layers are float16/bfloat16; training is over, so cast them back in place:
     # the shared weights are float32 like the base model's.
     for layer in model.children():
         layer.to(dtype="float32")
     # Components the model no longer holds (released after caching) are read again from the base model.
-    held = {"unet": model.unet, "tokenizer": model.tokenizer}
-    for name in ("vae", "text_encoder"):
-        held[name] = getattr(model, name) if model.has_component(name) else load_component(base_model, name, revision)
-    options = {"from_diffusers": True} if os.path.isdir(base_model) and is_diffusers_folder(base_model) else {}
+    family = model.family
+    held = {}
+    for name in (family.denoiser, "vae", *family.text_encoders, *family.tokenizers):
+        if model.has_component(name):
+            held[name] = getattr(model, name)
+        elif name == "vae" and model.model_args.pretrained_vae_model_name_or_path:  # the replacement VAE trained with
+            held[name] = AutoencoderKL.from_pretrained(model.model_args.pretrained_vae_model_name_or_path)
+        else:
+            held[name] = load_component(base_model, name, revision, family)
+    options = {"from_diffusers": True} if os.path.isdir(base_model) and is_diffusers_folder(base_model,
+                                                                                            family.denoiser) else {}
     pipeline = DiffusionPipeline.from_pretrained(base_model, revision=revision, **options, **held)
     staging = os.path.join(out_dir, ".pipeline-staging")
     shutil.rmtree(staging, ignore_errors=True)

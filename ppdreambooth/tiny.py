@@ -1,4 +1,4 @@
-"""Build a tiny, randomly initialised Stable Diffusion pipeline folder, with no download.
+"""Build a tiny, randomly initialised Stable Diffusion (1.x or XL) pipeline folder, with no download.
 
 The demo (`bash run_train.sh` with no arguments) and the test-suite train this model. It has the
 same component layout as `runwayml/stable-diffusion-v1-5` (vae/, text_encoder/, tokenizer/, unet/,
@@ -42,27 +42,58 @@ def write_tiny_tokenizer(folder: str) -> int:
     return len(tokens)
 
 
-def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8):
-    """Create a tiny StableDiffusionPipeline with seeded random weights and save it to `out_dir`.
+def _tiny_text_encoder(tokenizer, vocab_size: int, with_projection: bool = False):
+    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=vocab_size,
+        projection_dim=32,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _tiny_unet(sample_size: int, sdxl: bool):
+    from ppdiffusers import UNet2DConditionModel
+
+    common = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=sample_size, in_channels=4,
+                  out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    if not sdxl:
+        return UNet2DConditionModel(cross_attention_dim=32, **common)
+    # SDXL's conditioning: cross attention over both encoders (32 + 32 channels), and an added embedding of
+    # the pooled text (32) plus six size numbers (6 x 8): 80 inputs.
+    return UNet2DConditionModel(
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80, norm_num_groups=1, **common,
+    )
+
+
+def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8,
+                        family: str = "sd"):
+    """Create a tiny pipeline of `family` ("sd" or "sdxl") with seeded random weights and save it to `out_dir`.
 
     Returns the in-memory pipeline. `sample_size` is the latent size; images are 8x larger (64 px).
     """
     import paddle
-    from ppdiffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from ppdiffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                             StableDiffusionXLPipeline)
+    from ppdiffusers.transformers import CLIPTokenizer
 
+    if family not in ("sd", "sdxl"):
+        raise ValueError(f"no tiny model for family {family!r}")
+    sdxl = family == "sdxl"
     paddle.seed(seed)
     with paddle.utils.unique_name.guard():
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-        )
+        unet = _tiny_unet(sample_size, sdxl)
         # Four blocks, like SD's VAE, so that images are downsampled by 8 as in the real model.
         vae = AutoencoderKL(
             block_out_channels=[16, 16, 32, 32],
@@ -74,40 +105,26 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0, prediction_type: str = "eps
             up_block_types=["UpDecoderBlock2D"] * 4,
             latent_channels=4,
             sample_size=sample_size * 8,
+            scaling_factor=0.13025 if sdxl else 0.18215,
         )
         tmp = tempfile.mkdtemp()  # the tokenizer copies its files from here when the pipeline is saved
         vocab_size = write_tiny_tokenizer(tmp)
         tokenizer = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=77)
-        text_config = CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=vocab_size,
+        text_encoder = _tiny_text_encoder(tokenizer, vocab_size)
+        text_encoder_2 = _tiny_text_encoder(tokenizer, vocab_size, with_projection=True) if sdxl else None
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    prediction_type=prediction_type)
+    if sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**schedule), add_watermarker=False,
         )
-        text_encoder = CLIPTextModel(text_config)
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        prediction_type=prediction_type,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=DDPMScheduler(clip_sample=False, **schedule), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.save_pretrained(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     return pipe
@@ -120,8 +137,9 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd")
     args = parser.parse_args(argv)
-    build_tiny_pipeline(args.out_dir, seed=args.seed, prediction_type=args.prediction_type)
+    build_tiny_pipeline(args.out_dir, seed=args.seed, prediction_type=args.prediction_type, family=args.family)
     print(f"tiny pipeline written to {args.out_dir}")
 
 

@@ -21,11 +21,12 @@ from .caching import cache_encodings
 from .callbacks import StopTextEncoderCallback
 from .config import parse_args
 from .export import export
+from .families import ModelFamily, detect_family
 from .lora import LORA_WEIGHTS_NAME
 from .buckets import make_buckets, nearest_bucket
 from .data import ConceptData, DreamBoothDataset, collate, collect_images, load_image_set
 from .ema import EMACallback, WeightEMA
-from .model import DreamBoothModel, check_model_folder
+from .model import DreamBoothModel, check_model_folder, check_model_path
 from .model_card import closing_summary, write_model_card
 from .saving import is_complete, latest_checkpoint, push_to_hub
 from .trainer import DreamBoothTrainer, NonFiniteLossError
@@ -63,8 +64,12 @@ def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -
 
 
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
-    """Every check that needs no model; returns (instance image files per concept, checkpoint or None)."""
-    check_model_folder(model_args.pretrained_model_name_or_path, model_args.single_file_config)
+    """Every check that needs no model; returns (model family, instance image files per concept, checkpoint
+    or None)."""
+    config_source = check_model_path(model_args.pretrained_model_name_or_path, model_args.single_file_config)
+    family = detect_family(config_source, model_args.model_family, model_args.revision)
+    check_model_folder(config_source, family)
+    check_family_options(family, model_args, args)
     instance_files = [collect_images(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
     if args.enable_xformers_memory_efficient_attention:
         from ppdiffusers.utils import is_ppxformers_available
@@ -76,7 +81,17 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
             )
     resume = resolve_resume(args)
     check_output_dir(args, resume)
-    return instance_files, resume
+    return family, instance_files, resume
+
+
+def check_family_options(family: ModelFamily, model_args: ModelArguments, args: DreamBoothTrainingArguments) -> None:
+    """Refuse, before any weights load, what this family cannot do yet, naming the flag and what to do."""
+    unsupported = dict(family.unsupported_options)
+    if model_args.pretrained_model_name_or_path.endswith(".safetensors") and "single_file" in unsupported:
+        raise ConfigError(f"training from a single-file checkpoint: {unsupported['single_file']}")
+    for fmt in [f for f in (args.export_formats or "").split(",") if f]:
+        if f"export_{fmt}" in unsupported:
+            raise ConfigError(f"--export_formats {fmt}: {unsupported[f'export_{fmt}']}")
 
 
 def base_from_single_file(model_args: ModelArguments, args: DreamBoothTrainingArguments) -> None:
@@ -97,7 +112,8 @@ def base_from_single_file(model_args: ModelArguments, args: DreamBoothTrainingAr
     model_args.pretrained_model_name_or_path = folder
 
 
-def prepare_class_images(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
+def prepare_class_images(family: ModelFamily, model_args: ModelArguments, data_args: DataArguments,
+                         args: DreamBoothTrainingArguments):
     """Generate each concept's missing class images, split across ranks; every rank waits for all.
 
     Returns the class image files of each concept."""
@@ -119,6 +135,7 @@ def prepare_class_images(model_args: ModelArguments, data_args: DataArguments, a
             revision=model_args.revision,
             image_size=(data_args.resolution, data_args.resolution) if data_args.enable_bucket else data_args.image_size,
             show_progress=args.process_index <= 0,
+            family=family,
         )
     if args.world_size > 1:
         paddle.distributed.barrier()
@@ -139,14 +156,14 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_fil
 
     concepts = []
     for n, concept in enumerate(data_args.concept_list):
-        instance = load_image_set(instance_files[n], concept.instance_prompt, model.tokenizer, size_of,
+        instance = load_image_set(instance_files[n], concept.instance_prompt, model.tokenize, size_of,
                                   data_args.caption_extension)
         prior = None
         if class_files is not None:
-            prior = load_image_set(class_files[n], concept.class_prompt, model.tokenizer, size_of)
+            prior = load_image_set(class_files[n], concept.class_prompt, model.tokenize, size_of)
         concepts.append(ConceptData(instance, prior, concept.repeats))
     return DreamBoothDataset(concepts, center_crop=data_args.center_crop or data_args.enable_bucket,
-                             random_flip=data_args.random_flip)
+                             random_flip=data_args.random_flip, size_conditioning=model.family.size_conditioning)
 
 
 def run(
@@ -156,9 +173,11 @@ def run(
     callbacks: Sequence = (),
 ) -> DreamBoothTrainer:
     """Train and write the final model; `callbacks` are extra PaddleNLP TrainerCallbacks (benchmarks)."""
-    instance_files, resume = check_inputs(model_args, data_args, args)
+    family, instance_files, resume = check_inputs(model_args, data_args, args)
     base_from_single_file(model_args, args)
-    class_files = prepare_class_images(model_args, data_args, args) if data_args.with_prior_preservation else None
+    class_files = None
+    if data_args.with_prior_preservation:
+        class_files = prepare_class_images(family, model_args, data_args, args)
     paddle.seed(args.seed)  # LoRA layers are initialised at random: the same seed gives the same start
     with paddle.utils.unique_name.guard():  # parameter names (and so optimizer state keys) start from zero
         model = DreamBoothModel(
@@ -166,6 +185,7 @@ def run(
             with_prior_preservation=data_args.with_prior_preservation,
             recompute=args.recompute,
             memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
+            family=family,
         )
     dataset = build_dataset(model, data_args, instance_files, class_files)
     validating = bool(args.validation_prompt)
@@ -188,14 +208,17 @@ def run(
         base_revision=model_args.revision,
         ema=ema,
     )
-    trainer.set_optimizer_grouped_parameters(model.parameter_groups(args.learning_rate, args.text_encoder_learning_rate))
+    model.set_text_encoder_learning_rate(args.learning_rate, args.text_encoder_learning_rate)
+    if args.decay_bias_and_norm:  # the seed script's AdamW: weight decay on every trained weight
+        trainer.set_optimizer_grouped_parameters(model.trainable_parameters())
+    # otherwise the Trainer builds AdamW itself, exempting every parameter named *bias* or *norm* from decay
     if resume is None:
         # The Trainer seeds every data-parallel rank alike; give each its own noise and timesteps.
         paddle.seed(args.seed + max(args.process_index, 0))
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     if args.should_save:
-        write_model_card(args.output_dir, model_args, data_args, args, trainer.state.global_step)
+        write_model_card(args.output_dir, model_args, data_args, args, trainer.state.global_step, family)
         for fmt in [f for f in (args.export_formats or "").split(",") if f]:
             export(args.output_dir, fmt, os.path.join(args.output_dir, f"export-{fmt}"))
         if args.push_to_hub:

@@ -122,8 +122,8 @@ class DreamBoothTrainer(Trainer):
             self.ema.copy_to_model()
         if self.model.model_args.use_lora:  # the final adapters
             model_args = self.model.model_args
-            text_encoder = self.model.text_encoder if model_args.train_text_encoder else None
-            save_lora_weights(output_dir, self.model.unet, text_encoder, model_args.lora_rank, model_args.lora_alpha)
+            save_lora_weights(output_dir, self.model.family, self.model.trained_layers(), model_args.lora_rank,
+                              model_args.lora_alpha)
         else:  # the final model
             write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision)
 

@@ -36,14 +36,13 @@ def preserved_rng_state():
 
 
 def validation_pipeline(model, base_model: str, revision=None):
-    """A StableDiffusionPipeline over the model's current UNet/text encoder/VAE, with DPM-Solver."""
-    from ppdiffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    """The family's pipeline over the model's current denoiser, text encoders and VAE, with DPM-Solver."""
+    from ppdiffusers import DPMSolverMultistepScheduler
 
     scheduler = DPMSolverMultistepScheduler.from_pretrained(base_model, subfolder="scheduler", revision=revision)
-    pipeline = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    family = model.family
+    names = (family.denoiser, "vae", *family.text_encoders, *family.tokenizers)
+    pipeline = family.build_pipeline({name: getattr(model, name) for name in names}, scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -79,7 +78,7 @@ class ValidationCallback(TrainerCallback):
         self._done_steps.add(step)
         folder = os.path.join(args.output_dir, "validation", f"step-{step}")
         os.makedirs(folder, exist_ok=True)
-        unet_was_training = self.model.unet.training
+        was_training = self.model.denoiser.training
         averaged = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         with preserved_rng_state(), self.model.parked_on_device(), averaged:
             self.model.eval()
@@ -89,7 +88,7 @@ class ValidationCallback(TrainerCallback):
                 images = generate_images(pipeline, [args.validation_prompt] * len(seeds), seeds,
                                          num_inference_steps=args.validation_inference_steps)
             finally:
-                if unet_was_training:
+                if was_training:
                     self.model.train()
         paths = []
         for i, image in enumerate(images):

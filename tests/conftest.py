@@ -70,3 +70,18 @@ def load_unet_weights(folder):
     from safetensors.numpy import load_file
 
     return load_file(os.path.join(folder, "unet", "diffusion_paddle_model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory):
+    from ppdreambooth.tiny import build_tiny_pipeline
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+    build_tiny_pipeline(path, seed=0, family="sdxl")
+    return path
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def family_model(request):
+    """(family name, tiny model folder), for the behavioural tests that every family must pass."""
+    return request.param, request.getfixturevalue("tiny_model" if request.param == "sd" else "tiny_sdxl_model")

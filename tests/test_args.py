@@ -1,4 +1,5 @@
 """Argument parsing: JSON + CLI override, the seed's flag names and defaults, aliases, errors that name the key."""
+import importlib.util
 import json
 import shlex
 
@@ -42,7 +43,7 @@ def test_defaults_follow_the_seed_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model, data, args = parse_args(REQUIRED)
     assert model.noise_offset == 0.0 and model.snr_gamma is None and not model.train_text_encoder
-    assert args.max_grad_norm == -1 and args.weight_decay == 1e-2
+    assert args.max_grad_norm == 1.0 and args.weight_decay == 1e-2 and args.decay_bias_and_norm
     assert args.adam_beta1 == 0.9 and args.adam_beta2 == 0.999 and args.adam_epsilon == 1e-8
     assert args.lr_scheduler_type.value == "constant" and args.num_train_epochs == 1
     assert args.per_device_train_batch_size == 4 and args.warmup_steps == 500 and args.save_steps == 500
@@ -139,6 +140,9 @@ def test_tensorboard_needs_tensorboardx(tmp_path, monkeypatch):
     else:
         _, _, args = parse_args(REQUIRED + ["--report_to", "tensorboard"])
         assert args.report_to == ["tensorboard"]
+    if importlib.util.find_spec("wandb") is None:  # the SDXL README's --report_to wandb: a clear early stop
+        with pytest.raises(ConfigError, match="--report_to wandb needs the wandb package: pip install wandb"):
+            parse_args(REQUIRED + ["--report_to", "wandb"])
     with pytest.raises(ConfigError, match="--report_to 'wandbx' is not supported"):
         parse_args(REQUIRED + ["--report_to", "wandbx"])
     _, _, args = parse_args(REQUIRED + ["--report_to", "none"])

@@ -15,9 +15,10 @@ def build(tiny_model, photos, flip, prior=True):
         model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model),
                                 with_prior_preservation=prior)
     files = list_image_files(photos)
-    inst = load_image_set(files, "a photo of sks dog", model.tokenizer, lambda h, w: (64, 64))
-    cls = load_image_set(files[::-1], "a photo of dog", model.tokenizer, lambda h, w: (64, 64)) if prior else None
-    return model, DreamBoothDataset([ConceptData(inst, cls)], center_crop=True, random_flip=flip)
+    inst = load_image_set(files, "a photo of sks dog", model.tokenize, lambda h, w: (64, 64))
+    cls = load_image_set(files[::-1], "a photo of dog", model.tokenize, lambda h, w: (64, 64)) if prior else None
+    return model, DreamBoothDataset([ConceptData(inst, cls)], center_crop=True, random_flip=flip,
+                                    size_conditioning=model.family.size_conditioning)
 
 
 def losses(model, dataset, keys):
@@ -30,8 +31,14 @@ def losses(model, dataset, keys):
     return out
 
 
+# what a batch carries once everything is cached, per family (SDXL adds its pooled embedding and time ids)
+CACHED_KEYS = {"sd": {"latent_mean", "latent_std", "prompt_embeds"},
+               "sdxl": {"latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "time_ids"}}
+
+
 @pytest.mark.parametrize("flip", [False, True], ids=["no_flip", "random_flip"])
-def test_cached_training_inputs_give_the_same_losses(tiny_model, photos, flip):
+def test_cached_training_inputs_give_the_same_losses(family_model, photos, flip):
+    family, tiny_model = family_model
     keys = [[(0, 1), (1, 2)], [(2, 3), (3, 4)], [(1, 5), (2, 6)], [(3, 7), (0, 8)]]
     model, dataset = build(tiny_model, photos, flip)
     reference = losses(model, dataset, keys)
@@ -40,20 +47,22 @@ def test_cached_training_inputs_give_the_same_losses(tiny_model, photos, flip):
     assert cache_prompt_embeddings(model, dataset) == 2  # instance and class prompt
     assert cache_latents(model, dataset) == 4 * (2 if flip else 1) * 2
     batch = collate([dataset[(0, 1)]])
-    assert set(batch) == {"latent_mean", "latent_std", "prompt_embeds"}
-    assert batch["prompt_embeds"].shape == [2, 77, 32]
+    assert set(batch) == CACHED_KEYS[family]
+    assert batch["prompt_embeds"].shape == [2, 77, 32 * len(model.family.text_encoders)]
     cached = losses(model, dataset, keys)
     np.testing.assert_allclose(cached, reference, rtol=1e-5)
 
 
-def test_encoders_are_released_after_caching(tiny_model, photos):
+def test_encoders_are_released_after_caching(family_model, photos):
+    _, tiny_model = family_model
     model, dataset = build(tiny_model, photos, flip=False, prior=False)
+    encoders = model.family.text_encoders
     cache_encodings(model, dataset, cache_latents_too=True, keep_encoders=False)
-    assert not model.has_component("text_encoder") and not model.has_component("vae")
+    assert not any(model.has_component(name) for name in (*encoders, "vae"))
     assert all(n.startswith("unet.") for n, _ in model.trainable_named_parameters())
     model, dataset = build(tiny_model, photos, flip=False, prior=False)
     cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=True)
-    assert model.has_component("text_encoder") and model.has_component("vae")  # parked on the CPU
+    assert all(model.has_component(name) for name in (*encoders, "vae"))  # parked on the CPU
     assert dataset.concepts[0].instance.prompt_embeds is not None and dataset.concepts[0].instance.latents is None
 
 

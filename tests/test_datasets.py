@@ -9,16 +9,22 @@ from PIL import Image
 from conftest import run_module
 from ppdreambooth.buckets import make_buckets, nearest_bucket
 from ppdreambooth.config import parse_args
-from ppdreambooth.data import (ConceptData, DreamBoothDataset, SeededBatchSampler, collate, load_image_set,
-                               tokenize)
+from ppdreambooth.data import ConceptData, DreamBoothDataset, SeededBatchSampler, collate, load_image_set
+from ppdreambooth.families import FAMILIES
 from ppdreambooth.images import list_image_files
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
+    """The SD family's tokenize(text) -> {"input_ids": ids} over the tiny model's tokenizer."""
     from ppdiffusers.transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")}
+    return lambda text: FAMILIES["sd"].tokenize(tokenizers, text)
+
+
+def tokenize(tokenize_fn, text):
+    return tokenize_fn(text)["input_ids"]
 
 
 def solid(folder, color, sizes):
@@ -62,11 +68,11 @@ def test_caption_files_override_the_prompt(tokenizer, tmp_path):
     with open(os.path.splitext(files[1])[0] + ".caption", "w") as f:
         f.write("a drawing of sks dog")
     images = load_image_set(files, "a photo of sks dog", tokenizer, fixed, ".txt")
-    assert np.array_equal(images.input_ids[0], tokenize(tokenizer, "a photo of sks dog on a beach"))
-    assert np.array_equal(images.input_ids[1], tokenize(tokenizer, "a photo of sks dog"))  # .caption not used
-    assert np.array_equal(images.input_ids[2], tokenize(tokenizer, "a photo of sks dog"))
+    assert np.array_equal(images.tokens[0]["input_ids"], tokenize(tokenizer, "a photo of sks dog on a beach"))
+    assert np.array_equal(images.tokens[1]["input_ids"], tokenize(tokenizer, "a photo of sks dog"))  # .caption not used
+    assert np.array_equal(images.tokens[2]["input_ids"], tokenize(tokenizer, "a photo of sks dog"))
     images = load_image_set(files, "a photo of sks dog", tokenizer, fixed, ".caption")
-    assert np.array_equal(images.input_ids[1], tokenize(tokenizer, "a drawing of sks dog"))
+    assert np.array_equal(images.tokens[1]["input_ids"], tokenize(tokenizer, "a drawing of sks dog"))
 
 
 def test_buckets_keep_aspect_ratio_and_crop_only_the_mismatch():

@@ -72,7 +72,7 @@ def test_saved_adapters_load_and_reproduce_the_trained_model(tiny_model, tmp_pat
     model = lora_model(tiny_model, rank=8, alpha=16.0)  # alpha != rank: the scale must survive saving
     train_steps(model)
     trained = probe(model.unet, model.text_encoder)
-    path = save_lora_weights(str(tmp_path), model.unet, model.text_encoder, 8, 16.0)
+    path = save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 8, 16.0)
     assert os.path.basename(path) == LORA_WEIGHTS_NAME
     saved = load_file(path)
     assert all("lora" in k and k.split(".")[0] in ("unet", "text_encoder") for k in saved)
@@ -88,7 +88,7 @@ def test_saved_adapters_load_and_reproduce_the_trained_model(tiny_model, tmp_pat
     # A UNet-only run loads the same way; its file has no text-encoder keys.
     unet_only = lora_model(tiny_model, rank=4, alpha=4.0, text_encoder=False)
     train_steps(unet_only)
-    save_lora_weights(str(tmp_path / "unet_only"), unet_only.unet, None, 4, 4.0)
+    save_lora_weights(str(tmp_path / "unet_only"), unet_only.family, unet_only.trained_layers(), 4, 4.0)
     assert all(k.startswith("unet.") for k in load_file(str(tmp_path / "unet_only" / LORA_WEIGHTS_NAME)))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     pipe.load_lora_weights(str(tmp_path / "unet_only"))

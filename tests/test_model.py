@@ -67,7 +67,7 @@ def test_noise_offset_changes_only_the_noise(tiny_model):
     model = make_model(tiny_model, noise_offset=0.1)
     latents = paddle.zeros([64, 4, 8, 8])
     paddle.seed(3)
-    noise, steps = model.draw_noise(latents)
+    noise, steps = model.objective.draw(latents)
     paddle.seed(3)
     plain = paddle.randn(latents.shape)
     offset = (noise - plain).numpy()
@@ -77,7 +77,7 @@ def test_noise_offset_changes_only_the_noise(tiny_model):
     assert steps.shape == [64] and int(steps.min()) >= 0 and int(steps.max()) < 1000
     model0 = make_model(tiny_model)
     paddle.seed(3)
-    noise0, _ = model0.draw_noise(latents)
+    noise0, _ = model0.objective.draw(latents)
     assert np.array_equal(noise0.numpy(), plain.numpy())  # noise_offset 0 (the default) adds nothing
 
 

@@ -43,7 +43,7 @@ def test_latents_noise_and_loss_stay_float32(tiny_model):
     mean, std = model.latent_moments(paddle.uniform([2, 3, 64, 64], min=-1, max=1))
     assert mean.dtype == std.dtype == paddle.float32
     latents = model.sample_latents(mean, std)
-    noise, _ = model.draw_noise(latents)
+    noise, _ = model.objective.draw(latents)
     assert latents.dtype == noise.dtype == paddle.float32
     from ppdreambooth.losses import dreambooth_loss
 

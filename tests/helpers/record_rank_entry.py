@@ -11,19 +11,19 @@ import numpy as np
 import paddle
 
 from ppdreambooth import train
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.objectives import DiffusionObjective
 
 drawn = []
-original_draw_noise = DreamBoothModel.draw_noise
+original_draw = DiffusionObjective.draw
 
 
-def recording_draw_noise(self, latents):
-    noise, timesteps = original_draw_noise(self, latents)
+def recording_draw(self, latents):
+    noise, timesteps = original_draw(self, latents)
     drawn.append({"timesteps": timesteps.numpy().tolist(), "noise_sum": float(noise.sum())})
     return noise, timesteps
 
 
-DreamBoothModel.draw_noise = recording_draw_noise
+DiffusionObjective.draw = recording_draw
 
 if __name__ == "__main__":
     args = train.parse_args(sys.argv[1:])

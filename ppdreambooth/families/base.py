@@ -1,0 +1,97 @@
+"""`ModelFamily`: the values and the few methods in which model families differ (see `families/__init__`)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+Size = Tuple[int, int]  # (height, width)
+
+
+class ModelFamily:
+    name: str = ""
+    pipeline_class: str = ""  # ppdiffusers pipeline class: detection, validation, class images, generate
+    denoiser: str = "unet"  # subfolder and pipeline attribute of the trained network
+    denoiser_class: str = "UNet2DConditionModel"
+    tokenizers: Tuple[str, ...] = ("tokenizer",)
+    text_encoders: Tuple[str, ...] = ("text_encoder",)  # subfolders, in pipeline order
+    text_encoder_classes: Dict[str, str] = {"text_encoder": "CLIPTextModel"}  # in ppdiffusers.transformers
+    objective: str = "diffusion"  # see ppdreambooth.objectives
+    pipeline_extras: Dict[str, object] = {}  # extra constructor arguments of the pipeline
+    # LoRA targets: module names adapted in the denoiser and in each text encoder
+    denoiser_lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    text_encoder_lora_targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # what the family cannot do (yet): option -> the message that says so and what to do instead
+    unsupported_options: Dict[str, str] = {}
+    default_resolution: int = 512
+    hub_example: str = ""
+    card_tag: str = ""  # the model card's tag
+
+    @property
+    def components(self) -> Tuple[str, ...]:
+        """Subfolders a model folder of this family must have."""
+        return (self.denoiser, "vae", *self.text_encoders, *self.tokenizers, "scheduler")
+
+    # ----- prompts ------------------------------------------------------------------------------
+    def tokenize(self, tokenizers: Dict[str, object], prompt: str) -> Dict[str, np.ndarray]:
+        """Token ids of `prompt` from each tokenizer, padded to its length: {"input_ids", "input_ids_2", ...}."""
+        out = {}
+        for n, name in enumerate(self.tokenizers):
+            tokenizer = tokenizers[name]
+            ids = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                            return_tensors="np").input_ids
+            out[token_key(n)] = np.asarray(ids[0], dtype=np.int64)
+        return out
+
+    def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object]) -> Dict[str, object]:
+        raise NotImplementedError
+
+    # ----- the denoiser ---------------------------------------------------------------------------
+    def size_conditioning(self, original: Size, corner: Size, target: Size) -> Dict[str, np.ndarray]:
+        """Per-sample conditioning on the image geometry (batch key -> value); empty when the family has none."""
+        return {}
+
+    def predict(self, denoiser, noisy_latents, timesteps, conditioning: Dict[str, object]):
+        raise NotImplementedError
+
+    # ----- inference ------------------------------------------------------------------------------
+    def build_pipeline(self, components: Dict[str, object], scheduler):
+        """The family's pipeline over in-memory components (denoiser, vae, text encoders, tokenizers)."""
+        import ppdiffusers
+
+        pipeline_class = getattr(ppdiffusers, self.pipeline_class)
+        return pipeline_class(**components, scheduler=scheduler, **self.pipeline_extras)
+
+    def load_pipeline(self, path: str, revision: Optional[str] = None):
+        """The family's pipeline from a folder or hub id, with the same extras as `build_pipeline`."""
+        import ppdiffusers
+
+        from ..loading import is_diffusers_folder
+
+        options = {"from_diffusers": True} if os.path.isdir(path) and is_diffusers_folder(path, self.denoiser) else {}
+        extras = {k: v for k, v in self.pipeline_extras.items() if k != "feature_extractor"}
+        return getattr(ppdiffusers, self.pipeline_class).from_pretrained(path, revision=revision, **options, **extras)
+
+    def save_lora(self, out_dir: str, weight_name: str, layers: Dict[str, Dict]) -> None:
+        """Write adapters with the pipeline's own `save_lora_weights` (`layers`: component -> state dict)."""
+        import ppdiffusers
+
+        kwargs = {f"{component}_lora_layers": state for component, state in layers.items()}
+        getattr(ppdiffusers, self.pipeline_class).save_lora_weights(out_dir, weight_name=weight_name,
+                                                                    to_diffusers=False, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}>"
+
+
+def token_key(n: int) -> str:
+    """Batch key of the n-th tokenizer's ids: input_ids, input_ids_2, input_ids_3."""
+    return "input_ids" if n == 0 else f"input_ids_{n + 1}"
+
+
+def stack_rows(rows: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+__all__: List[str] = ["ModelFamily", "Size", "token_key", "stack_rows"]

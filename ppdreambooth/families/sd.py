@@ -1,0 +1,23 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, `unet(noisy, t, last hidden state)`.
+
+SD 2 differs only by value (OpenCLIP width, v-prediction at 768 px), which the model's configs carry.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from .base import ModelFamily
+
+
+class StableDiffusion(ModelFamily):
+    name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    hub_example = "runwayml/stable-diffusion-v1-5"
+    card_tag = "stable-diffusion"
+
+    def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object]) -> Dict[str, object]:
+        return {"prompt_embeds": text_encoders["text_encoder"](tokens["input_ids"])[0]}
+
+    def predict(self, denoiser, noisy_latents, timesteps, conditioning: Dict[str, object]):
+        return denoiser(noisy_latents, timesteps, conditioning["prompt_embeds"]).sample
