@@ -24,13 +24,17 @@ LAUNCHED = time.time()
 
 RESOLUTION = 64
 MODES = {
-    # name: (extra training flags, floor batch = instance + class rows)
-    "full": ([], 1),
-    "full + cache_latents": (["--cache_latents", "--center_crop"], 1),
-    "full + prior preservation": (["--with_prior_preservation", "--class_prompt", "a photo of dog"], 2),
-    "full + prior preservation + cache_latents": (["--with_prior_preservation", "--class_prompt", "a photo of dog",
-                                                   "--cache_latents", "--center_crop"], 2),
-    "lora (rank 4)": (["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-4"], 1),
+    # name: (model family, extra training flags, floor batch = instance + class rows)
+    "full": ("sd", [], 1),
+    "full + cache_latents": ("sd", ["--cache_latents", "--center_crop"], 1),
+    "full + prior preservation": ("sd", ["--with_prior_preservation", "--class_prompt", "a photo of dog"], 2),
+    "full + prior preservation + cache_latents": ("sd", ["--with_prior_preservation", "--class_prompt",
+                                                         "a photo of dog", "--cache_latents", "--center_crop"], 2),
+    "lora (rank 4)": ("sd", ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-4"], 1),
+    "SDXL full": ("sdxl", [], 1),
+    "SDXL full + cache_latents": ("sdxl", ["--cache_latents", "--center_crop"], 1),
+    "SDXL lora (rank 4) + cache_latents": ("sdxl", ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-4",
+                                                    "--cache_latents", "--center_crop"], 1),
 }
 
 
@@ -39,13 +43,15 @@ def peak_rss_mb() -> float:
 
 
 def make_assets(folder: str) -> tuple:
+    """Tiny SD and SDXL folders ({family: path}) and four photos."""
     import numpy as np
     from PIL import Image
 
     from ppdreambooth.tiny import build_tiny_pipeline
 
-    model = os.path.join(folder, "tiny-sd")
-    build_tiny_pipeline(model)
+    model = {family: os.path.join(folder, f"tiny-{family}") for family in ("sd", "sdxl")}
+    for family, path in model.items():
+        build_tiny_pipeline(path, family=family)
     photos = os.path.join(folder, "photos")
     os.makedirs(photos)
     rng = np.random.RandomState(0)
@@ -87,21 +93,30 @@ def worker_train(model: str, photos: str, workdir: str, extra: list, warmup: int
 
 
 def worker_floor(model: str, batch: int, warmup: int, steps: int) -> dict:
+    """The UNet's forward + backward + AdamW step alone, on ready-made tensors (SDXL: with its pooled
+    embedding and time ids)."""
     import paddle
     from ppdiffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet.train()
-    optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=unet.parameters(), weight_decay=1e-2)
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=unet.parameters(), weight_decay=1e-2,
+                                       grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
     size = RESOLUTION // 8
     latents = paddle.randn([batch, 4, size, size])
     hidden = paddle.randn([batch, 77, unet.config.cross_attention_dim])
     target = paddle.randn([batch, 4, size, size])
     timesteps = paddle.randint(0, 1000, [batch])
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": paddle.randn([batch, pooled]),
+                 "time_ids": paddle.to_tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]] * batch,
+                                              dtype="float32")}
     for i in range(warmup + steps):
         if i == warmup:
             start = time.time()
-        pred = unet(latents, timesteps, hidden).sample
+        pred = unet(latents, timesteps, hidden, added_cond_kwargs=added).sample
         loss = ((pred - target) ** 2).mean()
         loss.backward()
         optimizer.step()
@@ -144,15 +159,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model, photos = make_assets(tmp)
-        floors = {b: spawn("floor", model, b, args.warmup, args.steps) for b in sorted({b for _, b in MODES.values()})}
-        for name, (extra, batch) in MODES.items():
+        floors = {(f, b): spawn("floor", model[f], b, args.warmup, args.steps)
+                  for f, b in sorted({(f, b) for f, _, b in MODES.values()})}
+        for name, (family, extra, batch) in MODES.items():
             workdir = tempfile.mkdtemp(dir=tmp)
-            result = spawn("train", model, photos, workdir, extra, args.warmup, args.steps)
-            floor = floors[batch]
+            result = spawn("train", model[family], photos, workdir, extra, args.warmup, args.steps)
+            floor = floors[(family, batch)]
             rows.append({"mode": name, **result, "floor_steps_per_second": floor["steps_per_second"],
                          "floor_peak_rss_mb": floor["peak_rss_mb"],
                          "step_over_floor": floor["steps_per_second"] / result["steps_per_second"]})
-        generation = spawn("class_images", model, tmp, 8)
+        generation = spawn("class_images", model["sd"], tmp, 8)
 
     report = {"config": {"resolution": RESOLUTION, "batch_size": 1, "steps": args.steps, "warmup": args.warmup,
                          "model": "ppdreambooth.tiny (UNet 32/64 channels)", "cpu_count": os.cpu_count()},

@@ -2,6 +2,7 @@
 
 What it changes, and why:
 - `compute_loss` keeps the instance and prior parts so that `log` reports them separately.
+- `create_optimizer` serves `--optim adafactor` (PaddleNLP 2.8.1 builds only AdamW).
 - `_get_train_sampler` returns a sampler whose order and augmentations depend only on (seed, epoch).
 - `_save` writes only trained weights into checkpoints (the stock one dumps the frozen VAE and text
   encoder too) and, for the final save, a full ppdiffusers pipeline folder.
@@ -23,10 +24,11 @@ from typing import Dict, Optional
 import paddle
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import TrainerState
-from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, OptimizerNames, TrainOutput
 
 from .data import SeededBatchSampler
 from .lora import save_lora_weights
+from .optimizers import Adafactor
 from .saving import (
     complete_checkpoints,
     delete_checkpoint,
@@ -76,6 +78,24 @@ class DreamBoothTrainer(Trainer):
                 logs[name] = round(float(mean), 6)
             self._loss_part_sums, self._loss_part_count = {}, 0
         super().log(logs, **kwargs)
+
+    # ----- optimizer ------------------------------------------------------------------------------
+    def create_optimizer(self, lr_scheduler=None):
+        """The Trainer's optimizer set-up, with `--optim adafactor` served by ppdreambooth's Adafactor.
+
+        PaddleNLP 2.8.1 builds only AdamW (`get_optimizer_cls_and_kwargs` raises for anything else). Its
+        lookup is swapped for the duration of the stock set-up, so the optimizer gets exactly the arguments
+        the Trainer gives AdamW (learning-rate schedule, weight decay and its exemptions, global-norm
+        clipping, O2 master weights).
+        """
+        if self.optimizer is not None or self.args.optim != OptimizerNames.ADAFACTOR:
+            return super().create_optimizer(lr_scheduler)
+        stock = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
+        Trainer.get_optimizer_cls_and_kwargs = staticmethod(lambda args: (Adafactor, {}))
+        try:
+            return super().create_optimizer(lr_scheduler)
+        finally:
+            Trainer.get_optimizer_cls_and_kwargs = stock
 
     # ----- data ---------------------------------------------------------------------------------
     def _get_train_sampler(self):

@@ -219,3 +219,26 @@ def test_sdxl_validation_pipeline_generates_from_the_trained_weights(tiny_sdxl_m
     first = np.asarray(generate_images(pipeline, ["a photo of sks dog"], [3], num_inference_steps=2)[0])
     again = np.asarray(generate_images(pipeline, ["a photo of sks dog"], [3], num_inference_steps=2)[0])
     assert first.shape == (64, 64, 3) and np.array_equal(first, again)
+
+
+def test_a_replacement_vae_is_used_for_encoding_and_written_out(tiny_sdxl_model, tmp_path):
+    """--pretrained_vae_model_name_or_path (e.g. an fp16-fixed SDXL VAE) replaces the model's own VAE."""
+    from ppdiffusers import AutoencoderKL
+
+    from ppdreambooth.saving import write_pipeline
+
+    paddle.seed(5)
+    other = AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl_model, subfolder="vae"))
+    other.save_pretrained(str(tmp_path / "fixed-vae"))
+    model = make(tiny_sdxl_model, pretrained_vae_model_name_or_path=str(tmp_path / "fixed-vae"))
+    own = make(tiny_sdxl_model)
+    pixels = paddle.uniform([1, 3, 64, 64], min=-1, max=1)
+    mean, _ = model.latent_moments(pixels)
+    expected = other.encode(pixels).latent_dist.mean
+    np.testing.assert_allclose(mean.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(own.latent_moments(pixels)[0].numpy() - mean.numpy()).max() > 1e-3
+    model.release_frozen("vae", keep_on_cpu=False)  # as after --cache_latents: the output re-reads the VAE
+    write_pipeline(model, tiny_sdxl_model, str(tmp_path / "out"))
+    written = AutoencoderKL.from_pretrained(str(tmp_path / "out"), subfolder="vae")
+    for (k, a), b in zip(written.state_dict().items(), other.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), k
