@@ -52,11 +52,10 @@ def prepare_assets(assets: str = ASSETS) -> None:
 
 def write_samples(model_dir: str, prompt: str, out_dir: str, count: int = 4, size: int = 64) -> List[str]:
     """Generate `count` images from the fine-tuned pipeline (fixed seeds) and save them as PNG files."""
-    from ppdiffusers import StableDiffusionPipeline
-
+    from .families import detect_family
     from .sampling import generate_images, use_dpm_solver
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = detect_family(model_dir).load_pipeline(model_dir)
     use_dpm_solver(pipe)
     pipe.set_progress_bar_config(disable=True)
     os.makedirs(out_dir, exist_ok=True)

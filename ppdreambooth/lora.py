@@ -71,21 +71,24 @@ def lora_parameter_count(rank: int, unet_config: dict) -> int:
 
     Each adapted Linear(in, out) adds rank * (in + out). Per transformer block: self-attention
     (attn1) maps width->width four times; cross-attention (attn2) reads the text width for k and v.
+    `transformer_layers_per_block` may be one number or one per level (SDXL: 1, 2, 10; the mid block
+    uses the deepest level's).
     """
     widths = list(unet_config["block_out_channels"])
     layers = unet_config.get("layers_per_block", 2)
     depth = unet_config.get("transformer_layers_per_block", 1)
+    depths = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(widths)
     cross = unet_config["cross_attention_dim"]
     cross_down = [t.startswith("CrossAttn") for t in unet_config["down_block_types"]]
     cross_up = [t.startswith("CrossAttn") for t in unet_config["up_block_types"]]
 
-    def block(width: int) -> int:
+    def block(width: int, blocks: int) -> int:
         attn1 = 4 * rank * (width + width)
         attn2 = rank * (2 * width) + 2 * rank * (cross + width) + rank * (2 * width)
-        return depth * (attn1 + attn2)
+        return blocks * (attn1 + attn2)
 
-    total = sum(layers * block(w) for w, c in zip(widths, cross_down) if c)
-    total += sum((layers + 1) * block(w) for w, c in zip(reversed(widths), cross_up) if c)
+    total = sum(layers * block(w, d) for w, d, c in zip(widths, depths, cross_down) if c)
+    total += sum((layers + 1) * block(w, d) for w, d, c in zip(widths[::-1], depths[::-1], cross_up) if c)
     if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn":
-        total += block(widths[-1])
+        total += block(widths[-1], depths[-1])
     return total

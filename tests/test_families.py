@@ -242,3 +242,19 @@ def test_a_replacement_vae_is_used_for_encoding_and_written_out(tiny_sdxl_model,
     written = AutoencoderKL.from_pretrained(str(tmp_path / "out"), subfolder="vae")
     for (k, a), b in zip(written.state_dict().items(), other.state_dict().values()):
         assert np.array_equal(a.numpy(), b.numpy()), k
+
+
+def test_lora_size_formula_holds_for_sdxl(tiny_sdxl_model):
+    """The computed LoRA size (README, memory estimate) counts per-level transformer depths right."""
+    from ppdreambooth.lora import lora_parameter_count
+
+    model = make(tiny_sdxl_model, use_lora=True, lora_rank=4)
+    trained = sum(int(p.numel()) for p in model.trainable_parameters())
+    config = json.load(open(os.path.join(tiny_sdxl_model, "unet", "config.json")))
+    assert config["transformer_layers_per_block"] == [1, 2] and trained == lora_parameter_count(4, config)
+    # SDXL-base-1.0's UNet (transformer depths 1, 2, 10): the count measured on the real model, rank 4 and 16
+    sdxl_base = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "cross_attention_dim": 2048,
+                 "transformer_layers_per_block": [1, 2, 10],
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+    assert lora_parameter_count(4, sdxl_base) == 5_806_080 and lora_parameter_count(16, sdxl_base) == 23_224_320
