@@ -16,6 +16,9 @@ from typing import List, Optional
 from paddlenlp.trainer import TrainingArguments
 
 
+# SD3 (flow matching): timestep densities logit_normal / mode / uniform, or uniform timesteps with the loss
+# weights sigma_sqrt / cosmap / none (see ppdreambooth.losses)
+FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
 
 
@@ -27,13 +30,13 @@ class ConfigError(ValueError):
 class ModelArguments:
     pretrained_model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Pipeline to fine-tune (SD 1.x/2.x or SDXL): a ppdiffusers or diffusers folder, or a hub id."},
+        metadata={"help": "Pipeline to fine-tune (SD 1.x/2.x, SDXL or SD3): a ppdiffusers or diffusers folder, or a hub id."},
     )
     revision: Optional[str] = field(default=None, metadata={"help": "Hub revision of the pretrained model."})
     model_family: Optional[str] = field(
         default=None,
-        metadata={"help": "sd (1.x/2.x) or sdxl. Unset: read from the model's model_index.json.",
-                  "choices": [None, "sd", "sdxl"]},
+        metadata={"help": "sd (1.x/2.x), sdxl or sd3. Unset: read from the model's model_index.json.",
+                  "choices": [None, "sd", "sdxl", "sd3"]},
     )
     pretrained_vae_model_name_or_path: Optional[str] = field(
         default=None,
@@ -71,8 +74,35 @@ class ModelArguments:
             "choices": [None, "epsilon", "v_prediction"],
         },
     )
+    lora_layers: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated module names that get LoRA adapters in the denoiser (default: the "
+                          "family's; SD3: to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out)."},
+    )
+    # flow matching (SD3) only
+    weighting_scheme: Optional[str] = field(
+        default=None,
+        metadata={"help": "SD3: timestep density logit_normal (default), mode or uniform; or uniform timesteps with "
+                          "loss weights sigma_sqrt, cosmap or none.", "choices": [None, *FLOW_WEIGHTING_SCHEMES]},
+    )
+    logit_mean: Optional[float] = field(default=None, metadata={"help": "SD3, logit_normal: mean (0.0)."})
+    logit_std: Optional[float] = field(default=None, metadata={"help": "SD3, logit_normal: standard deviation (1.0)."})
+    mode_scale: Optional[float] = field(default=None, metadata={"help": "SD3, mode: scale (1.29)."})
+    precondition_outputs: Optional[int] = field(
+        default=None,
+        metadata={"help": "SD3: 1 (default) compares x0 = noisy - sigma * output with the latents; 0 compares the "
+                          "output with the velocity noise - latents.", "choices": [None, 0, 1]},
+    )
+    max_sequence_length: int = field(default=77, metadata={"help": "SD3: T5 prompt length in tokens (77..512)."})
+    drop_t5: bool = field(
+        default=False, metadata={"help": "SD3: do not load T5; its prompt part is zeros, as the pipeline does without it."}
+    )
+
+    FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 
     def __post_init__(self):
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ConfigError(f"--max_sequence_length must be between 1 and 512, got {self.max_sequence_length}.")
         if self.lora_rank <= 0:
             raise ConfigError(f"--lora_rank must be a positive integer, got {self.lora_rank}.")
         if self.lora_alpha is None:
@@ -230,6 +260,9 @@ class DreamBoothTrainingArguments(TrainingArguments):
     )
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the trained weights; it is the output."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (warmed up as min(decay, (1+n)/(10+n)))."})
+    not_validation_final: bool = field(
+        default=False, metadata={"help": "Skip the validation images at the end of training (PaddleMIX's SD3 flag)."}
+    )
     export_formats: Optional[str] = field(
         default=None, metadata={"help": "Also export at the end: comma-separated diffusers, single-file (full) and/or kohya (LoRA)."}
     )

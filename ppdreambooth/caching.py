@@ -70,8 +70,9 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
     """
     if not model.model_args.train_text_encoder:
         prompts = cache_prompt_embeddings(model, dataset)
-        for name in model.family.text_encoders:
-            model.release_frozen(name, keep_on_cpu=keep_encoders)
+        for name in reversed(model.family.text_encoders):  # the largest (SD3's T5) first
+            if model.has_component(name):
+                model.release_frozen(name, keep_on_cpu=keep_encoders)
         logger.info("cached the embeddings of %d prompt(s); the text encoders are off the training device", prompts)
     if cache_latents_too:
         encoded = cache_latents(model, dataset, batch_size)

@@ -15,7 +15,7 @@ from typing import List, Optional
 import paddle
 
 from .images import list_image_files
-from .sampling import generate_images, use_dpm_solver
+from .sampling import generate_images, use_sampling_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def generate_class_images(
     logger.info("generating %d class images for %r in %s", len(mine), class_prompt, class_dir)
     with paddle.utils.unique_name.guard():  # keep the training model's parameter names unaffected
         pipeline = family.load_pipeline(model_path, revision)
-    use_dpm_solver(pipeline)  # deterministic: an image depends on its slot's seed only, not on the split
+    use_sampling_scheduler(pipeline, family)  # deterministic: an image depends on its slot's seed only
     pipeline.set_progress_bar_config(disable=True)
     height, width = image_size or (None, None)
     with tqdm(total=len(mine), desc="class images", disable=not show_progress) as progress:

@@ -9,16 +9,23 @@
 - `diffusers`, LoRA: `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`: the same
   keys in PyTorch's layout (every 2-D matrix transposed).
 - `single-file`, full fine-tuning: one `.safetensors` in the layout of WebUI / ComfyUI checkpoints
-  (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`).
+  (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`; for SDXL the
+  layout of `sd_xl_base_1.0.safetensors`, with `conditioner.embedders.0/1.*`).
 - `kohya`, LoRA: `lora_unet_*` / `lora_te_*` keys with `lora_down`/`lora_up` and `alpha`, the layout
   AUTOMATIC1111's WebUI and ComfyUI read. Our adapters already carry alpha/rank in lora_up, so alpha = rank.
+  For SDXL the names are kohya's SDXL ones: `lora_unet_<SGM module path>`, `lora_te1_*`, `lora_te2_*`.
+
+The model family of a full run is read from its model_index.json. For a LoRA run (kohya only), it is
+`--model_family`, else what the run's model card (README.md) records; the SDXL UNet names also need the
+base model's UNet config: `--base_model`, else the card's `base_model:`.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -44,22 +51,103 @@ def _torch_layout(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v.T) if v.ndim == 2 else v for k, v in state.items()}
 
 
-def lora_to_kohya(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """`unet.<module>.lora_A.weight` -> `lora_unet_<module with _>.lora_down.weight` (+ `.alpha`)."""
+def sd_kohya_name(component: str, module: str) -> str:
+    """kohya's SD 1.x/2.x LoRA name of an adapted module: its diffusers path under `lora_unet_` / `lora_te_`."""
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    return prefixes[component] + module.replace(".", "_")
+
+
+def lora_to_kohya(state: Dict[str, np.ndarray],
+                  name_of: Callable[[str, str], str] = sd_kohya_name) -> Dict[str, np.ndarray]:
+    """`unet.<module>.lora_A.weight` -> `<name_of(unet, module)>.lora_down.weight` (+ `.alpha`).
+
+    `name_of(component, module)` gives the kohya name of a module (default: SD 1.x/2.x names)."""
     out = {}
     for key, value in _torch_layout(state).items():
         component, rest = key.split(".", 1)
         module, kind = rest.rsplit(".lora_", 1)
-        name = prefixes[component] + module.replace(".", "_")
+        name = name_of(component, module)
         out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
         if kind.startswith("A"):
             out[f"{name}.alpha"] = np.asarray(value.shape[0], dtype=np.float32)  # rank: scale 1
     return out
 
 
-def export(output_dir: str, fmt: str, out: str) -> List[str]:
-    """Write `output_dir` (a finished full or LoRA run) in `fmt` to `out`; returns the files written."""
+def read_model_card(output_dir: str) -> Dict[str, str]:
+    """What a run's model card records: `base_model` and `model_family` (each absent when not found)."""
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    found = {}
+    base = re.search(r"^base_model: (.+)$", text, re.MULTILINE)
+    if base:
+        found["base_model"] = base.group(1).strip()
+    family = re.search(r"\(model family `([\w-]+)`", text)
+    if family:
+        found["model_family"] = family.group(1)
+    return found
+
+
+def lora_family(output_dir: str, model_family: Optional[str] = None, base_model: Optional[str] = None):
+    """The model family of a LoRA run: `model_family` if given, else the model card's record of it, else the
+    family of the base model (`base_model`, else the card's)."""
+    from .args import ConfigError
+    from .families import detect_family, get_family
+
+    card = read_model_card(output_dir)
+    base_model = base_model or card.get("base_model")
+    try:
+        if model_family or card.get("model_family"):
+            return get_family(model_family or card["model_family"])
+        if base_model:
+            return detect_family(base_model)
+    except ConfigError as e:
+        raise ExportError(f"{e} (for the LoRA run in {output_dir}: pass --model_family sd|sdxl)") from e
+    raise ExportError(f"cannot tell which model family the LoRA run in {output_dir} was trained on (no model "
+                      "card); pass --model_family sd|sdxl.")
+
+
+def base_unet_config(output_dir: str, base_model: Optional[str] = None) -> dict:
+    """The UNet config of a LoRA run's base model: `base_model` if given, else the model card's."""
+    from ppdiffusers import UNet2DConditionModel
+
+    base_model = base_model or read_model_card(output_dir).get("base_model")
+    if not base_model:
+        raise ExportError(f"the LoRA run in {output_dir} names no base model (no model card); pass --base_model.")
+    try:
+        return dict(UNet2DConditionModel.load_config(base_model, subfolder="unet"))
+    except Exception as e:  # missing folder, offline hub id: say which and what to do
+        raise ExportError(f"cannot read the UNet config of the base model {base_model} ({e}); pass --base_model "
+                          "with a local copy of it.") from e
+
+
+def _sdxl_kohya_names(output_dir: str, base_model: Optional[str]) -> Callable[[str, str], str]:
+    from .families.keymaps_sdxl import kohya_lora_name
+
+    config = base_unet_config(output_dir, base_model)
+    return lambda component, module: kohya_lora_name(component, module, config)
+
+
+# family -> (output_dir, base_model) -> its kohya naming of adapted modules
+KOHYA_NAMINGS = {"sd": lambda output_dir, base_model: sd_kohya_name, "sdxl": _sdxl_kohya_names}
+
+
+def kohya_names(output_dir: str, model_family: Optional[str] = None,
+                base_model: Optional[str] = None) -> Callable[[str, str], str]:
+    """The kohya LoRA naming of a LoRA run's family (SDXL's depends on the base model's UNet config)."""
+    family = lora_family(output_dir, model_family, base_model)
+    if family.name not in KOHYA_NAMINGS:
+        raise ExportError(f"--format kohya has no naming for model family {family.name}.")
+    return KOHYA_NAMINGS[family.name](output_dir, base_model)
+
+
+def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = None,
+           base_model: Optional[str] = None) -> List[str]:
+    """Write `output_dir` (a finished full or LoRA run) in `fmt` to `out`; returns the files written.
+
+    `model_family` and `base_model` override what a LoRA run's model card says (used by `kohya` only)."""
     from safetensors.numpy import save_file
 
     is_lora = os.path.isfile(os.path.join(output_dir, LORA_WEIGHTS_NAME))
@@ -81,7 +169,8 @@ def export(output_dir: str, fmt: str, out: str) -> List[str]:
             raise ExportError("--format kohya writes LoRA adapters; this run is a full fine-tune (use diffusers).")
         path = out if out.endswith(".safetensors") else os.path.join(out, "lora_kohya.safetensors")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(lora_to_kohya(_load_lora(output_dir)), path + ".tmp", metadata={"format": "pt"})
+        names = kohya_names(output_dir, model_family, base_model)
+        save_file(lora_to_kohya(_load_lora(output_dir), names), path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
         return [path]
     os.makedirs(out, exist_ok=True)
@@ -103,10 +192,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("output_dir", help="a finished training output_dir")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="destination folder (or .safetensors file for kohya)")
+    parser.add_argument("--model_family", default=None,
+                        help="LoRA runs: the base model's family, sd or sdxl (default: what the run's model card "
+                             "records)")
+    parser.add_argument("--base_model", default=None,
+                        help="LoRA runs: the base model folder or hub id (default: the model card's base_model); "
+                             "SDXL kohya names follow its UNet config")
     args = parser.parse_args(argv)
+    from .args import ConfigError
+
     try:
-        files = export(args.output_dir, args.format, args.out)
-    except ExportError as e:
+        files = export(args.output_dir, args.format, args.out, args.model_family, args.base_model)
+    except (ExportError, ConfigError) as e:
         print(f"ppdreambooth: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.output_dir} as {args.format}: {', '.join(files)}")

@@ -20,6 +20,7 @@ from . import compat  # noqa: F401  (LoRA loading needs ppdiffusers' peft backen
 
 SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="dpm")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                        help="default: dpm (SD, SDXL), flow_euler (SD3)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--lora", help="folder with paddle_lora_weights.safetensors to load into the model")
@@ -72,14 +74,16 @@ def make_grid(images: list, columns: int):
 
 def generate(args) -> List[str]:
     import ppdiffusers
-    from ppdiffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
+    from .families import detect_family
     from .sampling import default_image_size, seeded_latents
 
     prompts = read_prompts(args)
-    pipe = DiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = getattr(ppdiffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    family = detect_family(args.model)
+    pipe = family.load_pipeline(args.model)
+    scheduler = SCHEDULERS[args.scheduler] if args.scheduler else family.sampling_scheduler
+    pipe.scheduler = getattr(ppdiffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if args.lora:
         pipe.load_lora_weights(args.lora)
@@ -97,7 +101,8 @@ def generate(args) -> List[str]:
                     image = pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                                  guidance_scale=args.guidance_scale, height=height, width=width,
                                  latents=seeded_latents(pipe, [seed], height, width),
-                                 cross_attention_kwargs={"scale": args.lora_scale} if args.lora else None).images[0]
+                                 **{family.lora_scale_kwarg: {"scale": args.lora_scale} if args.lora else None}
+                                 ).images[0]
                 paths.append(os.path.join(args.out, f"{p:02d}-{i:02d}-{slug(prompt)}-seed{seed}.png"))
                 image.save(paths[-1])
                 images.append(image)
@@ -117,7 +122,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
             parser.error(f"--{name} must be a positive multiple of 8")
-    paths = generate(args)
+    from .args import ConfigError
+
+    try:
+        paths = generate(args)
+    except ConfigError as e:
+        parser.error(str(e))
     print(f"{len(paths)} images and grid.png written to {args.out}")
     return 0
 

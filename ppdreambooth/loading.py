@@ -64,14 +64,16 @@ def load_component(path: str, name: str, revision: Optional[str] = None, family=
     torch_format = os.path.isdir(path) and is_diffusers_folder(path, family.denoiser)
     options = {"revision": revision, **({"from_diffusers": True} if torch_format else {})}
     if name in family.tokenizers:
-        return transformers.CLIPTokenizer.from_pretrained(path, subfolder=name)
+        return getattr(transformers, family.tokenizer_classes.get(name, "CLIPTokenizer")).from_pretrained(
+            path, subfolder=name)
     if name in family.text_encoders:
         class_name = family.text_encoder_classes[name]
         if torch_format:
             return load_torch_text_encoder(path, name, class_name)
         return getattr(transformers, class_name).from_pretrained(path, subfolder=name, revision=revision)
-    if name == "scheduler":
-        return ppdiffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
+    if name == "scheduler":  # the family's training noise schedule (SD, SDXL: DDPM; SD3: flow matching)
+        return getattr(ppdiffusers, family.training_scheduler).from_pretrained(path, subfolder="scheduler",
+                                                                               revision=revision)
     if name == "vae":
         return ppdiffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **options)
     if name == family.denoiser:
@@ -79,10 +81,25 @@ def load_component(path: str, name: str, revision: Optional[str] = None, family=
     raise ValueError(f"{name!r} is not a component of a {family.name} model")
 
 
-def load_components(path: str, family, revision: Optional[str] = None, vae_path: Optional[str] = None) -> dict:
-    """Every component of a `family` model, by subfolder name; `vae_path` replaces the model's VAE
-    (a folder or hub id holding the VAE itself, e.g. an fp16-fixed SDXL VAE)."""
-    components = {name: load_component(path, name, revision, family) for name in family.components if name != "vae"}
+def present_components(path: str, family, revision: Optional[str] = None) -> list:
+    """The family's components that the model has: optional ones (SD3's T5) only where present."""
+    if os.path.isdir(path):
+        absent = {n for n in family.optional_components if not os.path.isdir(os.path.join(path, n))}
+    else:  # a hub id: its model_index.json lists an absent component as [null, null]
+        from ppdiffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(path, revision=revision)
+        absent = {n for n in family.optional_components if not (index.get(n) or [None])[0]}
+    return [name for name in family.components if name not in absent]
+
+
+def load_components(path: str, family, revision: Optional[str] = None, vae_path: Optional[str] = None,
+                    skip: tuple = ()) -> dict:
+    """The components of a `family` model, by subfolder name (optional ones only when present, none of
+    `skip`); `vae_path` replaces the model's VAE (a folder or hub id holding the VAE itself, e.g. an
+    fp16-fixed SDXL VAE)."""
+    names = [n for n in present_components(path, family, revision) if n != "vae" and n not in skip]
+    components = {name: load_component(path, name, revision, family) for name in names}
     if vae_path:
         import ppdiffusers
 

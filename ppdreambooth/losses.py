@@ -2,11 +2,14 @@
 
 loss = mean_i w_i * MSE(pred_i, target_i) over the instance half
      + prior_loss_weight * mean_j w_j * MSE(pred_j, target_j) over the class half,
-where the target is the noise (epsilon) or the velocity (v_prediction), and w is 1 or the min-SNR
-weight. Everything is computed in float32 whatever the model's precision.
+where, for DDPM models (SD, SDXL), the target is the noise (epsilon) or the velocity (v_prediction) and w
+is 1 or the min-SNR weight; for flow matching (SD3) the target is the velocity noise - x0 (or x0 with
+preconditioned outputs) and w a sigma-based weight. Everything is computed in float32 whatever the
+model's precision.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import paddle
@@ -57,3 +60,48 @@ def dreambooth_loss(
         loss_prior = paddle.zeros([], dtype="float32")
         loss = loss_instance
     return {"loss": loss, "loss_instance": loss_instance.detach(), "loss_prior": loss_prior.detach()}
+
+
+# ----- flow matching (SD3) ------------------------------------------------------------------------------
+# ppdiffusers 0.29's training_utils lacks diffusers' compute_density_for_timestep_sampling and
+# compute_loss_weighting_for_sd3; these are the same formulas (after diffusers' mid-2024 fixes).
+
+
+def flow_timestep_density(batch: int, scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+                          mode_scale: float = 1.29) -> paddle.Tensor:
+    """u in [0, 1] per sample, drawn from the density that `scheme` names (uniform for the weighting-only
+    schemes): logit-normal sigmoid(N(mean, std)); "mode" 1 - u - s * (cos(pi u / 2)^2 - 1 + u), u uniform."""
+    if scheme == "logit_normal":
+        return paddle.nn.functional.sigmoid(paddle.normal(mean=logit_mean, std=logit_std, shape=[batch]))
+    u = paddle.rand([batch], dtype="float32")
+    if scheme == "mode":
+        return 1.0 - u - mode_scale * (paddle.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+    return u
+
+
+def flow_noisy_latents(latents: paddle.Tensor, noise: paddle.Tensor, sigmas: paddle.Tensor) -> paddle.Tensor:
+    """The straight path from data to noise: (1 - sigma) * x0 + sigma * noise."""
+    sigmas = sigmas.reshape([-1] + [1] * (latents.ndim - 1))
+    return (1.0 - sigmas) * latents + sigmas * noise
+
+
+def flow_target(latents: paddle.Tensor, noise: paddle.Tensor, precondition_outputs: bool) -> paddle.Tensor:
+    """x0 when outputs are preconditioned, else the velocity noise - x0."""
+    return latents if precondition_outputs else noise - latents
+
+
+def flow_prediction(raw: paddle.Tensor, noisy_latents: paddle.Tensor, sigmas: paddle.Tensor,
+                    precondition_outputs: bool) -> paddle.Tensor:
+    """The denoiser's output as compared with `flow_target`: preconditioned to x0 = noisy - sigma * v."""
+    if not precondition_outputs:
+        return raw
+    return noisy_latents - sigmas.reshape([-1] + [1] * (raw.ndim - 1)) * raw.astype("float32")
+
+
+def flow_loss_weights(sigmas: paddle.Tensor, scheme: str) -> Optional[paddle.Tensor]:
+    """Per-sample loss weights: 1 / sigma^2 (sigma_sqrt), 2 / (pi (1 - 2 sigma + 2 sigma^2)) (cosmap), else none."""
+    if scheme == "sigma_sqrt":
+        return sigmas ** -2.0
+    if scheme == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas ** 2))
+    return None

@@ -83,28 +83,37 @@ class DreamBoothModel(paddle.nn.Layer):
         path, revision = model_args.pretrained_model_name_or_path, model_args.revision
         self.model_args = model_args
         self.family = family or detect_family(path, model_args.model_family, revision)
-        parts = load_components(path, self.family, revision, model_args.pretrained_vae_model_name_or_path)
-        self.tokenizers = {name: parts[name] for name in self.family.tokenizers}
+        skip = ("text_encoder_3", "tokenizer_3") if model_args.drop_t5 else ()
+        parts = load_components(path, self.family, revision, model_args.pretrained_vae_model_name_or_path, skip)
+        self.tokenizers = {name: parts[name] for name in self.family.tokenizers if name in parts}
         if model_args.tokenizer_name:
             from ppdiffusers.transformers import CLIPTokenizer
 
             self.tokenizers[self.family.tokenizers[0]] = CLIPTokenizer.from_pretrained(model_args.tokenizer_name)
-        for tokenizer, encoder in zip(self.tokenizers.values(), self.family.text_encoders):
+        for name, encoder in zip(self.family.tokenizers, self.family.text_encoders):
+            if name not in self.tokenizers:
+                continue
+            tokenizer = self.tokenizers[name]
             # Prompts are padded to the tokenizer's length; some saved tokenizers say "unlimited" (1e30).
-            tokenizer.model_max_length = min(tokenizer.model_max_length,
-                                             parts[encoder].config.max_position_embeddings)
+            limit = getattr(parts[encoder].config, "max_position_embeddings", None)
+            if limit:  # CLIP: its position table
+                tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
+            else:  # T5 has relative positions: the length is --max_sequence_length
+                tokenizer.model_max_length = model_args.max_sequence_length
         denoiser = parts[self.family.denoiser]
         if model_args.use_lora:
-            add_lora(denoiser, self.family.denoiser_lora_targets, model_args.lora_rank, model_args.lora_alpha)
+            targets = model_args.lora_layers.split(",") if model_args.lora_layers else self.family.denoiser_lora_targets
+            add_lora(denoiser, targets, model_args.lora_rank, model_args.lora_alpha)
+        self.family.freeze_unused(denoiser)
         self.add_sublayer(self.family.denoiser, denoiser)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
         # leaves them in float32, and state_dict()/checkpoints never contain them.
         self._frozen: Dict[str, paddle.nn.Layer] = {"vae": parts["vae"]}
         self._parked: set = set()  # frozen components moved to the CPU after caching their outputs
         freeze(parts["vae"])
-        for name in self.family.text_encoders:
+        for name in [n for n in self.family.text_encoders if n in parts]:
             encoder = parts[name]
-            if model_args.train_text_encoder:
+            if model_args.train_text_encoder and self.family.is_trainable_text_encoder(name):
                 if model_args.use_lora:
                     add_lora(encoder, self.family.text_encoder_lora_targets, model_args.lora_rank,
                              model_args.lora_alpha)
@@ -148,7 +157,7 @@ class DreamBoothModel(paddle.nn.Layer):
     # ----- set-up -------------------------------------------------------------------------------
     def enable_recompute(self) -> None:
         """Gradient checkpointing in the denoiser and in every trained text encoder."""
-        self.denoiser.enable_gradient_checkpointing()
+        self.family.enable_recompute(self.denoiser)
         for encoder in self.trained_text_encoders():
             encoder.gradient_checkpointing_enable()
 
@@ -235,10 +244,11 @@ class DreamBoothModel(paddle.nn.Layer):
 
     def encode_prompts(self, tokens: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
         """The family's prompt conditioning (`prompt_embeds`, maybe `pooled_prompt_embeds`) for token ids."""
-        if self.model_args.train_text_encoder:
-            return self.family.encode_prompt(self.text_encoders(), tokens)
+        config = self.denoiser.config
+        if self.trained_text_encoders():
+            return self.family.encode_prompt(self.text_encoders(), tokens, config)
         with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
-            return self.family.encode_prompt(self.text_encoders(), tokens)
+            return self.family.encode_prompt(self.text_encoders(), tokens, config)
 
     def forward(
         self,
@@ -271,8 +281,9 @@ class DreamBoothModel(paddle.nn.Layer):
             conditioning["prompt_embeds"] = prompt_embeds
         dtype = self.denoiser.dtype
         conditioning = {k: v.astype(dtype) for k, v in conditioning.items() if not k.startswith("input_ids")}
-        model_pred = self.family.predict(self.denoiser, noisy_latents.astype(dtype), timesteps, conditioning)
+        raw = self.family.predict(self.denoiser, noisy_latents.astype(dtype), timesteps, conditioning)
         with paddle.amp.auto_cast(enable=False):
+            model_pred = self.objective.prediction(raw, noisy_latents, timesteps)
             weights = self.objective.loss_weights(timesteps)
             batch = latents.shape[0]
             num_instance = batch // 2 if self.with_prior_preservation else batch

@@ -29,10 +29,16 @@ def seeded_latents(pipeline, seeds: Sequence[int], height: int, width: int) -> p
     return paddle.to_tensor(np.stack(arrays).astype(np.float32))
 
 
-def use_dpm_solver(pipeline) -> None:
-    from ppdiffusers import DPMSolverMultistepScheduler
+def use_sampling_scheduler(pipeline, family=None) -> None:
+    """The family's deterministic sampler (DPM-Solver; SD3: its flow-matching Euler), from the model's config."""
+    import ppdiffusers
 
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    name = family.sampling_scheduler if family is not None else "DPMSolverMultistepScheduler"
+    pipeline.scheduler = getattr(ppdiffusers, name).from_config(pipeline.scheduler.config)
+
+
+def use_dpm_solver(pipeline) -> None:
+    use_sampling_scheduler(pipeline)
 
 
 def generate_images(

@@ -69,7 +69,7 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
     config_source = check_model_path(model_args.pretrained_model_name_or_path, model_args.single_file_config)
     family = detect_family(config_source, model_args.model_family, model_args.revision)
     check_model_folder(config_source, family)
-    check_family_options(family, model_args, args)
+    check_family_options(family, model_args, data_args, args)
     instance_files = [collect_images(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
     if args.enable_xformers_memory_efficient_attention:
         from ppdiffusers.utils import is_ppxformers_available
@@ -84,14 +84,38 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
     return family, instance_files, resume
 
 
-def check_family_options(family: ModelFamily, model_args: ModelArguments, args: DreamBoothTrainingArguments) -> None:
-    """Refuse, before any weights load, what this family cannot do yet, naming the flag and what to do."""
+def check_family_options(family: ModelFamily, model_args: ModelArguments, data_args: DataArguments,
+                         args: DreamBoothTrainingArguments) -> None:
+    """Refuse, before any weights load, what this family cannot do, naming the flag and what to do."""
     unsupported = dict(family.unsupported_options)
     if model_args.pretrained_model_name_or_path.endswith(".safetensors") and "single_file" in unsupported:
         raise ConfigError(f"training from a single-file checkpoint: {unsupported['single_file']}")
     for fmt in [f for f in (args.export_formats or "").split(",") if f]:
         if f"export_{fmt}" in unsupported:
             raise ConfigError(f"--export_formats {fmt}: {unsupported[f'export_{fmt}']}")
+    if model_args.use_lora and model_args.train_text_encoder and "lora_text_encoder" in unsupported:
+        raise ConfigError(f"--use_lora with --train_text_encoder: {unsupported['lora_text_encoder']}")
+    flow = family.objective == "flow"
+    if flow:
+        ddpm = {"prediction_type": model_args.prediction_type, "snr_gamma": model_args.snr_gamma,
+                "noise_offset": model_args.noise_offset or None}
+        given = [name for name, value in ddpm.items() if value is not None]
+        if given:
+            raise ConfigError(f"--{given[0]} {unsupported['ddpm_options']}")
+    else:
+        given = [name for name in ModelArguments.FLOW_ONLY if getattr(model_args, name) is not None]
+        if given or model_args.drop_t5:
+            flag = given[0] if given else "drop_t5"
+            raise ConfigError(f"--{flag} is a flow-matching (SD3) option; {model_args.pretrained_model_name_or_path} "
+                              f"is a {family.name} model trained as DDPM (use --snr_gamma, --prediction_type, "
+                              "--noise_offset there).")
+    step = family.resolution_multiple
+    sides = {"resolution": data_args.resolution, "height": data_args.height, "width": data_args.width}
+    if data_args.enable_bucket:
+        sides.update(bucket_reso_steps=data_args.bucket_reso_steps)
+    for name, value in sides.items():
+        if value is not None and value % step:
+            raise ConfigError(f"--{name} {value}: {family.name} needs image sides that are multiples of {step}.")
 
 
 def base_from_single_file(model_args: ModelArguments, args: DreamBoothTrainingArguments) -> None:

@@ -36,13 +36,16 @@ def preserved_rng_state():
 
 
 def validation_pipeline(model, base_model: str, revision=None):
-    """The family's pipeline over the model's current denoiser, text encoders and VAE, with DPM-Solver."""
-    from ppdiffusers import DPMSolverMultistepScheduler
+    """The family's pipeline over the model's current denoiser, text encoders and VAE, with the family's
+    deterministic sampler (DPM-Solver; SD3: flow-matching Euler)."""
+    import ppdiffusers
 
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(base_model, subfolder="scheduler", revision=revision)
     family = model.family
+    scheduler_class = getattr(ppdiffusers, family.sampling_scheduler)
+    scheduler = scheduler_class.from_pretrained(base_model, subfolder="scheduler", revision=revision)
     names = (family.denoiser, "vae", *family.text_encoders, *family.tokenizers)
-    pipeline = family.build_pipeline({name: getattr(model, name) for name in names}, scheduler)
+    components = {name: getattr(model, name) if model.has_component(name) else None for name in names}
+    pipeline = family.build_pipeline(components, scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -81,7 +81,20 @@ def tiny_sdxl_model(tmp_path_factory):
     return path
 
 
-@pytest.fixture(params=["sd", "sdxl"])
+@pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory):
+    """A tiny SD3 with CLIP-L, CLIP-G and a tiny T5."""
+    from ppdreambooth.tiny import build_tiny_pipeline
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny-sd3")
+    build_tiny_pipeline(path, seed=0, family="sd3")
+    return path
+
+
+TINY_MODEL_FIXTURES = {"sd": "tiny_model", "sdxl": "tiny_sdxl_model", "sd3": "tiny_sd3_model"}
+
+
+@pytest.fixture(params=list(TINY_MODEL_FIXTURES))
 def family_model(request):
     """(family name, tiny model folder), for the behavioural tests that every family must pass."""
-    return request.param, request.getfixturevalue("tiny_model" if request.param == "sd" else "tiny_sdxl_model")
+    return request.param, request.getfixturevalue(TINY_MODEL_FIXTURES[request.param])

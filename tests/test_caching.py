@@ -33,7 +33,11 @@ def losses(model, dataset, keys):
 
 # what a batch carries once everything is cached, per family (SDXL adds its pooled embedding and time ids)
 CACHED_KEYS = {"sd": {"latent_mean", "latent_std", "prompt_embeds"},
-               "sdxl": {"latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "time_ids"}}
+               "sdxl": {"latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "time_ids"},
+               "sd3": {"latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds"}}
+# prompt_embeds per sample: SD one CLIP (32 wide); SDXL two concatenated on channels; SD3 two CLIPs padded to
+# T5's 96 channels, followed by T5's 77 tokens
+EMBED_SHAPES = {"sd": [77, 32], "sdxl": [77, 64], "sd3": [154, 96]}
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["no_flip", "random_flip"])
@@ -48,7 +52,7 @@ def test_cached_training_inputs_give_the_same_losses(family_model, photos, flip)
     assert cache_latents(model, dataset) == 4 * (2 if flip else 1) * 2
     batch = collate([dataset[(0, 1)]])
     assert set(batch) == CACHED_KEYS[family]
-    assert batch["prompt_embeds"].shape == [2, 77, 32 * len(model.family.text_encoders)]
+    assert batch["prompt_embeds"].shape == [2, *EMBED_SHAPES[family]]
     cached = losses(model, dataset, keys)
     np.testing.assert_allclose(cached, reference, rtol=1e-5)
 
@@ -59,7 +63,7 @@ def test_encoders_are_released_after_caching(family_model, photos):
     encoders = model.family.text_encoders
     cache_encodings(model, dataset, cache_latents_too=True, keep_encoders=False)
     assert not any(model.has_component(name) for name in (*encoders, "vae"))
-    assert all(n.startswith("unet.") for n, _ in model.trainable_named_parameters())
+    assert all(n.startswith(model.family.denoiser + ".") for n, _ in model.trainable_named_parameters())
     model, dataset = build(tiny_model, photos, flip=False, prior=False)
     cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=True)
     assert all(model.has_component(name) for name in (*encoders, "vae"))  # parked on the CPU

@@ -1,4 +1,4 @@
-"""Model families: everything that differs between Stable Diffusion 1.x/2.x, SDXL (and later SD3).
+"""Model families: everything that differs between Stable Diffusion 1.x/2.x, SDXL and SD3.
 
 A family is a plain, stateless object passed around explicitly (no registry singletons, no
 `if family == ...` ladders in shared code). Values that differ are class attributes; code that differs
@@ -23,9 +23,11 @@ from typing import Dict, Optional
 from ..args import ConfigError
 from .base import ModelFamily
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in
+                                    (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}
 BY_PIPELINE_CLASS: Dict[str, ModelFamily] = {f.pipeline_class: f for f in FAMILIES.values()}
 # Pipelines whose weights are those of a family we train (img2img/inpaint folders share the components).
 BY_PIPELINE_CLASS.update({
@@ -74,5 +76,6 @@ def detect_family(path: str, override: Optional[str] = None, revision: Optional[
     return BY_PIPELINE_CLASS[class_name]
 
 
-__all__ = ["FAMILIES", "ModelFamily", "StableDiffusion", "StableDiffusionXL", "detect_family", "get_family",
+__all__ = ["FAMILIES", "ModelFamily", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "detect_family",
+           "get_family",
            "read_pipeline_class"]

@@ -17,6 +17,13 @@ class ModelFamily:
     tokenizers: Tuple[str, ...] = ("tokenizer",)
     text_encoders: Tuple[str, ...] = ("text_encoder",)  # subfolders, in pipeline order
     text_encoder_classes: Dict[str, str] = {"text_encoder": "CLIPTextModel"}  # in ppdiffusers.transformers
+    tokenizer_classes: Dict[str, str] = {}  # subfolder -> class in ppdiffusers.transformers (default CLIPTokenizer)
+    optional_components: Tuple[str, ...] = ()  # may be absent from a model folder (SD3's T5)
+    trainable_text_encoders: Optional[Tuple[str, ...]] = None  # what --train_text_encoder trains (None: all)
+    training_scheduler: str = "DDPMScheduler"  # noise schedule the objective reads, from the scheduler folder
+    sampling_scheduler: str = "DPMSolverMultistepScheduler"  # validation, class images, generate's default
+    lora_scale_kwarg: str = "cross_attention_kwargs"  # how a pipeline call passes the LoRA scale
+    resolution_multiple: int = 8  # image sides must be multiples of this (VAE factor x patch size)
     objective: str = "diffusion"  # see ppdreambooth.objectives
     pipeline_extras: Dict[str, object] = {}  # extra constructor arguments of the pipeline
     # LoRA targets: module names adapted in the denoiser and in each text encoder
@@ -30,21 +37,32 @@ class ModelFamily:
 
     @property
     def components(self) -> Tuple[str, ...]:
-        """Subfolders a model folder of this family must have."""
+        """Subfolders a model folder of this family has (some may be optional)."""
         return (self.denoiser, "vae", *self.text_encoders, *self.tokenizers, "scheduler")
+
+    @property
+    def required_components(self) -> Tuple[str, ...]:
+        return tuple(c for c in self.components if c not in self.optional_components)
+
+    def is_trainable_text_encoder(self, name: str) -> bool:
+        return self.trainable_text_encoders is None or name in self.trainable_text_encoders
 
     # ----- prompts ------------------------------------------------------------------------------
     def tokenize(self, tokenizers: Dict[str, object], prompt: str) -> Dict[str, np.ndarray]:
         """Token ids of `prompt` from each tokenizer, padded to its length: {"input_ids", "input_ids_2", ...}."""
         out = {}
         for n, name in enumerate(self.tokenizers):
-            tokenizer = tokenizers[name]
+            tokenizer = tokenizers.get(name)
+            if tokenizer is None:  # an optional tokenizer the model does without (SD3's T5)
+                continue
             ids = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                             return_tensors="np").input_ids
             out[token_key(n)] = np.asarray(ids[0], dtype=np.int64)
         return out
 
-    def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object]) -> Dict[str, object]:
+    def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object],
+                      denoiser_config=None) -> Dict[str, object]:
+        """The conditioning for token ids; `denoiser_config` gives widths where an encoder is absent (SD3)."""
         raise NotImplementedError
 
     # ----- the denoiser ---------------------------------------------------------------------------
@@ -54,6 +72,13 @@ class ModelFamily:
 
     def predict(self, denoiser, noisy_latents, timesteps, conditioning: Dict[str, object]):
         raise NotImplementedError
+
+    def enable_recompute(self, denoiser) -> None:
+        """Gradient checkpointing in the denoiser (ppdiffusers' own switch, where it works)."""
+        denoiser.enable_gradient_checkpointing()
+
+    def freeze_unused(self, denoiser) -> None:
+        """Freeze parameters the training forward never uses (data parallel needs every trained one used)."""
 
     # ----- inference ------------------------------------------------------------------------------
     def build_pipeline(self, components: Dict[str, object], scheduler):
@@ -71,7 +96,10 @@ class ModelFamily:
 
         options = {"from_diffusers": True} if os.path.isdir(path) and is_diffusers_folder(path, self.denoiser) else {}
         extras = {k: v for k, v in self.pipeline_extras.items() if k != "feature_extractor"}
-        return getattr(ppdiffusers, self.pipeline_class).from_pretrained(path, revision=revision, **options, **extras)
+        absent = {name: None for name in self.optional_components if os.path.isdir(path)
+                  and not os.path.isdir(os.path.join(path, name))}
+        return getattr(ppdiffusers, self.pipeline_class).from_pretrained(path, revision=revision, **options, **extras,
+                                                                         **absent)
 
     def save_lora(self, out_dir: str, weight_name: str, layers: Dict[str, Dict]) -> None:
         """Write adapters with the pipeline's own `save_lora_weights` (`layers`: component -> state dict)."""

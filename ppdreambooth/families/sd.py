@@ -16,7 +16,8 @@ class StableDiffusion(ModelFamily):
     hub_example = "runwayml/stable-diffusion-v1-5"
     card_tag = "stable-diffusion"
 
-    def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object]) -> Dict[str, object]:
+    def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object],
+                      denoiser_config=None) -> Dict[str, object]:
         return {"prompt_embeds": text_encoders["text_encoder"](tokens["input_ids"])[0]}
 
     def predict(self, denoiser, noisy_latents, timesteps, conditioning: Dict[str, object]):

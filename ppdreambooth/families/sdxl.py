@@ -26,7 +26,8 @@ class StableDiffusionXL(ModelFamily):
     hub_example = "stabilityai/stable-diffusion-xl-base-1.0"
     card_tag = "stable-diffusion-xl"
 
-    def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object]) -> Dict[str, object]:
+    def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object],
+                      denoiser_config=None) -> Dict[str, object]:
         import paddle
 
         states, pooled = [], None

@@ -2,10 +2,16 @@
 
     python diffusers_client.py unet <pipeline_dir or file> <inputs.npz> <outputs.npz> [--lora <file or dir>]
         [--single_file_config <diffusers folder>]
+    python diffusers_client.py unet_sdxl <pipeline_dir or file> <inputs.npz> <outputs.npz> [--lora <file or dir>]
+        [--single_file_config <diffusers folder>]
     python diffusers_client.py make_tiny <out_dir>
 
 `unet`: loads a diffusers pipeline folder (optionally with LoRA weights) and writes the text encoder's
 hidden states and the UNet's prediction for the given inputs (latents, timesteps, input_ids).
+`unet_sdxl`: the same for a StableDiffusionXLPipeline, conditioned as SDXL was trained: `hidden` is the
+concatenated penultimate hidden states of both text encoders, `pooled` the second encoder's projected
+output, and `pred` the UNet's prediction given those and the inputs' `time_ids` (input_ids feed both
+encoders unless the inputs have input_ids_2).
 `make_tiny`: builds a tiny random Stable Diffusion pipeline with diffusers and saves it (diffusers layout).
 """
 import os
@@ -31,6 +37,38 @@ def run_unet(pipeline_dir, inputs_path, outputs_path, lora=None, single_file_con
         hidden = pipe.text_encoder(torch.from_numpy(data["input_ids"]))[0]
         pred = pipe.unet(torch.from_numpy(data["latents"]), torch.from_numpy(data["timesteps"]), hidden).sample
     np.savez(outputs_path, hidden=hidden.numpy(), pred=pred.numpy())
+
+
+def load_sdxl(source, single_file_config=None):
+    """A StableDiffusionXLPipeline from a diffusers folder, or from a single file with its configs from a folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    if single_file_config:
+        return StableDiffusionXLPipeline.from_single_file(source, config=single_file_config, add_watermarker=False)
+    return StableDiffusionXLPipeline.from_pretrained(source, add_watermarker=False)
+
+
+def sdxl_outputs(pipe, data):
+    """Prompt embedding, pooled embedding and UNet prediction of an SDXL pipeline for the inputs in `data`."""
+    ids = torch.from_numpy(data["input_ids"])
+    ids_2 = torch.from_numpy(data["input_ids_2"]) if "input_ids_2" in data else ids
+    with torch.no_grad():
+        first = pipe.text_encoder(ids, output_hidden_states=True)
+        second = pipe.text_encoder_2(ids_2, output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        pooled = second.text_embeds
+        added = {"text_embeds": pooled, "time_ids": torch.from_numpy(data["time_ids"])}
+        pred = pipe.unet(torch.from_numpy(data["latents"]), torch.from_numpy(data["timesteps"]), hidden,
+                         added_cond_kwargs=added).sample
+    return {"hidden": hidden.numpy(), "pooled": pooled.numpy(), "pred": pred.numpy()}
+
+
+def run_unet_sdxl(source, inputs_path, outputs_path, lora=None, single_file_config=None):
+    pipe = load_sdxl(source, single_file_config)
+    if lora:
+        folder, name = (os.path.dirname(lora), os.path.basename(lora)) if os.path.isfile(lora) else (lora, None)
+        pipe.load_lora_weights(folder, weight_name=name)
+    np.savez(outputs_path, **sdxl_outputs(pipe, dict(np.load(inputs_path))))
 
 
 def _tiny_tokenizer_module():
@@ -81,6 +119,10 @@ if __name__ == "__main__":
         lora = sys.argv[sys.argv.index("--lora") + 1] if "--lora" in sys.argv else None
         config = sys.argv[sys.argv.index("--single_file_config") + 1] if "--single_file_config" in sys.argv else None
         run_unet(sys.argv[2], sys.argv[3], sys.argv[4], lora, config)
+    elif command == "unet_sdxl":
+        lora = sys.argv[sys.argv.index("--lora") + 1] if "--lora" in sys.argv else None
+        config = sys.argv[sys.argv.index("--single_file_config") + 1] if "--single_file_config" in sys.argv else None
+        run_unet_sdxl(sys.argv[2], sys.argv[3], sys.argv[4], lora, config)
     elif command == "make_tiny":
         make_tiny(sys.argv[2])
     else:
