@@ -3,9 +3,9 @@
     python benchmarks/bench_training.py [--steps 100] [--warmup 10] [--out benchmarks/results]
 
 Each mode runs in a fresh process (so peak RSS is its own): steps per second over the timed steps,
-peak resident memory, and time from process launch to the first training step. The floor is the
-UNet's forward + backward + AdamW step alone on ready-made tensors of the same shapes; step/floor is
-the overhead of everything else. Also: class-image generation throughput. Writes JSON and Markdown.
+peak resident memory, and time from process launch to the first training step, for tiny SD, SDXL and
+SD3 models. The floor is the denoiser's forward + backward + AdamW step alone (clipped as in training) on
+ready-made tensors of the same shapes; step/floor is the overhead of everything else. Also: class-image generation throughput. Writes JSON and Markdown.
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ MODES = {
     "SDXL full + cache_latents": ("sdxl", ["--cache_latents", "--center_crop"], 1),
     "SDXL lora (rank 4) + cache_latents": ("sdxl", ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-4",
                                                     "--cache_latents", "--center_crop"], 1),
+    "SD3 full": ("sd3", [], 1),
+    "SD3 full + cache_latents": ("sd3", ["--cache_latents", "--center_crop"], 1),
+    "SD3 lora (rank 4) + cache_latents": ("sd3", ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-4",
+                                                  "--cache_latents", "--center_crop"], 1),
 }
 
 
@@ -49,7 +53,7 @@ def make_assets(folder: str) -> tuple:
 
     from ppdreambooth.tiny import build_tiny_pipeline
 
-    model = {family: os.path.join(folder, f"tiny-{family}") for family in ("sd", "sdxl")}
+    model = {family: os.path.join(folder, f"tiny-{family}") for family in ("sd", "sdxl", "sd3")}
     for family, path in model.items():
         build_tiny_pipeline(path, family=family)
     photos = os.path.join(folder, "photos")
@@ -92,31 +96,49 @@ def worker_train(model: str, photos: str, workdir: str, extra: list, warmup: int
     }
 
 
-def worker_floor(model: str, batch: int, warmup: int, steps: int) -> dict:
-    """The UNet's forward + backward + AdamW step alone, on ready-made tensors (SDXL: with its pooled
-    embedding and time ids)."""
+def floor_inputs(denoiser, batch: int) -> tuple:
+    """Ready-made (noisy latents, timesteps, conditioning) of the training shapes, and the denoiser call."""
     import paddle
-    from ppdiffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    unet.train()
-    optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=unet.parameters(), weight_decay=1e-2,
-                                       grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
     size = RESOLUTION // 8
+    config = denoiser.config
+    if "joint_attention_dim" in config:  # SD3's transformer: two CLIPs and T5, 77 tokens each
+        latents = paddle.randn([batch, config.in_channels, size, size])
+        timesteps = paddle.rand([batch]) * 1000
+        context = paddle.randn([batch, 154, config.joint_attention_dim])
+        pooled = paddle.randn([batch, config.pooled_projection_dim])
+        return latents, lambda: denoiser(hidden_states=latents, timestep=timesteps, encoder_hidden_states=context,
+                                         pooled_projections=pooled).sample
     latents = paddle.randn([batch, 4, size, size])
-    hidden = paddle.randn([batch, 77, unet.config.cross_attention_dim])
-    target = paddle.randn([batch, 4, size, size])
+    hidden = paddle.randn([batch, 77, config.cross_attention_dim])
     timesteps = paddle.randint(0, 1000, [batch])
     added = None
-    if unet.config.addition_embed_type == "text_time":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    if config.addition_embed_type == "text_time":  # SDXL: pooled embedding and time ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         added = {"text_embeds": paddle.randn([batch, pooled]),
                  "time_ids": paddle.to_tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]] * batch,
                                               dtype="float32")}
+    return latents, lambda: denoiser(latents, timesteps, hidden, added_cond_kwargs=added).sample
+
+
+def worker_floor(model: str, batch: int, warmup: int, steps: int) -> dict:
+    """The denoiser's forward + backward + AdamW step alone (same clipping as training), on ready-made tensors."""
+    import paddle
+
+    from ppdreambooth.families import detect_family
+    from ppdreambooth.loading import load_component
+
+    family = detect_family(model)
+    denoiser = load_component(model, family.denoiser, family=family)
+    denoiser.train()
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=denoiser.parameters(), weight_decay=1e-2,
+                                       grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
+    latents, call = floor_inputs(denoiser, batch)
+    target = paddle.randn(latents.shape)
     for i in range(warmup + steps):
         if i == warmup:
             start = time.time()
-        pred = unet(latents, timesteps, hidden, added_cond_kwargs=added).sample
+        pred = call()
         loss = ((pred - target) ** 2).mean()
         loss.backward()
         optimizer.step()

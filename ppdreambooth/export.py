@@ -5,15 +5,27 @@
     python -m ppdreambooth.export <output_dir> --format kohya --out <file.safetensors>
 
 - `diffusers`, full fine-tuning: a diffusers (PyTorch) pipeline folder, written by ppdiffusers'
-  own `save_pretrained(to_diffusers=True)` (which transposes Linear weights to PyTorch's layout).
+  own `save_pretrained(to_diffusers=True)` (which transposes Linear weights to PyTorch's layout). The run
+  is loaded through its family, so an SD3 folder without T5 (no text_encoder_3/tokenizer_3) exports too.
 - `diffusers`, LoRA: `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`: the same
-  keys in PyTorch's layout (every 2-D matrix transposed).
+  keys in PyTorch's layout (every 2-D matrix transposed). For SD3 these are
+  `transformer.transformer_blocks.<n>.attn.<to_q|...|to_add_out>.lora_A/lora_B.weight`, read by
+  `StableDiffusion3Pipeline.load_lora_weights`, and this same file is also the ComfyUI SD3 LoRA. ComfyUI's
+  `comfy/lora.py` (`model_lora_keys_unet`, its SD3 branch, "regular diffusers sd3 lora format") maps
+  `transformer.<diffusers module>` onto its MMDiT weights through `mmdit_to_diffusers` in `comfy/utils.py`
+  (to_q/to_k/to_v and add_*_proj become slices of the fused `qkv`), and `load_lora` there reads
+  `<module>.lora_B.weight` (up) and `<module>.lora_A.weight` (down). Without an `.alpha` key ComfyUI applies
+  the product at scale 1, which is right here: our lora_B already carries alpha/rank.
 - `single-file`, full fine-tuning: one `.safetensors` in the layout of WebUI / ComfyUI checkpoints
   (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`; for SDXL the
-  layout of `sd_xl_base_1.0.safetensors`, with `conditioner.embedders.0/1.*`).
+  layout of `sd_xl_base_1.0.safetensors`, with `conditioner.embedders.0/1.*`). Not written for SD3 (refused).
 - `kohya`, LoRA: `lora_unet_*` / `lora_te_*` keys with `lora_down`/`lora_up` and `alpha`, the layout
   AUTOMATIC1111's WebUI and ComfyUI read. Our adapters already carry alpha/rank in lora_up, so alpha = rank.
   For SDXL the names are kohya's SDXL ones: `lora_unet_<SGM module path>`, `lora_te1_*`, `lora_te2_*`.
+  Refused for SD3, pointing to `diffusers`, whose file ComfyUI loads (above).
+
+Formats a family cannot write are refused with its `unsupported_options["export_<format>"]` message (the
+training entry refuses the same `--export_formats` before training).
 
 The model family of a full run is read from its model_index.json. For a LoRA run (kohya only), it is
 `--model_family`, else what the run's model card (README.md) records; the SDXL UNet names also need the
@@ -104,9 +116,9 @@ def lora_family(output_dir: str, model_family: Optional[str] = None, base_model:
         if base_model:
             return detect_family(base_model)
     except ConfigError as e:
-        raise ExportError(f"{e} (for the LoRA run in {output_dir}: pass --model_family sd|sdxl)") from e
+        raise ExportError(f"{e} (for the LoRA run in {output_dir}: pass --model_family sd|sdxl|sd3)") from e
     raise ExportError(f"cannot tell which model family the LoRA run in {output_dir} was trained on (no model "
-                      "card); pass --model_family sd|sdxl.")
+                      "card); pass --model_family sd|sdxl|sd3.")
 
 
 def base_unet_config(output_dir: str, base_model: Optional[str] = None) -> dict:
@@ -138,9 +150,17 @@ def kohya_names(output_dir: str, model_family: Optional[str] = None,
                 base_model: Optional[str] = None) -> Callable[[str, str], str]:
     """The kohya LoRA naming of a LoRA run's family (SDXL's depends on the base model's UNet config)."""
     family = lora_family(output_dir, model_family, base_model)
+    refuse_unsupported(family, "kohya")
     if family.name not in KOHYA_NAMINGS:
         raise ExportError(f"--format kohya has no naming for model family {family.name}.")
     return KOHYA_NAMINGS[family.name](output_dir, base_model)
+
+
+def refuse_unsupported(family, fmt: str) -> None:
+    """Raise the family's own message when it cannot be exported in `fmt` (e.g. SD3 single files)."""
+    message = family.unsupported_options.get(f"export_{fmt}")
+    if message:
+        raise ExportError(f"--format {fmt}: {message}")
 
 
 def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = None,
@@ -149,6 +169,8 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
 
     `model_family` and `base_model` override what a LoRA run's model card says (used by `kohya` only)."""
     from safetensors.numpy import save_file
+
+    from .families import detect_family
 
     is_lora = os.path.isfile(os.path.join(output_dir, LORA_WEIGHTS_NAME))
     is_full = os.path.isfile(os.path.join(output_dir, "model_index.json"))
@@ -162,14 +184,16 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
                               "(use kohya or diffusers).")
         from .single_file import write_single_file
 
+        family = detect_family(output_dir)
+        refuse_unsupported(family, fmt)
         path = out if out.endswith(".safetensors") else os.path.join(out, "model.safetensors")
-        return [write_single_file(output_dir, path)]
+        return [write_single_file(output_dir, path, family)]
     if fmt == "kohya":
         if not is_lora:
             raise ExportError("--format kohya writes LoRA adapters; this run is a full fine-tune (use diffusers).")
+        names = kohya_names(output_dir, model_family, base_model)  # refuses families without a kohya layout
         path = out if out.endswith(".safetensors") else os.path.join(out, "lora_kohya.safetensors")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        names = kohya_names(output_dir, model_family, base_model)
         save_file(lora_to_kohya(_load_lora(output_dir), names), path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
         return [path]
@@ -179,9 +203,8 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         save_file(_torch_layout(_load_lora(output_dir)), path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
         return [path]
-    from ppdiffusers import DiffusionPipeline
-
-    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    # The family's loader, not DiffusionPipeline's: it passes the components a folder may lack (SD3's T5).
+    pipeline = detect_family(output_dir).load_pipeline(output_dir)
     pipeline.save_pretrained(out, to_diffusers=True)
     return [os.path.join(out, name) for name in sorted(os.listdir(out))]
 
@@ -193,8 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="destination folder (or .safetensors file for kohya)")
     parser.add_argument("--model_family", default=None,
-                        help="LoRA runs: the base model's family, sd or sdxl (default: what the run's model card "
-                             "records)")
+                        help="LoRA runs: the base model's family, sd, sdxl or sd3 (default: what the run's model "
+                             "card records)")
     parser.add_argument("--base_model", default=None,
                         help="LoRA runs: the base model folder or hub id (default: the model card's base_model); "
                              "SDXL kohya names follow its UNet config")

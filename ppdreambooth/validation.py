@@ -1,5 +1,5 @@
 """Validation images during training: `--validation_prompt` every `--validation_steps` steps and/or
-every `--validation_epochs` epochs, and once more when training ends.
+every `--validation_epochs` epochs, and once more when training ends (unless `--not_validation_final`).
 
 Images come from the weights being trained (LoRA adapters active), DPM-Solver with
 `--validation_inference_steps` steps and fixed seeds (seed + i), so runs and steps compare. They are
@@ -71,7 +71,8 @@ class ValidationCallback(TrainerCallback):
             self.validate(args, state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.validate(args, state.global_step)
+        if not args.not_validation_final:
+            self.validate(args, state.global_step)
         if self._writer is not None:
             self._writer.close()
 

@@ -14,7 +14,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
 def test_there_are_configs():
     names = {os.path.basename(c) for c in CONFIGS}
     assert {"demo.json", "sd15_full.json", "sd15_full_prior.json", "sd2_768_full.json", "sd15_lora.json",
-            "sd2_768_lora.json", "sd15_two_concepts.json", "sdxl_lora.json", "sdxl_full.json"} <= names
+            "sd2_768_lora.json", "sd15_two_concepts.json", "sdxl_lora.json", "sdxl_full.json", "sd3_lora.json", "sd3_full.json"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

@@ -229,3 +229,23 @@ def test_options_of_the_other_objective_are_refused(tiny_model, tiny_sd3_model, 
     assert "transformer only" in error(tiny_sd3_model, ["--use_lora", "--train_text_encoder"])
     assert "multiples of 16" in error(tiny_sd3_model, ["--resolution", "72"])
     assert not os.path.exists(tmp_path / "out")  # nothing was written
+
+
+def test_not_validation_final_skips_only_the_closing_images(tiny_sd3_model, tmp_path):
+    """PaddleMIX's SD3 flag: no validation images when training ends; the others still come."""
+    from types import SimpleNamespace
+
+    from ppdreambooth.validation import ValidationCallback
+
+    model = make(tiny_sd3_model)
+    args = SimpleNamespace(should_save=True, output_dir=str(tmp_path), seed=0, num_validation_images=1,
+                           validation_prompt="a photo of sks dog", validation_inference_steps=2, report_to=[],
+                           not_validation_final=True, validation_steps=3, validation_epochs=None)
+    callback = ValidationCallback(model, tiny_sd3_model)
+    callback.on_train_end(args, SimpleNamespace(global_step=5), None)
+    assert not (tmp_path / "validation").exists()
+    callback.on_step_end(args, SimpleNamespace(global_step=3), None)
+    assert (tmp_path / "validation" / "step-3" / "image-0.png").is_file()
+    args.not_validation_final = False
+    callback.on_train_end(args, SimpleNamespace(global_step=5), None)
+    assert (tmp_path / "validation" / "step-5" / "image-0.png").is_file()

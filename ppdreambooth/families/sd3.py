@@ -46,6 +46,13 @@ class StableDiffusion3(ModelFamily):
                              "fully without --use_lora.",
         "ddpm_options": "is a DDPM option; SD3 trains by flow matching. Use --weighting_scheme (logit_normal, "
                         "mode, uniform, sigma_sqrt, cosmap, none) and --precondition_outputs instead.",
+        # The two exports SD3 does not write, read by the training entry (--export_formats) and by export.py.
+        "export_kohya": "SD3 LoRAs have no kohya export. Use --format diffusers: its "
+                        "transformer.<module>.lora_A/lora_B.weight file is what diffusers' "
+                        "StableDiffusion3Pipeline.load_lora_weights reads, and ComfyUI loads that same file as an "
+                        "SD3 LoRA (comfy/lora.py maps the diffusers SD3 keys onto its MMDiT weights).",
+        "export_single-file": "writing an SD3 single-file checkpoint is not implemented. Use --format diffusers "
+                              "for a diffusers pipeline folder (StableDiffusion3Pipeline.from_pretrained).",
     }
 
     def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object],
