@@ -11,19 +11,22 @@ import numpy as np
 import paddle
 
 from ppdreambooth import train
-from ppdreambooth.objectives import DiffusionObjective
+from ppdreambooth.objectives import DiffusionObjective, FlowMatchingObjective
 
 drawn = []
-original_draw = DiffusionObjective.draw
 
 
-def recording_draw(self, latents):
-    noise, timesteps = original_draw(self, latents)
-    drawn.append({"timesteps": timesteps.numpy().tolist(), "noise_sum": float(noise.sum())})
-    return noise, timesteps
+def recording(draw):
+    def recording_draw(self, latents):
+        noise, timesteps = draw(self, latents)
+        drawn.append({"timesteps": timesteps.numpy().tolist(), "noise_sum": float(noise.sum())})
+        return noise, timesteps
+
+    return recording_draw
 
 
-DiffusionObjective.draw = recording_draw
+for objective in (DiffusionObjective, FlowMatchingObjective):
+    objective.draw = recording(objective.draw)
 
 if __name__ == "__main__":
     args = train.parse_args(sys.argv[1:])
