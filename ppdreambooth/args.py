@@ -142,7 +142,11 @@ class DataArguments:
     random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
     cache_latents: bool = field(
         default=False,
-        metadata={"help": "Encode every image with the VAE once before training (needs --center_crop)."},
+        metadata={"help": "Require every image to be encoded once before training (needs --center_crop). Without "
+                          "it, images whose crop is determined are cached anyway and the rest encoded each step."},
+    )
+    no_cache_latents: bool = field(
+        default=False, metadata={"help": "Encode every image with the VAE at every step (no latent caching)."}
     )
     concepts: Optional[str] = field(
         default=None,
@@ -168,6 +172,8 @@ class DataArguments:
                 )
         if self.num_class_images < 0 or self.sample_batch_size <= 0 or self.class_image_inference_steps <= 0:
             raise ConfigError("--num_class_images must be >= 0; --sample_batch_size and --class_image_inference_steps > 0.")
+        if self.cache_latents and self.no_cache_latents:
+            raise ConfigError("--cache_latents and --no_cache_latents contradict each other; give one.")
         if self.cache_latents and not (self.center_crop or self.enable_bucket):
             raise ConfigError(
                 "--cache_latents cannot reproduce random crops (one cached latent per image); add --center_crop."

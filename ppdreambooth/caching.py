@@ -1,9 +1,10 @@
 """Encode once what never changes during training, then stop holding the encoder on the device.
 
 With frozen text encoders the same few prompts give the same embeddings every step: they are computed
-once here. With `--cache_latents` the VAE's latent distribution (mean, std) of every image is computed
-once, for both orientations when `--random_flip` is on; each step still draws its own latent sample from
-it, consuming the RNG exactly as encoding on the fly would, so losses match an uncached run.
+once here. By default (and with `--cache_latents`) the VAE's latent distribution (mean, std) of every image
+whose crop is determined is computed once, for both orientations when `--random_flip` is on; each step
+still draws its own latent sample from it, consuming the RNG exactly as encoding on the fly would, so
+losses match an uncached run. Images that need a random crop are encoded at each step.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Dict
 import numpy as np
 import paddle
 
-from .data import DreamBoothDataset
+from .data import DreamBoothDataset, ImageSet
 from .model import DreamBoothModel
 
 logger = logging.getLogger(__name__)
@@ -36,22 +37,36 @@ def cache_prompt_embeddings(model: DreamBoothModel, dataset: DreamBoothDataset) 
     return len(table)
 
 
-@paddle.no_grad()
-def cache_latents(model: DreamBoothModel, dataset: DreamBoothDataset, batch_size: int = 4) -> int:
-    """Fill `latents` of every image set for each (image, training size) the dataset uses, in both
-    orientations with random flips; returns the number of encodings."""
+def crop_is_determined(dataset: DreamBoothDataset, images: ImageSet, i: int, size) -> bool:
+    """True when image i's training crop at `size` has no freedom: a centre crop (also with buckets), or an
+    image that already has exactly the training size once resized (square photos at a square resolution).
+    Only then does one cached latent distribution give exactly the losses of encoding on the fly."""
+    image = images.images[i]
+    return dataset.center_crop or (image.height, image.width) == tuple(size)
+
+
+def latent_jobs(dataset: DreamBoothDataset) -> dict:
+    """Every (image set, image, size, flip) the dataset trains on (both orientations with random flips)."""
     flips = (False, True) if dataset.random_flip else (False,)
-    jobs = {}  # (image set, image, size, flip), in first-use order
+    jobs = {}  # in first-use order
     for index in range(len(dataset)):
         for images, i, size in dataset.parts(index):
             for flip in flips:
                 jobs.setdefault((id(images), i, size, flip), images)
+    return jobs
+
+
+@paddle.no_grad()
+def cache_latents(model: DreamBoothModel, dataset: DreamBoothDataset, batch_size: int = 4) -> int:
+    """Fill `latents` of every image set for each (image, training size, orientation) whose crop is
+    determined; returns the number of encodings cached. The other images are encoded at each step."""
+    jobs = latent_jobs(dataset)
     for images in dataset.image_sets:
         images.latents = {}
-    keys = list(jobs)
     by_size = {}
-    for key in keys:
-        by_size.setdefault(key[2], []).append(key)  # one VAE batch holds one size
+    for key, images in jobs.items():
+        if crop_is_determined(dataset, images, key[1], key[2]):
+            by_size.setdefault(key[2], []).append(key)  # one VAE batch holds one size
     for size, group in by_size.items():
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
@@ -59,22 +74,35 @@ def cache_latents(model: DreamBoothModel, dataset: DreamBoothDataset, batch_size
             mean, std = model.latent_moments(paddle.to_tensor(pixels))
             for row, (_, i, (h, w), flip) in enumerate(chunk):
                 jobs[chunk[row]].latents[(i, h, w, flip)] = (mean[row].numpy(), std[row].numpy())
-    return len(keys)
+    return sum(len(group) for group in by_size.values())
 
 
 def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_latents_too: bool,
-                    keep_encoders: bool, batch_size: int = 4) -> None:
-    """Cache what can be cached for this run and release the encoders it no longer needs for training.
+                    keep_encoders: bool, batch_size: int = 4) -> str:
+    """Cache what can be cached exactly for this run and release the encoders training no longer needs;
+    returns a one-line report of what was cached (for the closing summary).
 
-    `keep_encoders` parks released encoders on the CPU instead of dropping them (validation needs them).
+    Prompt embeddings are cached when no text encoder trains. With `cache_latents_too` (the default; off with
+    --no_cache_latents) the latents of every image whose crop is determined are cached, and the VAE is
+    released once nothing is left to encode. `keep_encoders` parks released encoders on the CPU instead of
+    dropping them (validation needs them).
     """
-    if not model.model_args.train_text_encoder:
+    report = []
+    if not model.trained_text_encoders():
         prompts = cache_prompt_embeddings(model, dataset)
         for name in reversed(model.family.text_encoders):  # the largest (SD3's T5) first
             if model.has_component(name):
                 model.release_frozen(name, keep_on_cpu=keep_encoders)
         logger.info("cached the embeddings of %d prompt(s); the text encoders are off the training device", prompts)
+        report.append(f"{prompts} prompt embedding(s)")
     if cache_latents_too:
+        total = len(latent_jobs(dataset))
         encoded = cache_latents(model, dataset, batch_size)
-        model.release_frozen("vae", keep_on_cpu=keep_encoders)
-        logger.info("cached %d latent distributions; the VAE is off the training device", encoded)
+        if encoded == total:
+            model.release_frozen("vae", keep_on_cpu=keep_encoders)
+            logger.info("cached all %d latent distributions; the VAE is off the training device", encoded)
+        else:
+            logger.info("cached %d of %d latent distributions (the others need random crops and are encoded at "
+                        "each step; --center_crop makes every crop cacheable)", encoded, total)
+        report.append(f"latents of {encoded} of {total} image crops" + (" (VAE released)" if encoded == total else ""))
+    return "cached " + (", ".join(report) if report else "nothing")

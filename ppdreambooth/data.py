@@ -158,8 +158,9 @@ class DreamBoothDataset(paddle.io.Dataset):
         image = images.images[i]
         corner = crop_box((image.height, image.width), size, self.center_crop, rng)
         example = {}
-        if images.latents is not None:
-            example["latent_mean"], example["latent_std"] = images.latents[(i, *size, flip)]
+        cached = images.latents.get((i, *size, flip)) if images.latents else None
+        if cached is not None:
+            example["latent_mean"], example["latent_std"] = cached
         else:
             example["pixel_values"] = crop_and_scale(image, size, corner, flip)
         if self.size_conditioning is not None:
@@ -177,8 +178,21 @@ class DreamBoothDataset(paddle.io.Dataset):
 
 
 def collate(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, paddle.Tensor]:
-    """Stack a batch: instance examples first, then (with prior preservation) the class examples."""
+    """Stack a batch: instance examples first, then (with prior preservation) the class examples.
+
+    A batch that mixes cached latents with images still to encode carries both, with `latent_cached`
+    saying which rows hold which (the other's entries are zeros); the model encodes only the latter."""
     rows = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    cached = ["latent_mean" in row for row in rows]
+    if any(cached) and not all(cached):
+        pixels_shape = next(row["pixel_values"].shape for row in rows if "pixel_values" in row)
+        latent_shape = next(row["latent_mean"].shape for row in rows if "latent_mean" in row)
+        filler = {"pixel_values": np.zeros(pixels_shape, np.float32), "latent_mean": np.zeros(latent_shape, np.float32),
+                  "latent_std": np.zeros(latent_shape, np.float32)}
+        rows = [{**filler, **row} for row in rows]
+        batch = {key: paddle.to_tensor(np.stack([row[key] for row in rows])) for key in rows[0]}
+        batch["latent_cached"] = paddle.to_tensor(np.asarray(cached))
+        return batch
     return {key: paddle.to_tensor(np.stack([row[key] for row in rows])) for key in rows[0]}
 
 

@@ -156,6 +156,40 @@ def kohya_names(output_dir: str, model_family: Optional[str] = None,
     return KOHYA_NAMINGS[family.name](output_dir, base_model)
 
 
+def fold_sd3_norm_biases(pipeline) -> None:
+    """Move the bias of each parameterless SD3 `AdaLayerNormContinuous` norm into its modulation, where diffusers
+    keeps it.
+
+    ppdiffusers 0.29 gives these LayerNorms (`elementwise_affine=False`: the transformer's `norm_out` and the last
+    block's `norm1_context`) a trainable bias, zero at first, which diffusers' layer (and the original MMDiT) has
+    not: diffusers drops it on loading, so a trained one would be lost. The layer computes
+    `(norm(x) + b) * (1 + scale) + shift` with `[scale, shift] = W e + c` (`e` = silu of the conditioning). That
+    is `norm(x) * (1 + scale) + shift'` with `shift' = shift + b + b * scale`, still linear in `e`: adding
+    `b * W_scale` to `W_shift` and `b + b * c_scale` to `c_shift` gives the same output with `b` = 0."""
+    import paddle
+    from ppdiffusers.models.normalization import AdaLayerNormContinuous
+
+    for name, layer in pipeline.transformer.named_sublayers():
+        if not isinstance(layer, AdaLayerNormContinuous) or not isinstance(layer.norm, paddle.nn.LayerNorm):
+            continue
+        bias = layer.norm.bias
+        if layer.norm.weight is not None or bias is None:  # diffusers has the same parameters
+            continue
+        weight, linear_bias = layer.linear.weight, layer.linear.bias  # Paddle layout: [in, scale | shift]
+        if linear_bias is None:
+            raise ExportError(f"cannot move the norm bias of {name} into a modulation without a bias.")
+        width = bias.shape[0]
+        with paddle.no_grad():
+            weight.set_value(paddle.concat([weight[:, :width], weight[:, width:] + weight[:, :width] * bias], axis=1))
+            linear_bias.set_value(paddle.concat([linear_bias[:width],
+                                                 linear_bias[width:] + bias + bias * linear_bias[:width]]))
+            bias.set_value(paddle.zeros_like(bias))
+
+
+# family -> what its in-memory pipeline needs before ppdiffusers writes it in diffusers' layout
+DIFFUSERS_PREPARATIONS = {"sd3": fold_sd3_norm_biases}
+
+
 def refuse_unsupported(family, fmt: str) -> None:
     """Raise the family's own message when it cannot be exported in `fmt` (e.g. SD3 single files)."""
     message = family.unsupported_options.get(f"export_{fmt}")
@@ -204,7 +238,10 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         os.replace(path + ".tmp", path)
         return [path]
     # The family's loader, not DiffusionPipeline's: it passes the components a folder may lack (SD3's T5).
-    pipeline = detect_family(output_dir).load_pipeline(output_dir)
+    family = detect_family(output_dir)
+    pipeline = family.load_pipeline(output_dir)
+    if family.name in DIFFUSERS_PREPARATIONS:
+        DIFFUSERS_PREPARATIONS[family.name](pipeline)
     pipeline.save_pretrained(out, to_diffusers=True)
     return [os.path.join(out, name) for name in sorted(os.listdir(out))]
 

@@ -235,6 +235,12 @@ class DreamBoothModel(paddle.nn.Layer):
         """A shifted, scaled latent sample; draws from the RNG exactly as the VAE's own `latent_dist.sample()`."""
         return (mean + std * paddle.randn(mean.shape, dtype="float32") - self.shift_factor) * self.scaling_factor
 
+    def encode_missing_rows(self, pixel_values, latent_mean, latent_std, latent_cached):
+        """Moments of a mixed batch: the cached rows as given, the others encoded now."""
+        rows = paddle.nonzero(paddle.logical_not(latent_cached.astype("bool"))).flatten()
+        mean, std = self.latent_moments(paddle.gather(pixel_values, rows))
+        return paddle.scatter(latent_mean, rows, mean), paddle.scatter(latent_std, rows, std)
+
     def encode_images(self, pixel_values: paddle.Tensor) -> paddle.Tensor:
         return self.sample_latents(*self.latent_moments(pixel_values))
 
@@ -259,13 +265,17 @@ class DreamBoothModel(paddle.nn.Layer):
         prompt_embeds: Optional[paddle.Tensor] = None,
         noise: Optional[paddle.Tensor] = None,
         timesteps: Optional[paddle.Tensor] = None,
+        latent_cached: Optional[paddle.Tensor] = None,
         **conditioning: paddle.Tensor,
     ) -> Dict[str, paddle.Tensor]:
         """Loss for a batch of [instance; class] examples, given as pixels or cached latent moments, and as
         token ids (`input_ids`, `input_ids_2`) or cached encodings (`prompt_embeds`, `pooled_prompt_embeds`),
-        plus the family's per-sample conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests)."""
+        plus the family's per-sample conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests).
+        With `latent_cached` (a row mask) only the rows without cached moments are encoded."""
         if latent_mean is None:
             latent_mean, latent_std = self.latent_moments(pixel_values)
+        elif latent_cached is not None:
+            latent_mean, latent_std = self.encode_missing_rows(pixel_values, latent_mean, latent_std, latent_cached)
         with paddle.amp.auto_cast(enable=False):  # latents, noise and the noise schedule in float32
             latents = self.sample_latents(latent_mean, latent_std)
             if noise is None or timesteps is None:

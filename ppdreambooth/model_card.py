@@ -78,7 +78,7 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
     return path
 
 
-def closing_summary(output_dir: str, model_args, args) -> str:
+def closing_summary(output_dir: str, model_args, args, cached: str = "") -> str:
     checkpoints = complete_checkpoints(output_dir)
     images = latest_validation_images(output_dir)
     what = os.path.join(output_dir, LORA_WEIGHTS_NAME) if model_args.use_lora else output_dir
@@ -91,6 +91,7 @@ def closing_summary(output_dir: str, model_args, args) -> str:
         f"  validation:  {os.path.dirname(os.path.join(output_dir, images[0])) if images else 'none (--validation_prompt)'}",
         f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in (args.export_formats or '').split(',') if f) or 'none (--export_formats)'}",
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
+        *([f"  caching:     {cached}"] if cached else []),
         f"  generate:    {usage(model_args, output_dir)}",
     ]
     return "\n".join(lines)

@@ -213,7 +213,7 @@ def run(
         )
     dataset = build_dataset(model, data_args, instance_files, class_files)
     validating = bool(args.validation_prompt)
-    cache_encodings(model, dataset, data_args.cache_latents, keep_encoders=validating)
+    cached = cache_encodings(model, dataset, not data_args.no_cache_latents, keep_encoders=validating)
     ema = WeightEMA(model, args.ema_decay) if args.use_ema else None
     callbacks = list(callbacks)
     if ema is not None:
@@ -247,7 +247,7 @@ def run(
             export(args.output_dir, fmt, os.path.join(args.output_dir, f"export-{fmt}"))
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
-        print(closing_summary(args.output_dir, model_args, args), flush=True)
+        print(closing_summary(args.output_dir, model_args, args, cached), flush=True)
     return trainer
 
 

@@ -155,6 +155,10 @@ def test_cache_latents_refuses_random_crops(tmp_path, monkeypatch):
         parse_args(REQUIRED + ["--cache_latents"])
     _, data, _ = parse_args(REQUIRED + ["--cache_latents", "--center_crop", "--random_flip"])
     assert data.cache_latents
+    with pytest.raises(ConfigError, match="--cache_latents and --no_cache_latents contradict"):
+        parse_args(REQUIRED + ["--cache_latents", "--center_crop", "--no_cache_latents"])
+    _, data, _ = parse_args(REQUIRED + ["--no_cache_latents"])
+    assert data.no_cache_latents and not data.cache_latents
 
 
 def test_lora_flags(tmp_path, monkeypatch):

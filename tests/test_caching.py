@@ -1,4 +1,6 @@
 """Caching prompt embeddings and latents: same losses as encoding every step, encoders released."""
+import os
+
 import numpy as np
 import paddle
 import pytest
@@ -76,3 +78,46 @@ def test_a_trained_text_encoder_is_not_cached(tiny_model, photos):
     _, dataset = build(tiny_model, photos, flip=False, prior=False)
     cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=False)
     assert model.has_component("text_encoder") and dataset.concepts[0].instance.prompt_embeds is None
+
+
+@pytest.mark.parametrize("shapes", ["square", "random_crops", "mixed"])
+def test_latents_of_determined_crops_are_cached_by_default_with_equal_losses(tiny_model, tmp_path, shapes):
+    """Without --center_crop, a photo resized exactly to the training size has no crop freedom: its latents
+    are cached (both orientations); photos that need a random crop are encoded at each step. Losses equal
+    encoding everything on the fly, in batches that mix both kinds too."""
+    from conftest import write_photos
+
+    sizes = {"square": [(64, 64)] * 4, "random_crops": [(96, 80)] * 4, "mixed": [(64, 64), (96, 80)] * 2}[shapes]
+    folder = tmp_path / "photos"
+    for n, size in enumerate(sizes):
+        write_photos(folder / str(n), count=1, size=size, seed=n)
+    files = [os.path.join(folder, str(n), "photo-0.png") for n in range(len(sizes))]
+
+    def build_random_crop():
+        with paddle.utils.unique_name.guard():
+            model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model),
+                                    with_prior_preservation=True)
+        inst = load_image_set(files, "a photo of sks dog", model.tokenize, lambda h, w: (64, 64))
+        cls = load_image_set(files[::-1], "a photo of dog", model.tokenize, lambda h, w: (64, 64))
+        return model, DreamBoothDataset([ConceptData(inst, cls)], center_crop=False, random_flip=True)
+
+    keys = [[(0, 1), (1, 2)], [(2, 3), (3, 4)], [(1, 5), (2, 6)], [(3, 7), (0, 8)]]
+    model, dataset = build_random_crop()
+    reference = losses(model, dataset, keys)
+    model, dataset = build_random_crop()
+    report = cache_encodings(model, dataset, cache_latents_too=True, keep_encoders=False)
+    square = sum(1 for s in sizes if s == (64, 64))
+    cached = 2 * 2 * square  # instance and class half, both orientations
+    assert f"latents of {cached} of {2 * 2 * len(sizes)} image crops" in report
+    assert model.has_component("vae") == (shapes != "square")  # released only when nothing is left to encode
+    batch = collate([dataset[k] for k in keys[0]])
+    assert ("latent_cached" in batch) == (shapes == "mixed")
+    assert ("pixel_values" in batch) == (shapes != "square")
+    np.testing.assert_allclose(losses(model, dataset, keys), reference, rtol=1e-5)
+
+
+def test_no_cache_latents_opts_out(tiny_model, photos):
+    model, dataset = build(tiny_model, photos, flip=False, prior=False)
+    report = cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=False)
+    assert "latents" not in report and model.has_component("vae")
+    assert "pixel_values" in collate([dataset[(0, 1)]])
