@@ -9,6 +9,18 @@ parse and check every input (no model is loaded before that) -> class images -> 
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    # Run as a file, as `python -m paddle.distributed.launch --gpus 0,1 <site-packages>/ppdreambooth/train.py`
+    # does (the seed's pattern): the relative imports below need the package, so run the package's module. The
+    # file's own folder leaves sys.path (its module names would shadow others), the package's parent enters it.
+    import os as _os
+    import runpy as _runpy
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _runpy.run_module("ppdreambooth.train", run_name="__main__", alter_sys=True)
+    _sys.exit(0)
+
 import logging
 import os
 import sys

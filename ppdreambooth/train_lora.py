@@ -6,6 +6,19 @@ The seed README's `train_dreambooth_lora.py` command line runs unchanged with th
 the script; `--lora_rank` (or `--rank`), `--lora_alpha` and every flag of full fine-tuning apply.
 Without `--learning_rate` LoRA uses 1e-4 (the seed's rate) instead of 5e-6.
 """
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file, as `python -m paddle.distributed.launch --gpus 0,1 <site-packages>/ppdreambooth/train_lora.py`
+    # does (the seed's pattern): the relative imports below need the package, so run the package's module. The
+    # file's own folder leaves sys.path (its module names would shadow others), the package's parent enters it.
+    import os as _os
+    import runpy as _runpy
+    import sys as _sys
+
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _runpy.run_module("ppdreambooth.train_lora", run_name="__main__", alter_sys=True)
+    _sys.exit(0)
+
 import sys
 from typing import Optional, Sequence
 

@@ -119,3 +119,14 @@ def test_seed_prior_preservation_command(tiny_model, photos, tmp_path):
     assert (class_dir / "my-dog.png").read_bytes() == mine
     assert "loss_prior: " in result.stderr
     assert (out / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_entry_files_run_as_scripts(tiny_model, photos, tmp_path):
+    """`python <site-packages>/ppdreambooth/train_lora.py ...` (what paddle.distributed.launch does with a file)
+    works from any folder: the file runs the package's module instead of failing on relative imports."""
+    out = tmp_path / "out"
+    result = run_module([os.path.join(ROOT, "ppdreambooth", "train_lora.py"),
+                         *train_argv(tiny_model, photos, out, steps=1)], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "paddle_lora_weights.safetensors").is_file()

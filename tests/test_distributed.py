@@ -36,17 +36,19 @@ def test_sharding_stage1_equals_plain_data_parallel(tiny_model, photos, tmp_path
     """--sharding stage1 (optimizer state split over the ranks) runs on two CPU processes and, without gradient
     clipping, ends bit-identical to plain data parallel. (With clipping Paddle's sharded optimizer clips
     differently on this CPU build; stage2 refuses CPUs: see the README.)"""
-    def launch(name, extra):
+    def launch(name, extra, script):
         out = tmp_path / name
         argv = ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / f"{name}-logs"),
-                os.path.join(ROOT, "scripts", "train_entry.py"),
+                script,
                 *train_argv(tiny_model, photos, out, steps=3, extra=["--max_grad_norm", "0", "--checkpointing_steps",
                                                                      "2", *extra])]
         result = run_module(argv)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return out
 
-    plain, sharded = launch("dp", []), launch("sharded", ["--sharding", "stage1"])
+    # the second run launches the package's own file, as the seed's multi-GPU line does with a pip install
+    plain = launch("dp", [], os.path.join(ROOT, "scripts", "train_entry.py"))
+    sharded = launch("sharded", ["--sharding", "stage1"], os.path.join(ROOT, "ppdreambooth", "train.py"))
     assert (sharded / "checkpoint-2" / "optimizer.shard01.pdopt").is_file()  # each rank holds its share
     a, b = load_unet_weights(str(plain)), load_unet_weights(str(sharded))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
