@@ -270,7 +270,8 @@ class DreamBoothTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Skip the validation images at the end of training (PaddleMIX's SD3 flag)."}
     )
     export_formats: Optional[str] = field(
-        default=None, metadata={"help": "Also export at the end: comma-separated diffusers, single-file (full) and/or kohya (LoRA)."}
+        default=None, metadata={"help": "Also export at the end: comma-separated diffusers, single-file (full), kohya and/or "
+                                        "merged (LoRA)."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the Hugging Face hub."})
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
@@ -293,9 +294,10 @@ class DreamBoothTrainingArguments(TrainingArguments):
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {value}.")
         formats = [f for f in (self.export_formats or "").split(",") if f]
-        unknown = [f for f in formats if f not in ("diffusers", "single-file", "kohya")]
+        unknown = [f for f in formats if f not in ("diffusers", "single-file", "kohya", "merged")]
         if unknown:
-            raise ConfigError(f"--export_formats: unknown format {unknown[0]!r}; use diffusers, single-file, kohya.")
+            raise ConfigError(f"--export_formats: unknown format {unknown[0]!r}; use diffusers, single-file, kohya, "
+                              "merged.")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay must be between 0 and 1, got {self.ema_decay}.")
         if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate < 0:

@@ -3,17 +3,21 @@
     python -m ppdreambooth.export <output_dir> --format diffusers --out <folder>
     python -m ppdreambooth.export <output_dir> --format single-file --out <file.safetensors>
     python -m ppdreambooth.export <output_dir> --format kohya --out <file.safetensors>
+    python -m ppdreambooth.export <lora output_dir> --format merged --out <folder>
 
 - `diffusers`, full fine-tuning: a diffusers (PyTorch) pipeline folder, written by ppdiffusers'
   own `save_pretrained(to_diffusers=True)` (which transposes Linear weights to PyTorch's layout). The run
-  is loaded through its family, so an SD3 folder without T5 (no text_encoder_3/tokenizer_3) exports too.
+  is loaded through its family, so an SD3 folder without T5 (no text_encoder_3/tokenizer_3) exports too
+  (diffusers loads such a folder with `text_encoder_3=None, tokenizer_3=None`). For SD3 the bias that
+  ppdiffusers gives the transformer's parameterless adaptive norms, which diffusers has not, is first moved
+  into their modulation (`fold_sd3_norm_biases`).
 - `diffusers`, LoRA: `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`: the same
   keys in PyTorch's layout (every 2-D matrix transposed). For SD3 these are
   `transformer.transformer_blocks.<n>.attn.<to_q|...|to_add_out>.lora_A/lora_B.weight`, read by
-  `StableDiffusion3Pipeline.load_lora_weights`, and this same file is also the ComfyUI SD3 LoRA. ComfyUI's
-  `comfy/lora.py` (`model_lora_keys_unet`, its SD3 branch, "regular diffusers sd3 lora format") maps
-  `transformer.<diffusers module>` onto its MMDiT weights through `mmdit_to_diffusers` in `comfy/utils.py`
-  (to_q/to_k/to_v and add_*_proj become slices of the fused `qkv`), and `load_lora` there reads
+  `StableDiffusion3Pipeline.load_lora_weights`, and this same file is also the ComfyUI SD3 LoRA: in
+  comfyanonymous/ComfyUI, `comfy/lora.py` (`model_lora_keys_unet`, its SD3 branch, "regular diffusers sd3 lora
+  format") maps `transformer.<diffusers module>` onto its MMDiT weights through `mmdit_to_diffusers` in
+  `comfy/utils.py` (to_q/to_k/to_v and add_*_proj become slices of the fused `qkv`), and `load_lora` there reads
   `<module>.lora_B.weight` (up) and `<module>.lora_A.weight` (down). Without an `.alpha` key ComfyUI applies
   the product at scale 1, which is right here: our lora_B already carries alpha/rank.
 - `single-file`, full fine-tuning: one `.safetensors` in the layout of WebUI / ComfyUI checkpoints
@@ -23,6 +27,9 @@
   AUTOMATIC1111's WebUI and ComfyUI read. Our adapters already carry alpha/rank in lora_up, so alpha = rank.
   For SDXL the names are kohya's SDXL ones: `lora_unet_<SGM module path>`, `lora_te1_*`, `lora_te2_*`.
   Refused for SD3, pointing to `diffusers`, whose file ComfyUI loads (above).
+
+- `merged`, LoRA: a ppdiffusers pipeline folder of the base model with the adapters folded into its weights
+  (`ppdreambooth.merge`): loads with plain `from_pretrained`, no LoRA loader, no peft backend, no ppdreambooth.
 
 Formats a family cannot write are refused with its `unsupported_options["export_<format>"]` message (the
 training entry refuses the same `--export_formats` before training).
@@ -44,7 +51,7 @@ import numpy as np
 from . import compat  # noqa: F401
 from .lora import LORA_WEIGHTS_NAME
 
-FORMATS = ("diffusers", "single-file", "kohya")
+FORMATS = ("diffusers", "single-file", "kohya", "merged")
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -53,9 +60,12 @@ class ExportError(ValueError):
 
 
 def _load_lora(output_dir: str) -> Dict[str, np.ndarray]:
+    """A run's adapters with peft names (`...lora_A.weight`), however they were written (UNets: `lora.down`)."""
     from safetensors.numpy import load_file
 
-    return load_file(os.path.join(output_dir, LORA_WEIGHTS_NAME))
+    from .lora import to_peft_keys
+
+    return to_peft_keys(load_file(os.path.join(output_dir, LORA_WEIGHTS_NAME)))
 
 
 def _torch_layout(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -222,6 +232,17 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         refuse_unsupported(family, fmt)
         path = out if out.endswith(".safetensors") else os.path.join(out, "model.safetensors")
         return [write_single_file(output_dir, path, family)]
+    if fmt == "merged":
+        if not is_lora:
+            raise ExportError("--format merged folds LoRA adapters into the base model; this run is a full "
+                              "fine-tune already (its output folder loads as it is).")
+        from .merge import write_merged
+
+        family = lora_family(output_dir, model_family, base_model)
+        base = base_model or read_model_card(output_dir).get("base_model")
+        if not base:
+            raise ExportError(f"{output_dir} has no model card naming its base model; pass --base_model.")
+        return write_merged(_load_lora(output_dir), base, family, out)
     if fmt == "kohya":
         if not is_lora:
             raise ExportError("--format kohya writes LoRA adapters; this run is a full fine-tune (use diffusers).")

@@ -5,7 +5,7 @@ for SD and SDXL the q, k, v and output projections of every UNet attention block
 `--train_text_encoder`, of each text encoder's self-attention. Base weights are frozen.
 
 The saved `paddle_lora_weights.safetensors` is what `pipe.load_lora_weights(dir)` (and
-`pipe.unet.load_attn_procs(dir)` for the UNet part) reads. That loader assumes alpha == rank, so a
+`pipe.unet.load_attn_procs(dir)` for the UNet part) reads; see `save_lora_weights` for its key names. That loader assumes alpha == rank, so a
 `--lora_alpha` other than the rank is baked into the saved up-projection (B * alpha / rank): the
 loaded adapters then compute exactly what the trained ones did.
 """
@@ -53,13 +53,34 @@ def adapter_state_dict(layer, rank: int, alpha: float) -> Dict[str, paddle.Tenso
     return {k: (v * scale if scale != 1 and "lora_B" in k else v).astype("float32") for k, v in state.items()}
 
 
+def to_legacy_keys(state: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+    """peft names (`<module>.lora_A.weight` / `.lora_B.weight`) -> the attention-processor names
+    (`<module>.lora.down.weight` / `.lora.up.weight`), same tensors."""
+    return {k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): v
+            for k, v in state.items()}
+
+
+def to_peft_keys(state: dict) -> dict:
+    """The reverse of `to_legacy_keys`: a saved file's keys in peft names, whichever way it was written."""
+    return {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
+            for k, v in state.items()}
+
+
 def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], rank: int, alpha: float) -> str:
     """Write `paddle_lora_weights.safetensors` into `out_dir` (atomically) with the adapters of `layers`
-    (component name -> layer, e.g. unet, text_encoder, text_encoder_2); returns its path."""
+    (component name -> layer, e.g. unet, text_encoder, text_encoder_2); returns its path.
+
+    UNet adapters (SD, SDXL) are written with the attention-processor names (`...lora.down.weight`): measured
+    on ppdiffusers 0.29, those load exactly both in a plain session (`load_lora_weights`, the seed's
+    `unet.load_attn_procs`) and under the peft backend, where peft names crash the plain loader. Text
+    encoders and SD3's transformer keep peft names: ppdiffusers 0.29 loads them only under its peft backend.
+    """
     staging = os.path.join(out_dir, ".lora-staging")
     shutil.rmtree(staging, ignore_errors=True)
-    family.save_lora(staging, LORA_WEIGHTS_NAME,
-                     {name: adapter_state_dict(layer, rank, alpha) for name, layer in layers.items()})
+    states = {name: adapter_state_dict(layer, rank, alpha) for name, layer in layers.items()}
+    if family.legacy_lora_keys:
+        states[family.denoiser] = to_legacy_keys(states[family.denoiser])
+    family.save_lora(staging, LORA_WEIGHTS_NAME, states)
     target = os.path.join(out_dir, LORA_WEIGHTS_NAME)
     os.replace(os.path.join(staging, LORA_WEIGHTS_NAME), target)
     shutil.rmtree(staging, ignore_errors=True)

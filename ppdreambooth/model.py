@@ -55,7 +55,7 @@ def check_model_folder(path: str, family: ModelFamily) -> None:
     """For a local model folder, name any component of `family` that it lacks (a hub id is not checked)."""
     if not os.path.isdir(path):
         return  # a hub id: ppdiffusers downloads it
-    missing = [c for c in family.components if not os.path.isdir(os.path.join(path, c))]
+    missing = [c for c in family.required_components if not os.path.isdir(os.path.join(path, c))]
     if missing:
         raise ConfigError(
             f"model folder {path} lacks {', '.join(c + '/' for c in missing)}; a {family.pipeline_class} folder has "

@@ -26,6 +26,29 @@ def usage(model_args, output_dir: str) -> str:
     return f"python -m ppdreambooth.generate --model {output_dir} --prompt \"...\""
 
 
+def needs_peft_backend(model_args, family) -> bool:
+    """ppdiffusers 0.29 loads text-encoder and SD3 adapters only under its peft backend; UNet ones anywhere."""
+    return bool(model_args.train_text_encoder) or not family.legacy_lora_keys
+
+
+def merged_command(output_dir: str) -> str:
+    return f"python -m ppdreambooth.export {output_dir} --format merged --out {output_dir}-merged"
+
+
+def lora_loading(model_args, family, output_dir: str) -> list:
+    """Model-card lines: how to load the adapters, in plain ppdiffusers first."""
+    base = model_args.pretrained_model_name_or_path
+    load = [f"pipe = DiffusionPipeline.from_pretrained(\"{base}\")", f"pipe.load_lora_weights(\"{output_dir}\")", "```"]
+    if not needs_peft_backend(model_args, family):
+        return ["These adapters load in plain ppdiffusers (no ppdreambooth needed; `pipe.unet.load_attn_procs` "
+                "works too):", "", "```python", "from ppdiffusers import DiffusionPipeline", "", *load]
+    return ["These adapters (text encoders or SD3) load only under ppdiffusers' peft backend (ppdiffusers 0.29): "
+            "`import ppdreambooth` first, or set `USE_PEFT_BACKEND=True` before importing ppdiffusers:", "",
+            "```python", "import ppdreambooth  # switches on ppdiffusers' peft backend", "from ppdiffusers import "
+            "DiffusionPipeline", "", *load, "", "Without either: fold them into a full pipeline folder that loads "
+            f"anywhere: `{merged_command(output_dir)}`."]
+
+
 def write_model_card(output_dir: str, model_args, data_args, args, global_step: int, family) -> str:
     mode = (f"LoRA (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}), file `{LORA_WEIGHTS_NAME}`"
             if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
@@ -64,9 +87,7 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
         settings.append(f"{'fp16' if args.fp16 else 'bf16'} {args.fp16_opt_level}")
     lines += ["- Training: " + ", ".join(settings), "", "## Use", "", "```bash", usage(model_args, output_dir), "```"]
     if model_args.use_lora:
-        lines += ["", "```python", "import ppdreambooth  # ppdiffusers' LoRA backend", "from ppdiffusers import "
-                  "DiffusionPipeline", "", f"pipe = DiffusionPipeline.from_pretrained(\"{model_args.pretrained_model_name_or_path}\")",
-                  f"pipe.load_lora_weights(\"{output_dir}\")", "```"]
+        lines += ["", *lora_loading(model_args, family, output_dir)]
     images = latest_validation_images(output_dir)
     if images:
         lines += ["", f"## Validation images (`{args.validation_prompt}`)", ""]
@@ -78,7 +99,7 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
     return path
 
 
-def closing_summary(output_dir: str, model_args, args, cached: str = "") -> str:
+def closing_summary(output_dir: str, model_args, args, cached: str = "", family=None) -> str:
     checkpoints = complete_checkpoints(output_dir)
     images = latest_validation_images(output_dir)
     what = os.path.join(output_dir, LORA_WEIGHTS_NAME) if model_args.use_lora else output_dir
@@ -92,6 +113,9 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "") -> str:
         f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in (args.export_formats or '').split(',') if f) or 'none (--export_formats)'}",
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
         *([f"  caching:     {cached}"] if cached else []),
+        *([f"  loading:     needs ppdiffusers' peft backend (import ppdreambooth first); or {merged_command(output_dir)}"]
+          if model_args.use_lora and family is not None and needs_peft_backend(model_args, family) else
+          [f"  loading:     plain ppdiffusers: pipe.load_lora_weights(\"{output_dir}\")"] if model_args.use_lora else []),
         f"  generate:    {usage(model_args, output_dir)}",
     ]
     return "\n".join(lines)

@@ -259,7 +259,7 @@ def run(
             export(args.output_dir, fmt, os.path.join(args.output_dir, f"export-{fmt}"))
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
-        print(closing_summary(args.output_dir, model_args, args, cached), flush=True)
+        print(closing_summary(args.output_dir, model_args, args, cached, family), flush=True)
     return trainer
 
 

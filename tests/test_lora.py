@@ -117,6 +117,8 @@ def test_seed_lora_command_output_loads_and_reproduces_validation_images(tiny_mo
     result = run_module(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(out / LORA_WEIGHTS_NAME) and not os.path.exists(out / "unet")
+    assert "load in plain ppdiffusers" in (out / "README.md").read_text()  # UNet-only adapters: no backend needed
+    assert "loading:     plain ppdiffusers" in result.stdout
     assert os.path.getsize(out / LORA_WEIGHTS_NAME) < 200_000
     ckpt = paddle.load(str(out / "checkpoint-4" / "model_state.pdparams"))
     assert ckpt and all(".lora_" in k for k in ckpt)
@@ -163,3 +165,76 @@ def test_lora_resume_and_validation_leave_training_unchanged(tiny_model, photos,
         assert other.keys() == reference.keys()
         for k in reference:
             assert np.array_equal(other[k], reference[k]), k
+
+
+def _reference_outputs(model, inputs):
+    """What the trained model computes for the client's inputs (UNet prediction, first encoder's states)."""
+    data = {k: paddle.to_tensor(v) for k, v in inputs.items()}
+    tokens = {k: v for k, v in data.items() if k.startswith("input_ids")}
+    with paddle.no_grad():
+        cond = model.family.encode_prompt(model.text_encoders(), tokens, model.denoiser.config)
+        cond.update({k: data[k] for k in ("time_ids",) if k in data})
+        pred = model.family.predict(model.unet, data["latents"], data["timesteps"], cond)
+        hidden = model.text_encoder(data["input_ids"])[0]
+    return pred.numpy(), hidden.numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_unet_adapters_load_without_ppdreambooth(family, tiny_model, tiny_sdxl_model, tmp_path):
+    """In a fresh session that never imports ppdreambooth: the plain ppdiffusers loaders (load_lora_weights,
+    and the seed README's unet.load_attn_procs) and the peft backend all reproduce the trained UNet;
+    text-encoder adapters load under the peft backend."""
+    from conftest import ROOT
+
+    base = tiny_model if family == "sd" else tiny_sdxl_model
+    rng = np.random.RandomState(0)
+    inputs = {"latents": rng.standard_normal((2, 4, 8, 8)).astype("float32"),
+              "timesteps": np.array([10, 700], dtype="int64"), "input_ids": rng.randint(0, 500, (2, 77))}
+    if family == "sdxl":
+        inputs.update(input_ids_2=rng.randint(0, 500, (2, 77)),
+                      time_ids=np.array([[64, 64, 0, 0, 64, 64]] * 2, dtype="float32"))
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    client = os.path.join(ROOT, "tests", "helpers", "plain_lora_client.py")
+
+    def load(mode, folder, how, model=base):
+        out = tmp_path / f"{mode}-{how}-{os.path.basename(folder)}.npz"
+        result = run_module([client, mode, model, str(folder), how, str(tmp_path / "inputs.npz"), str(out)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        loaded = np.load(out)
+        return loaded["pred"], loaded["hidden"]
+
+    cases = [("unet_only", False, [("plain", "load_lora_weights"), ("plain", "load_attn_procs"),
+                                   ("peft", "load_lora_weights")]),
+             ("with_text_encoder", True, [("peft", "load_lora_weights")])]
+    for name, text_encoder, loaders in cases:
+        model = lora_model(base, rank=4, alpha=8.0, text_encoder=text_encoder)
+        if family == "sdxl":
+            optimizer = paddle.optimizer.AdamW(learning_rate=5e-2, parameters=model.trainable_parameters())
+            model.train()
+            paddle.seed(0)
+            for _ in range(3):
+                model(pixel_values=paddle.uniform([2, 3, 64, 64], min=-1, max=1),
+                      input_ids=paddle.randint(0, 500, [2, 77]), input_ids_2=paddle.randint(0, 500, [2, 77]),
+                      time_ids=paddle.to_tensor(inputs["time_ids"]))["loss"].backward()
+                optimizer.step()
+                optimizer.clear_grad()
+            model.eval()
+        else:
+            train_steps(model)
+        folder = tmp_path / name
+        save_lora_weights(str(folder), model.family, model.trained_layers(), 4, 8.0)
+        assert any(".lora.down.weight" in k for k in load_file(str(folder / LORA_WEIGHTS_NAME)))
+        want_pred, want_hidden = _reference_outputs(model, inputs)
+        for mode, how in loaders:
+            pred, hidden = load(mode, folder, how)
+            np.testing.assert_allclose(pred, want_pred, rtol=1e-5, atol=1e-5, err_msg=f"{name} {mode} {how}")
+            np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5, err_msg=f"{name} {mode} {how}")
+        if text_encoder:  # the way without any LoRA loader: adapters folded into a full pipeline folder
+            from ppdreambooth.export import export
+
+            merged = tmp_path / f"merged-{name}"
+            export(str(folder), "merged", str(merged), model_family=family, base_model=base)
+            pred, hidden = load("plain", folder, "none", model=str(merged))  # the merged folder, no LoRA
+            np.testing.assert_allclose(pred, want_pred, rtol=1e-5, atol=1e-5, err_msg="merged")
+            np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5, err_msg="merged")

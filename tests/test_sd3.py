@@ -205,6 +205,14 @@ def test_sd3_lora_saves_and_loads_in_the_sd3_pipeline(tiny_sd3_model, tmp_path):
     np.testing.assert_allclose(loaded, trained, rtol=1e-5, atol=1e-6)
     assert np.abs(loaded - base).max() > 1e-3
 
+    # folded into the weights (`export --format merged`): a plain pipeline folder, no LoRA loader needed
+    from ppdreambooth.export import export
+
+    export(str(tmp_path), "merged", str(tmp_path / "merged"), model_family="sd3", base_model=tiny_sd3_model)
+    merged = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "merged"))
+    folded = probe(merged.transformer, {n: getattr(merged, n) for n in encoders})
+    np.testing.assert_allclose(folded, trained, rtol=1e-5, atol=1e-5)
+
 
 def test_lora_layers_chooses_the_adapted_modules(tiny_sd3_model):
     model = make(tiny_sd3_model, use_lora=True, lora_layers="to_q,to_v")

@@ -59,7 +59,9 @@ def test_paddlemix_sd3_lora_command_and_generate_with_the_adapters(tiny_sd3_mode
     saved = load_file(str(out / "paddle_lora_weights.safetensors"))
     assert saved and all(k.startswith("transformer.") and "lora" in k for k in saved)
     assert any(".add_q_proj." in k for k in saved) and any(".to_add_out." in k for k in saved)  # context stream too
-    assert "load_lora_weights" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights" in card and "peft backend" in card and "--format merged" in card
+    assert "needs ppdiffusers' peft backend" in result.stdout  # the closing summary says so too
 
     # generate with the adapters: at scale 0 the base model's image, at scale 1 the validation image
     images = {}

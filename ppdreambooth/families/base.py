@@ -29,6 +29,9 @@ class ModelFamily:
     # LoRA targets: module names adapted in the denoiser and in each text encoder
     denoiser_lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder_lora_targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # denoiser adapters saved with attention-processor names, which ppdiffusers 0.29 loads without its peft
+    # backend too (UNets); False: peft names, loadable only under that backend (SD3's transformer)
+    legacy_lora_keys: bool = True
     # what the family cannot do (yet): option -> the message that says so and what to do instead
     unsupported_options: Dict[str, str] = {}
     default_resolution: int = 512

@@ -37,6 +37,7 @@ class StableDiffusion3(ModelFamily):
     denoiser_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                              "to_add_out")
     text_encoder_lora_targets = ()  # ppdiffusers' SD3 LoRA loader reads transformer adapters only
+    legacy_lora_keys = False  # its loader requires the peft backend and peft names
     default_resolution = 1024
     hub_example = "stabilityai/stable-diffusion-3-medium-diffusers"
     card_tag = "stable-diffusion-3"

@@ -4,6 +4,8 @@
         [--single_file_config <diffusers folder>]
     python diffusers_client.py unet_sdxl <pipeline_dir or file> <inputs.npz> <outputs.npz> [--lora <file or dir>]
         [--single_file_config <diffusers folder>]
+    python diffusers_client.py sd3 <pipeline_dir> <inputs.npz> <outputs.npz> [--lora <file or dir>]
+        [--merge_lora <file>]
     python diffusers_client.py make_tiny <out_dir>
 
 `unet`: loads a diffusers pipeline folder (optionally with LoRA weights) and writes the text encoder's
@@ -12,6 +14,11 @@ hidden states and the UNet's prediction for the given inputs (latents, timesteps
 concatenated penultimate hidden states of both text encoders, `pooled` the second encoder's projected
 output, and `pred` the UNet's prediction given those and the inputs' `time_ids` (input_ids feed both
 encoders unless the inputs have input_ids_2).
+`sd3`: loads a diffusers StableDiffusion3Pipeline folder, optionally with LoRA weights through its
+`load_lora_weights` (`--lora`), or with a LoRA file merged into the weights as ComfyUI applies one
+(`--merge_lora`), and writes the transformer's prediction `pred` for the inputs' latents, timesteps,
+encoder_hidden_states and pooled_projections. With input_ids in the inputs it also writes SD3's conditioning
+from the folder's text encoders (`hidden`, `pooled`; input_ids_2 defaults to input_ids, T5 reads input_ids_3).
 `make_tiny`: builds a tiny random Stable Diffusion pipeline with diffusers and saves it (diffusers layout).
 """
 import os
@@ -71,6 +78,78 @@ def run_unet_sdxl(source, inputs_path, outputs_path, lora=None, single_file_conf
     np.savez(outputs_path, **sdxl_outputs(pipe, dict(np.load(inputs_path))))
 
 
+def load_sd3(source):
+    """A StableDiffusion3Pipeline from a diffusers folder, T5's tokenizer left out: transformers reads the tiny
+    model's sentencepiece file only with the sentencepiece package, which this environment does not have (token
+    ids come from the inputs instead). A folder without T5 loads as diffusers documents it, text_encoder_3=None."""
+    from diffusers import StableDiffusion3Pipeline
+
+    absent = {} if os.path.isdir(os.path.join(source, "text_encoder_3")) else {"text_encoder_3": None}
+    return StableDiffusion3Pipeline.from_pretrained(source, tokenizer_3=None, **absent)
+
+
+def merge_lora_as_comfyui(transformer, path):
+    """Add each adapter's `lora_B @ lora_A` to the weight it adapts, as ComfyUI's LoRA loader applies a
+    `<module>.lora_A/lora_B.weight` pair: scaled by alpha / rank when the file has `<module>.alpha`, else by 1."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    weights = dict(transformer.named_parameters())
+    with torch.no_grad():
+        for key, down in state.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[:-len(".lora_A.weight")]
+            up = state[f"{module}.lora_B.weight"]
+            alpha = state.get(f"{module}.alpha")
+            scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+            weights[module[len("transformer."):] + ".weight"] += scale * (up @ down)
+
+
+def sd3_conditioning(pipe, data):
+    """SD3's prompt and pooled embeddings from token ids: both CLIPs' penultimate hidden states side by side,
+    zero-padded to T5's width, followed along the sequence by T5's last hidden state (zeros without T5); the
+    pooled embedding is both CLIP projections side by side."""
+    ids = torch.from_numpy(data["input_ids"])
+    ids_2 = torch.from_numpy(data["input_ids_2"]) if "input_ids_2" in data else ids
+    with torch.no_grad():
+        first = pipe.text_encoder(ids, output_hidden_states=True)
+        second = pipe.text_encoder_2(ids_2, output_hidden_states=True)
+        clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        if pipe.text_encoder_3 is not None:
+            t5 = pipe.text_encoder_3(torch.from_numpy(data["input_ids_3"]))[0]
+        else:
+            t5 = torch.zeros(clip.shape[0], clip.shape[1], pipe.transformer.config.joint_attention_dim)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        hidden = torch.cat([clip, t5], dim=-2)
+        pooled = torch.cat([first.text_embeds, second.text_embeds], dim=-1)
+    return {"hidden": hidden.numpy(), "pooled": pooled.numpy()}
+
+
+def sd3_prediction(transformer, data):
+    """The SD3 transformer's output for the inputs' latents, timesteps (sigma x 1000) and conditioning."""
+    with torch.no_grad():
+        pred = transformer(hidden_states=torch.from_numpy(data["latents"]),
+                           timestep=torch.from_numpy(data["timesteps"]),
+                           encoder_hidden_states=torch.from_numpy(data["encoder_hidden_states"]),
+                           pooled_projections=torch.from_numpy(data["pooled_projections"])).sample
+    return pred.numpy()
+
+
+def run_sd3(source, inputs_path, outputs_path, lora=None, merge_lora=None):
+    pipe = load_sd3(source)
+    if lora:
+        folder, name = (os.path.dirname(lora), os.path.basename(lora)) if os.path.isfile(lora) else (lora, None)
+        pipe.load_lora_weights(folder, weight_name=name)
+    if merge_lora:
+        merge_lora_as_comfyui(pipe.transformer, merge_lora)
+    data = dict(np.load(inputs_path))
+    outputs = {"pred": sd3_prediction(pipe.transformer, data)}
+    if "input_ids" in data:
+        outputs.update(sd3_conditioning(pipe, data))
+    np.savez(outputs_path, **outputs)
+
+
 def _tiny_tokenizer_module():
     """ppdreambooth/tiny.py loaded by path: the package's __init__ imports Paddle, absent here."""
     import importlib.util
@@ -123,6 +202,10 @@ if __name__ == "__main__":
         lora = sys.argv[sys.argv.index("--lora") + 1] if "--lora" in sys.argv else None
         config = sys.argv[sys.argv.index("--single_file_config") + 1] if "--single_file_config" in sys.argv else None
         run_unet_sdxl(sys.argv[2], sys.argv[3], sys.argv[4], lora, config)
+    elif command == "sd3":
+        lora = sys.argv[sys.argv.index("--lora") + 1] if "--lora" in sys.argv else None
+        merge = sys.argv[sys.argv.index("--merge_lora") + 1] if "--merge_lora" in sys.argv else None
+        run_sd3(sys.argv[2], sys.argv[3], sys.argv[4], lora, merge)
     elif command == "make_tiny":
         make_tiny(sys.argv[2])
     else:
