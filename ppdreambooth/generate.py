@@ -5,7 +5,9 @@
         --prompts_file prompts.txt --num_images 4 --seed 0 --out ./samples
 
 Writes one PNG per image (`<index>-<prompt slug>-seed<seed>.png`) and a grid `grid.png` into `--out`.
-Images depend only on prompt, seed, steps and guidance (DPM-Solver by default, 25 steps).
+Images depend only on prompt, seed, steps, guidance and scheduler (DPM-Solver by default, 25 steps; SD3: its
+flow-matching Euler), ancestral ones (euler_a) included: each image's starting noise and per-step noise are
+drawn from its own seed.
 """
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ def generate(args) -> List[str]:
         for p, prompt in enumerate(prompts):
             for i in range(args.num_images):
                 seed = args.seed + i
+                paddle.seed(seed)  # ancestral samplers (euler_a) draw fresh noise at every step: seed it too
                 with paddle.no_grad():
                     image = pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                                  guidance_scale=args.guidance_scale, height=height, width=width,

@@ -64,8 +64,8 @@ def load_component(path: str, name: str, revision: Optional[str] = None, family=
     torch_format = os.path.isdir(path) and is_diffusers_folder(path, family.denoiser)
     options = {"revision": revision, **({"from_diffusers": True} if torch_format else {})}
     if name in family.tokenizers:
-        return getattr(transformers, family.tokenizer_classes.get(name, "CLIPTokenizer")).from_pretrained(
-            path, subfolder=name)
+        tokenizer_class = getattr(transformers, family.tokenizer_classes.get(name, "CLIPTokenizer"))
+        return tokenizer_class.from_pretrained(path, subfolder=name, **({"revision": revision} if revision else {}))
     if name in family.text_encoders:
         class_name = family.text_encoder_classes[name]
         if torch_format:

@@ -105,8 +105,22 @@ def _torch_layout(model) -> Dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in state.items()}
 
 
+OPEN_CLIP_SD2_PREFIX = "cond_stage_model.model."  # SD 2.x single files: an OpenCLIP text encoder
+SD2_UNSUPPORTED = ("SD 2.x single files hold an OpenCLIP text encoder (`cond_stage_model.model.*`), a layout "
+                   "ppdreambooth does not convert; use the diffusers export (--format diffusers) or a model folder.")
+
+
+def _is_open_clip_text_encoder(text_encoder) -> bool:
+    """SD 2.x's text encoder is OpenCLIP ViT-H (GELU), SD 1.x's OpenAI CLIP ViT-L (quick GELU)."""
+    return text_encoder.config.hidden_act == "gelu"
+
+
 def _sd_single_file_state(components: Dict[str, object]) -> Dict[str, np.ndarray]:
-    """UNet, VAE and text encoder of an SD 1.x/2.x pipeline in the WebUI single-file layout."""
+    """UNet, VAE and text encoder of an SD 1.x pipeline in the WebUI single-file layout (SD 2.x: refused)."""
+    from .args import ConfigError
+
+    if _is_open_clip_text_encoder(components["text_encoder"]):
+        raise ConfigError(SD2_UNSUPPORTED)
     unet, vae = components["unet"], components["vae"]
     state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(_torch_layout(unet), dict(unet.config)).items()}
     state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(_torch_layout(vae), dict(vae.config)).items()})
@@ -199,15 +213,20 @@ def _read_unet_and_vae(checkpoint: Dict[str, np.ndarray], config_source: str, st
 
 
 def _read_sd_text_encoders(checkpoint: Dict[str, np.ndarray], config_source: str, family) -> Dict[str, object]:
-    """The CLIP text encoder of an SD 1.x/2.x file (`cond_stage_model.transformer.*`, HF names)."""
+    """The CLIP text encoder of an SD 1.x file (`cond_stage_model.transformer.*`, HF names); every weight must
+    be there (an SD 2.x file, whose OpenCLIP encoder is elsewhere, is refused rather than loaded half)."""
     from ppdiffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_diffusers_vae_unet_to_ppdiffusers
 
+    from .args import ConfigError
     from .loading import load_component
 
+    if any(k.startswith(OPEN_CLIP_SD2_PREFIX) for k in checkpoint):
+        raise ConfigError(SD2_UNSUPPORTED)
     text_encoder = load_component(config_source, "text_encoder")
     text_state = {k[len(TEXT_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(TEXT_PREFIX)}
     text_state.pop("text_model.embeddings.position_ids", None)
-    text_encoder.set_state_dict(convert_diffusers_vae_unet_to_ppdiffusers(text_encoder, text_state))
+    _set_weights(text_encoder, convert_diffusers_vae_unet_to_ppdiffusers(text_encoder, text_state), "text encoder",
+                 strict=True)
     return {"text_encoder": text_encoder}
 
 

@@ -180,3 +180,19 @@ def test_single_file_export_loads_in_diffusers_and_trains_back(torch_python, pho
     # the imported base is exactly the exported model
     base = StableDiffusionPipeline.from_pretrained(str(again / ".base-from-single-file"), safety_checker=None)
     assert_close(paddle_outputs(base, inputs[1]), expected, rel=1e-6)
+
+
+def test_generate_with_an_ancestral_sampler_depends_only_on_the_seed(tiny_model, tmp_path):
+    """euler_a draws noise at every step; each image is still a function of its seed alone."""
+    def run(out, seed, prompts):
+        argv = ["-m", "ppdreambooth.generate", "--model", tiny_model, *sum((["--prompt", p] for p in prompts), []),
+                "--num_images", "1", "--steps", "3", "--seed", str(seed), "--scheduler", "euler_a", "--out", str(out)]
+        assert run_module(argv).returncode == 0
+        return {n: np.asarray(Image.open(out / n), dtype=np.int16) for n in os.listdir(out) if n != "grid.png"}
+
+    once = run(tmp_path / "a", 3, ["a photo of sks dog"])
+    again = run(tmp_path / "b", 3, ["a dog on a beach", "a photo of sks dog"])  # other images drawn before it
+    other = run(tmp_path / "c", 4, ["a photo of sks dog"])
+    image = once["00-00-a-photo-of-sks-dog-seed3.png"]
+    assert np.array_equal(again["01-00-a-photo-of-sks-dog-seed3.png"], image)
+    assert np.abs(other["00-00-a-photo-of-sks-dog-seed4.png"] - image).max() > 0

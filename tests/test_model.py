@@ -114,12 +114,32 @@ def test_recompute_turns_on_gradient_checkpointing(tiny_model):
     assert np.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_prediction_type_and_tokenizer_overrides(tiny_model):
+def test_prediction_type_and_tokenizer_overrides(tiny_model, tmp_path, monkeypatch):
+    import json
     import os
+    import shutil
 
     model = make_model(tiny_model, prediction_type="v_prediction")
     assert model.noise_scheduler.config.prediction_type == "epsilon" and model.prediction_type == "v_prediction"
+    # --tokenizer_name: another tokenizer really replaces the model's (here one that pads to 16 tokens)
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(os.path.join(tiny_model, "tokenizer"), other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 16}))
     with paddle.utils.unique_name.guard():
-        custom = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model,
-                                                tokenizer_name=os.path.join(tiny_model, "tokenizer")))
-    assert custom.tokenizer.model_max_length == 77
+        custom = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model, tokenizer_name=str(other)))
+    assert custom.tokenizer.model_max_length == 16 and custom.tokenize("a dog")["input_ids"].shape == (16,)
+    assert model.tokenize("a dog")["input_ids"].shape == (77,)
+
+    # --revision reaches every component's loader, tokenizers included
+    from ppdiffusers.transformers import CLIPTokenizer
+
+    from ppdreambooth.loading import load_component
+
+    seen = {}
+    original = CLIPTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: seen.update(kw) or original(
+                            cls, *a, **{k: v for k, v in kw.items() if k != "revision"})))
+    load_component(tiny_model, "tokenizer", revision="v1")
+    assert seen.get("revision") == "v1"
