@@ -44,6 +44,22 @@ def write_photos(folder, count=4, size=(96, 80), seed=0):
     return str(folder)
 
 
+def two_concepts(tmp_path):
+    """Two subjects with non-square photos (a caption on one) and class folders of 2 images each:
+    (the `concepts` list, the first subject's photo folder)."""
+    dog = write_photos(tmp_path / "dog", count=3, size=(96, 64))
+    cat = write_photos(tmp_path / "cat", count=2, size=(64, 96), seed=1)
+    with open(os.path.join(dog, "photo-0.txt"), "w") as f:
+        f.write("{instance_prompt} on a sofa")
+    concepts = [
+        {"instance_data_dir": dog, "instance_prompt": "a photo of sks dog", "class_data_dir": str(tmp_path / "cls"),
+         "class_prompt": "a photo of dog", "num_class_images": 2},
+        {"instance_data_dir": cat, "instance_prompt": "a photo of zwx cat", "class_data_dir": str(tmp_path / "cls2"),
+         "class_prompt": "a photo of cat", "num_class_images": 2},
+    ]
+    return concepts, dog
+
+
 @pytest.fixture
 def photos(tmp_path):
     return write_photos(tmp_path / "instance")
@@ -56,6 +72,22 @@ def run_module(args, cwd=ROOT, env=None, timeout=600):
                           timeout=timeout)
 
 
+@pytest.fixture(scope="session")
+def torch_python():
+    """The PyTorch + diffusers client's Python (tests/run.sh prepares it); its tests skip without it."""
+    python = os.environ.get("PPDB_TORCH_PYTHON")
+    if not python:
+        pytest.skip("PPDB_TORCH_PYTHON is not set (bash tests/run.sh prepares the PyTorch client)")
+    return python
+
+
+def client(torch_python, *args):
+    """Run tests/helpers/diffusers_client.py in the PyTorch client (it never imports Paddle)."""
+    script = os.path.join(ROOT, "tests", "helpers", "diffusers_client.py")
+    result = subprocess.run([torch_python, script, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def train_argv(model, photos, out, steps=4, extra=()):
     return [
         "--pretrained_model_name_or_path", model, "--instance_data_dir", photos, "--output_dir", str(out),
@@ -63,6 +95,18 @@ def train_argv(model, photos, out, steps=4, extra=()):
         "--learning_rate", "1e-3", "--max_train_steps", str(steps), "--logging_steps", "1", "--seed", "7",
         "--report_to", "none", *extra,
     ]
+
+
+def truncate_run_to(run_dir, step, dest):
+    """A copy of a finished run as it stood right after `checkpoint-<step>` was written."""
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    for name in os.listdir(dest):
+        path = os.path.join(dest, name)
+        keep = name.startswith("checkpoint-") and int(name.split("-")[1]) <= step
+        if not keep and name != "logs":
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def load_unet_weights(folder):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ppdreambooth.args import ConfigError, ModelArguments
-from ppdreambooth.data import ConceptData, DreamBoothDataset, collate, load_image_set
+from ppdreambooth.data import ConceptData, DreamBoothDataset, load_image_set
 from ppdreambooth.families import FAMILIES, detect_family
 from ppdreambooth.images import list_image_files
 from ppdreambooth.model import DreamBoothModel, check_model_folder

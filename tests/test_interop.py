@@ -5,31 +5,16 @@ The client (torch + diffusers from PyPI) lives in its own environment; `bash tes
 and exports PPDB_TORCH_PYTHON. Its side runs tests/helpers/diffusers_client.py and never imports Paddle.
 """
 import os
-import subprocess
 
 import numpy as np
 import paddle
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_module, train_argv
+from conftest import client, run_module, train_argv
 from ppdreambooth.export import lora_to_kohya
 
-CLIENT = os.path.join(ROOT, "tests", "helpers", "diffusers_client.py")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def torch_python():
-    python = os.environ.get("PPDB_TORCH_PYTHON")
-    if not python:
-        pytest.skip("PPDB_TORCH_PYTHON is not set (bash tests/run.sh prepares the PyTorch client)")
-    return python
-
-
-def client(torch_python, *args):
-    result = subprocess.run([torch_python, CLIENT, *map(str, args)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -10,34 +10,19 @@ sentencepiece, so the T5 tokenizer is not loaded there: token ids come from the 
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ROOT, run_module, train_argv, write_photos
+from conftest import client, run_module, train_argv, write_photos
 
-CLIENT = os.path.join(ROOT, "tests", "helpers", "diffusers_client.py")
 pytestmark = pytest.mark.slow
 # The adapted modules of each joint block; ComfyUI maps each one onto its MMDiT weights (comfy/utils.py,
 # mmdit_to_diffusers): to_q/to_k/to_v and add_*_proj onto slices of the fused qkv, to_out.0 and to_add_out
 # onto the two attention output projections.
 SD3_LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-@pytest.fixture(scope="module")
-def torch_python():
-    python = os.environ.get("PPDB_TORCH_PYTHON")
-    if not python:
-        pytest.skip("PPDB_TORCH_PYTHON is not set (bash tests/run.sh prepares the PyTorch client)")
-    return python
-
-
-def client(torch_python, *args):
-    result = subprocess.run([torch_python, CLIENT, *map(str, args)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

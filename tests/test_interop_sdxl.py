@@ -13,32 +13,17 @@ the first encoder's weights.
 import os
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ROOT, run_module, train_argv, write_photos
+from conftest import client, run_module, train_argv, write_photos
 
-CLIENT = os.path.join(ROOT, "tests", "helpers", "diffusers_client.py")
 pytestmark = pytest.mark.slow
 COMPONENT_FILES = {"unet": "diffusion_paddle_model.safetensors", "vae": "diffusion_paddle_model.safetensors",
                    "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
-
-
-@pytest.fixture(scope="module")
-def torch_python():
-    python = os.environ.get("PPDB_TORCH_PYTHON")
-    if not python:
-        pytest.skip("PPDB_TORCH_PYTHON is not set (bash tests/run.sh prepares the PyTorch client)")
-    return python
-
-
-def client(torch_python, *args):
-    result = subprocess.run([torch_python, CLIENT, *map(str, args)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def build_two_width_sdxl(out_dir):

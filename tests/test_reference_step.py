@@ -8,7 +8,6 @@ gradient clipping was off by default while the seed script clips at 1.0.
 import os
 
 import numpy as np
-import paddle
 import pytest
 from PIL import Image
 

@@ -1,13 +1,12 @@
 """SD3 end to end, in fresh processes: both PaddleMIX README_sd3 commands, every feature, resume, generate."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import run_module, train_argv, write_photos
+from conftest import run_module, train_argv, truncate_run_to, two_concepts
 
 pytestmark = pytest.mark.slow
 TRANSFORMER = os.path.join("transformer", "diffusion_paddle_model.safetensors")
@@ -90,16 +89,7 @@ def test_paddlemix_sd3_lora_command_and_generate_with_the_adapters(tiny_sd3_mode
 def test_sd3_full_fine_tune_with_every_feature(tiny_sd3_model, tmp_path):
     """Two concepts with captions and SD3-generated class images, buckets (multiples of 16), cached latents,
     CLIP encoders trained, EMA, gradient checkpointing, the instance velocity error falls."""
-    dog = write_photos(tmp_path / "dog", count=3, size=(96, 64))
-    cat = write_photos(tmp_path / "cat", count=2, size=(64, 96), seed=1)
-    with open(os.path.join(dog, "photo-0.txt"), "w") as f:
-        f.write("{instance_prompt} on a sofa")
-    concepts = [
-        {"instance_data_dir": dog, "instance_prompt": "a photo of sks dog", "class_data_dir": str(tmp_path / "cls"),
-         "class_prompt": "a photo of dog", "num_class_images": 2},
-        {"instance_data_dir": cat, "instance_prompt": "a photo of zwx cat", "class_data_dir": str(tmp_path / "cls2"),
-         "class_prompt": "a photo of cat", "num_class_images": 2},
-    ]
+    concepts, dog = two_concepts(tmp_path)
     out = tmp_path / "out"
     argv = ["-m", "ppdreambooth.train", "--pretrained_model_name_or_path", tiny_sd3_model, "--output_dir", str(out),
             "--concepts", json.dumps(concepts), "--with_prior_preservation", "--resolution", "64",
@@ -148,14 +138,6 @@ def velocity_error(model_dir, photos):
     return float(np.mean(errors))
 
 
-def _truncate_to(run_dir, step, dest):
-    shutil.copytree(run_dir, dest)
-    for name in os.listdir(dest):
-        path = os.path.join(dest, name)
-        if not (name.startswith("checkpoint-") and int(name.split("-")[1]) <= step) and name != "logs":
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_sd3_resume_equals_an_uninterrupted_run(tiny_sd3_model, photos, tmp_path, lora):
     extra = ["--random_flip", "--checkpointing_steps", "2"] + (["--use_lora"] if lora else [])
@@ -165,7 +147,7 @@ def test_sd3_resume_equals_an_uninterrupted_run(tiny_sd3_model, photos, tmp_path
     output = "paddle_lora_weights.safetensors" if lora else TRANSFORMER
     reference = load_file(str(full / output))
     resumed = tmp_path / "resumed"
-    _truncate_to(str(full), 2, str(resumed))
+    truncate_run_to(str(full), 2, str(resumed))
     result = run_module(["-m", "ppdreambooth.train", *train_argv(
         tiny_sd3_model, photos, resumed, steps=5, extra=extra + ["--resume_from_checkpoint", "latest"])])
     assert result.returncode == 0, result.stderr[-3000:]

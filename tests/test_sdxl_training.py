@@ -1,14 +1,13 @@
 """SDXL end to end, in fresh processes: PaddleMIX's README command, full fine-tuning with every feature, resume."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from conftest import load_unet_weights, run_module, train_argv, write_photos
+from conftest import load_unet_weights, run_module, train_argv, truncate_run_to, two_concepts
 
 pytestmark = pytest.mark.slow
 
@@ -62,16 +61,7 @@ def test_sdxl_full_fine_tune_with_every_feature(tiny_sdxl_model, tmp_path):
     """Two concepts (one with captions and prior preservation from SDXL-generated class images), buckets over
     non-square photos, cached latents, both text encoders trained at their own rate, EMA, validation; the
     output is an SDXL pipeline folder; generate and the model card work on it."""
-    dog = write_photos(tmp_path / "dog", count=3, size=(96, 64))
-    cat = write_photos(tmp_path / "cat", count=2, size=(64, 96), seed=1)
-    with open(os.path.join(dog, "photo-0.txt"), "w") as f:
-        f.write("{instance_prompt} on a sofa")
-    concepts = [
-        {"instance_data_dir": dog, "instance_prompt": "a photo of sks dog", "class_data_dir": str(tmp_path / "cls"),
-         "class_prompt": "a photo of dog", "num_class_images": 2},
-        {"instance_data_dir": cat, "instance_prompt": "a photo of zwx cat", "class_data_dir": str(tmp_path / "cls2"),
-         "class_prompt": "a photo of cat", "num_class_images": 2},
-    ]
+    concepts, dog = two_concepts(tmp_path)
     out = tmp_path / "out"
     argv = ["-m", "ppdreambooth.train", "--pretrained_model_name_or_path", tiny_sdxl_model, "--output_dir", str(out),
             "--concepts", json.dumps(concepts), "--with_prior_preservation", "--resolution", "64",
@@ -110,14 +100,6 @@ def test_sdxl_full_fine_tune_with_every_feature(tiny_sdxl_model, tmp_path):
     assert len([n for n in os.listdir(samples) if n.endswith(".png")]) == 3  # two images and the grid
 
 
-def _truncate_to(run_dir, step, dest):
-    shutil.copytree(run_dir, dest)
-    for name in os.listdir(dest):
-        path = os.path.join(dest, name)
-        if not (name.startswith("checkpoint-") and int(name.split("-")[1]) <= step) and name != "logs":
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
 @pytest.mark.parametrize("mode", ["full", "lora", "full-adafactor"])
 def test_sdxl_resume_equals_an_uninterrupted_run(tiny_sdxl_model, photos, tmp_path, mode):
     """Random crops and flips (their time ids included): resuming mid-epoch ends bit-identical, with AdamW
@@ -136,7 +118,7 @@ def test_sdxl_resume_equals_an_uninterrupted_run(tiny_sdxl_model, photos, tmp_pa
         state = paddle.load(str(full / "checkpoint-2" / "optimizer.pdopt"))
         assert any("_adafactor_exp_avg_sq_row" in k for k in state)  # factored moments, not AdamW's
     resumed = tmp_path / "resumed"
-    _truncate_to(str(full), 2, str(resumed))
+    truncate_run_to(str(full), 2, str(resumed))
     result = run_module(["-m", "ppdreambooth.train", *train_argv(
         tiny_sdxl_model, photos, resumed, steps=5, extra=extra + ["--resume_from_checkpoint", "latest"])])
     assert result.returncode == 0, result.stderr[-3000:]

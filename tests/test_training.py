@@ -1,13 +1,12 @@
 """End-to-end training in fresh processes: the seed's command lines, checkpoints, output folder, resume."""
 import os
-import shutil
 
 import numpy as np
 import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import load_unet_weights, run_module, train_argv
+from conftest import load_unet_weights, run_module, train_argv, truncate_run_to
 
 pytestmark = pytest.mark.slow
 
@@ -73,16 +72,6 @@ def test_train_text_encoder(tiny_model, photos, tmp_path):
     assert_same(read_component(str(out), "vae"), read_component(tiny_model, "vae"))
 
 
-def _truncate_to(run_dir, step, dest):
-    """A copy of a finished run as it stood right after `checkpoint-<step>` was written."""
-    shutil.copytree(run_dir, dest)
-    for name in os.listdir(dest):
-        path = os.path.join(dest, name)
-        keep = name.startswith("checkpoint-") and int(name.split("-")[1]) <= step
-        if not keep and name != "logs":
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
 def test_resume_equals_an_uninterrupted_run(tiny_model, photos, tmp_path):
     # random crops (80x96 photos, 64 px crops) and flips, linear LR decay, 4 photos = 4 steps per epoch
     extra = ["--random_flip", "--lr_scheduler", "linear", "--checkpointing_steps", "2"]
@@ -95,7 +84,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_model, photos, tmp_path):
     # "latest" picks checkpoint-4 (an epoch boundary); an explicit path resumes mid-epoch from checkpoint-2
     for step, resume in ((4, "latest"), (2, "checkpoint-2")):
         resumed = tmp_path / f"resumed-{step}"
-        _truncate_to(str(full), step, str(resumed))
+        truncate_run_to(str(full), step, str(resumed))
         target = resume if resume == "latest" else str(resumed / resume)
         result = run_module(["-m", "ppdreambooth.train",
                              *train_argv(tiny_model, photos, resumed, steps=6,
