@@ -33,6 +33,7 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ppdreambooth", "ppdreambooth.*"]),
+    package_data={"ppdreambooth": ["resources/*.json"]},  # DreamBench prompts for ppdreambooth.evaluate
     python_requires=">=3.8",
     install_requires=CORE,
     extras_require={"cpu": CPU, "test": ["pytest>=7"]},
@@ -42,6 +43,7 @@ setup(
             "ppdreambooth-train-lora=ppdreambooth.train_lora:cli",
             "ppdreambooth-export=ppdreambooth.export:cli",
             "ppdreambooth-generate=ppdreambooth.generate:cli",
+            "ppdreambooth-evaluate=ppdreambooth.evaluate:cli",
         ]
     },
 )
