@@ -128,6 +128,13 @@ class DataArguments:
     )
     class_prompt: Optional[str] = field(default=None, metadata={"help": "Prompt of the class, e.g. 'a photo of dog'."})
     with_prior_preservation: bool = field(default=False, metadata={"help": "Add the prior-preservation loss."})
+    prior_preservation_mode: str = field(
+        default="class_images",
+        metadata={"help": "class_images (the paper's: generated class images, the default) or base_prediction "
+                          "(LoRA only: the base model's own prediction for the instance latents under the class "
+                          "prompt is the prior target; no class images).",
+                  "choices": ["class_images", "base_prediction"]},
+    )
     num_class_images: int = field(
         default=100, metadata={"help": "Class images wanted; missing ones are generated with the base model."}
     )
@@ -189,8 +196,10 @@ class DataArguments:
 
         self.concept_list = resolve_concepts(self)
         if self.with_prior_preservation:
+            needed = ("class_prompt",) if self.prior_preservation_mode == "base_prediction" else ("class_data_dir",
+                                                                                                  "class_prompt")
             for i, concept in enumerate(self.concept_list):
-                missing = [n for n in ("class_data_dir", "class_prompt") if not getattr(concept, n)]
+                missing = [n for n in needed if not getattr(concept, n)]
                 if missing:
                     where = "" if i == 0 and self.instance_data_dir else f" (concepts entry {concept.instance_data_dir})"
                     raise ConfigError(
@@ -266,6 +275,27 @@ class DreamBoothTrainingArguments(TrainingArguments):
     )
     use_ema: bool = field(default=False, metadata={"help": "Keep an EMA of the trained weights; it is the output."})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (warmed up as min(decay, (1+n)/(10+n)))."})
+    evaluate_every_n_checkpoints: Optional[int] = field(
+        default=None, metadata={"help": "Every K-th checkpoint, score DINO / CLIP-I / CLIP-T on a few DreamBench prompts "
+                                        "(VisualDL, fidelity.json, fidelity.png)."}
+    )
+    evaluate_at_end: bool = field(default=False, metadata={"help": "Score the fidelity metrics when training ends."})
+    eval_class_name: Optional[str] = field(
+        default=None, metadata={"help": "The subject's class for the evaluation prompts (default: the instance "
+                                        "prompt's last word)."}
+    )
+    eval_prompts_file: Optional[str] = field(
+        default=None, metadata={"help": "Evaluation prompts, one a line ('{}' = identifier and class); default: "
+                                        "DreamBench's."}
+    )
+    eval_num_prompts: int = field(default=4, metadata={"help": "Evaluation prompts used, spread over the set."})
+    eval_images_per_prompt: int = field(default=2, metadata={"help": "Evaluation images per prompt."})
+    eval_clip_model: str = field(
+        default="openai/clip-vit-base-patch32", metadata={"help": "CLIP for CLIP-I/CLIP-T: hub id or local folder."}
+    )
+    eval_dino_model: str = field(
+        default="facebook/dino-vits16", metadata={"help": "DINO ViT-S/16 for DINO: hub id or local folder."}
+    )
     not_validation_final: bool = field(
         default=False, metadata={"help": "Skip the validation images at the end of training (PaddleMIX's SD3 flag)."}
     )
@@ -289,7 +319,8 @@ class DreamBoothTrainingArguments(TrainingArguments):
             if logger_name in self.report_to and importlib.util.find_spec(module) is None:
                 raise ConfigError(f"--report_to {logger_name} needs the {package} package: pip install {package} "
                                   "(or use --report_to visualdl, the default, or none).")
-        for name in ("num_validation_images", "validation_epochs", "validation_steps", "validation_inference_steps"):
+        for name in ("num_validation_images", "validation_epochs", "validation_steps", "validation_inference_steps",
+                     "evaluate_every_n_checkpoints", "eval_num_prompts", "eval_images_per_prompt"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {value}.")

@@ -106,6 +106,15 @@ class ConceptData:
     instance: ImageSet
     prior: Optional[ImageSet] = None
     repeats: int = 1
+    # `--prior_preservation_mode base_prediction`: the prior half is the instance example itself (same image,
+    # crop and flip) under the class prompt; its target comes from the base model, not from class images
+    prior_mirrors_instance: bool = False
+
+
+def mirror_with_prompt(instance: ImageSet, tokens: Dict[str, np.ndarray]) -> ImageSet:
+    """The instance images again, every one with the given prompt tokens (the base-prediction prior half)."""
+    return ImageSet(images=instance.images, sizes=instance.sizes, tokens=[tokens] * len(instance.images),
+                    original_sizes=instance.original_sizes)
 
 
 class DreamBoothDataset(paddle.io.Dataset):
@@ -173,7 +182,11 @@ class DreamBoothDataset(paddle.io.Dataset):
     def __getitem__(self, key) -> Dict[str, Dict[str, np.ndarray]]:
         index, seed = key if isinstance(key, tuple) else (key, key)
         rng = random.Random(seed)
-        examples = [self._example(images, i, size, rng) for images, i, size in self.parts(index)]
+        mirrored = self.concepts[self.entries[index][0]].prior_mirrors_instance
+        examples = []
+        for images, i, size in self.parts(index):
+            # a mirrored prior half replays the instance's draws: the same crop and flip
+            examples.append(self._example(images, i, size, random.Random(seed) if examples and mirrored else rng))
         return {"instance": examples[0], **({"class": examples[1]} if len(examples) > 1 else {})}
 
 

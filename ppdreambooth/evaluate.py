@@ -83,7 +83,6 @@ def resolve_prompts(prompt_set: str = "auto", prompts_file: Optional[str] = None
     return [t.replace("{}", subject) for t in templates], f"{description} ({len(templates)})"
 
 
-# ----- encoders ---------------------------------------------------------------------------------------
 # ----- generation -------------------------------------------------------------------------------------
 def card_base_model(folder: str) -> Optional[str]:
     """The base model a training output folder's model card (README.md) names, or None."""

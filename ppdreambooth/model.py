@@ -77,9 +77,16 @@ class DreamBoothModel(paddle.nn.Layer):
         recompute: bool = False,
         memory_efficient_attention: bool = False,
         family: Optional[ModelFamily] = None,
+        base_prediction_prior: bool = False,
     ):
         super().__init__()
         self.with_prior_preservation = with_prior_preservation  # batches are [instance; class] halves
+        # the class half repeats the instance latents under the class prompt; its target is the base model's
+        # own prediction (adapters off): prior preservation without class images (LoRA only)
+        self.base_prediction_prior = base_prediction_prior
+        if base_prediction_prior and not (with_prior_preservation and model_args.use_lora):
+            raise ConfigError("--prior_preservation_mode base_prediction needs --with_prior_preservation and "
+                              "--use_lora (the base model is the adapters switched off).")
         path, revision = model_args.pretrained_model_name_or_path, model_args.revision
         self.model_args = model_args
         self.family = family or detect_family(path, model_args.model_family, revision)
@@ -235,6 +242,20 @@ class DreamBoothModel(paddle.nn.Layer):
         """A shifted, scaled latent sample; draws from the RNG exactly as the VAE's own `latent_dist.sample()`."""
         return (mean + std * paddle.randn(mean.shape, dtype="float32") - self.shift_factor) * self.scaling_factor
 
+    @paddle.no_grad()
+    def base_prediction_target(self, target, noisy_latents, timesteps, conditioning):
+        """The target with its class half replaced by the base model's prediction there (adapters off)."""
+        n = target.shape[0] // 2
+        rows = {k: v[n:] for k, v in conditioning.items()}
+        self.denoiser.disable_adapters()
+        try:
+            raw = self.family.predict(self.denoiser, noisy_latents[n:].astype(self.denoiser.dtype), timesteps[n:], rows)
+        finally:
+            self.denoiser.enable_adapters()
+        with paddle.amp.auto_cast(enable=False):
+            base = self.objective.prediction(raw.astype("float32"), noisy_latents[n:], timesteps[n:])
+        return paddle.concat([target[:n], base.astype(target.dtype)])
+
     def encode_missing_rows(self, pixel_values, latent_mean, latent_std, latent_cached):
         """Moments of a mixed batch: the cached rows as given, the others encoded now."""
         rows = paddle.nonzero(paddle.logical_not(latent_cached.astype("bool"))).flatten()
@@ -272,6 +293,11 @@ class DreamBoothModel(paddle.nn.Layer):
         token ids (`input_ids`, `input_ids_2`) or cached encodings (`prompt_embeds`, `pooled_prompt_embeds`),
         plus the family's per-sample conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests).
         With `latent_cached` (a row mask) only the rows without cached moments are encoded."""
+        if self.base_prediction_prior:  # the class half repeats the instance half: encode and noise that once
+            half = lambda x: None if x is None else x[: x.shape[0] // 2]  # noqa: E731
+            pixel_values, latent_mean, latent_std, latent_cached = map(
+                half, (pixel_values, latent_mean, latent_std, latent_cached))
+            noise, timesteps = half(noise), half(timesteps)
         if latent_mean is None:
             latent_mean, latent_std = self.latent_moments(pixel_values)
         elif latent_cached is not None:
@@ -282,6 +308,8 @@ class DreamBoothModel(paddle.nn.Layer):
                 drawn_noise, drawn_steps = self.objective.draw(latents)
                 noise = drawn_noise if noise is None else noise
                 timesteps = drawn_steps if timesteps is None else timesteps
+            if self.base_prediction_prior:
+                latents, noise, timesteps = (paddle.concat([x, x]) for x in (latents, noise, timesteps))
             noisy_latents = self.objective.noisy_latents(latents, noise, timesteps)
             target = self.objective.target(latents, noise, timesteps)
         if prompt_embeds is None:
@@ -292,6 +320,8 @@ class DreamBoothModel(paddle.nn.Layer):
         dtype = self.denoiser.dtype
         conditioning = {k: v.astype(dtype) for k, v in conditioning.items() if not k.startswith("input_ids")}
         raw = self.family.predict(self.denoiser, noisy_latents.astype(dtype), timesteps, conditioning)
+        if self.base_prediction_prior:
+            target = self.base_prediction_target(target, noisy_latents, timesteps, conditioning)
         with paddle.amp.auto_cast(enable=False):
             model_pred = self.objective.prediction(raw, noisy_latents, timesteps)
             weights = self.objective.loss_weights(timesteps)

@@ -1,0 +1,134 @@
+"""Subject and prompt fidelity during training: `--evaluate_every_n_checkpoints K` and/or `--evaluate_at_end`.
+
+At every K-th checkpoint (and/or when training ends) the weights being trained generate images for a few
+DreamBench prompts with fixed seeds (the family's deterministic sampler, as validation images), scored by
+`ppdreambooth.fidelity` against the instance photos: DINO, CLIP-I, CLIP-T. The figures go to VisualDL
+(`fidelity/dino`, ...), to `<output_dir>/fidelity.json` (one record per step) and to a plot
+`<output_dir>/fidelity.png` (metric vs step), so the step where subject fidelity is high before prompt
+fidelity falls can be picked. Evaluation leaves training unchanged (RNG states and train/eval mode restored).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import List, Optional, Sequence
+
+from paddlenlp.trainer import TrainerCallback
+
+from .sampling import generate_images
+from .validation import preserved_rng_state, validation_pipeline
+
+logger = logging.getLogger(__name__)
+RESULTS_NAME, PLOT_NAME = "fidelity.json", "fidelity.png"
+
+
+def plot_fidelity(records: Sequence[dict], path: str) -> str:
+    """Metric vs step, one line per metric, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in records]
+    for key, label in (("dino", "DINO (subject)"), ("clip_i", "CLIP-I (subject)"), ("clip_t", "CLIP-T (prompt)")):
+        axis.plot(steps, [r[key] for r in records], marker="o", label=label)
+    axis.set_xlabel("step")
+    axis.set_ylabel("cosine similarity")
+    axis.legend()
+    figure.tight_layout()
+    tmp = path + ".tmp.png"
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+class FidelityCallback(TrainerCallback):
+    def __init__(self, model, base_model: str, scorer, prompts: Sequence[str], num_images: int, every: Optional[int],
+                 at_end: bool, inference_steps: int, revision=None, ema=None):
+        self.model, self.base_model, self.scorer, self.prompts = model, base_model, scorer, list(prompts)
+        self.num_images, self.every, self.at_end, self.steps = num_images, every, at_end, inference_steps
+        self.revision, self.ema = revision, ema
+        self.saves = 0
+        self.records: List[dict] = []
+        self._writer = None
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saves += 1
+        if self.every and self.saves % self.every == 0:
+            self.evaluate(args, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.at_end and not any(r["step"] == state.global_step for r in self.records):
+            self.evaluate(args, state.global_step)
+        if self._writer is not None:
+            self._writer.close()
+
+    def evaluate(self, args, step: int) -> Optional[dict]:
+        if not args.should_save:
+            return None
+        was_training = self.model.denoiser.training
+        averaged = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with preserved_rng_state(), self.model.parked_on_device(), averaged:
+            self.model.eval()
+            try:
+                pipeline = validation_pipeline(self.model, self.base_model, self.revision)
+                seeds = [args.seed + i for i in range(self.num_images)]
+                groups = [generate_images(pipeline, [p] * len(seeds), seeds, num_inference_steps=self.steps)
+                          for p in self.prompts]
+            finally:
+                if was_training:
+                    self.model.train()
+        record = {"step": step, **self.scorer.score(groups, self.prompts)["overall"]}
+        self.records.append(record)
+        with open(os.path.join(args.output_dir, RESULTS_NAME), "w") as f:
+            json.dump({"prompts": self.prompts, "images_per_prompt": self.num_images, "records": self.records}, f,
+                      indent=2)
+        plot_fidelity(self.records, os.path.join(args.output_dir, PLOT_NAME))
+        self._log(args, record)
+        logger.info("fidelity at step %d: DINO %.3f, CLIP-I %.3f, CLIP-T %.3f", step, record["dino"],
+                    record["clip_i"], record["clip_t"])
+        return record
+
+    def _log(self, args, record: dict) -> None:
+        if "visualdl" not in args.report_to:
+            return
+        if self._writer is None:
+            from visualdl import LogWriter
+
+            self._writer = LogWriter(logdir=args.logging_dir, file_name="vdlrecords.fidelity.log")
+        for key in ("dino", "clip_i", "clip_t"):
+            self._writer.add_scalar(tag=f"fidelity/{key}", value=record[key], step=record["step"])
+
+
+def subject_words(instance_prompt: str, class_name: Optional[str]) -> tuple:
+    """(identifier, class) for the DreamBench templates: the class is `class_name` or the prompt's last word,
+    the identifier the word before the class ("a photo of sks dog" -> sks, dog)."""
+    words = instance_prompt.replace(",", " ").split()
+    class_name = class_name or (words[-1] if words else None)
+    before = [w for i, w in enumerate(words[:-1]) if words[i + 1] == class_name]
+    return (before[-1] if before else ""), class_name
+
+
+def fidelity_callback_for(model, base_model: str, data_args, args, instance_files: List[str], revision=None,
+                          ema=None) -> Optional[FidelityCallback]:
+    """The callback `--evaluate_every_n_checkpoints` / `--evaluate_at_end` ask for (None when neither does):
+    metric models loaded, the first concept's photos embedded once."""
+    if not (args.evaluate_every_n_checkpoints or args.evaluate_at_end):
+        return None
+    from .dino import load_dino
+    from .evaluate import resolve_prompts
+    from .fidelity import FidelityScorer, load_clip
+    from .images import load_rgb
+
+    concept = data_args.concept_list[0]
+    identifier, class_name = subject_words(concept.instance_prompt, args.eval_class_name)
+    prompts, _ = resolve_prompts("auto", args.eval_prompts_file, identifier, class_name, args.eval_num_prompts)
+    scorer = FidelityScorer(load_clip(args.eval_clip_model), load_dino(args.eval_dino_model),
+                            [load_rgb(path) for path in instance_files])
+    return FidelityCallback(model, base_model, scorer, prompts, args.eval_images_per_prompt,
+                            args.evaluate_every_n_checkpoints, args.evaluate_at_end, args.validation_inference_steps,
+                            revision, ema)

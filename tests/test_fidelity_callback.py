@@ -1,0 +1,44 @@
+"""Fidelity metrics during training: scored at every K-th checkpoint and at the end, logged and plotted,
+without changing training."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import paddle
+from PIL import Image
+
+from ppdreambooth.args import ModelArguments
+from ppdreambooth.dino import load_dino, write_tiny_dino
+from ppdreambooth.fidelity import FidelityScorer, load_clip, write_tiny_clip
+from ppdreambooth.fidelity_callback import FidelityCallback, subject_words
+from ppdreambooth.images import list_image_files
+from ppdreambooth.model import DreamBoothModel
+
+
+def test_subject_words_from_the_instance_prompt():
+    assert subject_words("a photo of sks dog", None) == ("sks", "dog")
+    assert subject_words("a photo of zwx cat, smiling", "cat") == ("zwx", "cat")
+
+
+def test_scored_every_k_checkpoints_and_at_the_end(tiny_model, photos, tmp_path):
+    with paddle.utils.unique_name.guard():
+        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model))
+    scorer = FidelityScorer(load_clip(write_tiny_clip(str(tmp_path / "clip"))),
+                            load_dino(write_tiny_dino(str(tmp_path / "dino"))),
+                            [Image.open(p).convert("RGB") for p in list_image_files(photos)])
+    callback = FidelityCallback(model, tiny_model, scorer, ["a sks dog on a beach", "a sks dog in a bucket"],
+                                num_images=1, every=2, at_end=True, inference_steps=2)
+    args = SimpleNamespace(should_save=True, output_dir=str(tmp_path), seed=0, report_to=[])
+    model.train()
+    paddle.seed(9)
+    expected_draw = paddle.randn([3]).numpy()
+    paddle.seed(9)
+    for step in (2, 4, 6):
+        callback.on_save(args, SimpleNamespace(global_step=step), None)
+    assert model.training and np.array_equal(paddle.randn([3]).numpy(), expected_draw)  # RNG untouched
+    callback.on_train_end(args, SimpleNamespace(global_step=6), None)
+    records = json.loads((tmp_path / "fidelity.json").read_text())["records"]
+    assert [r["step"] for r in records] == [4, 6]  # the 2nd save, then the end (the 3rd save is not due)
+    assert all(-1 <= r[k] <= 1 for r in records for k in ("dino", "clip_i", "clip_t"))
+    assert records[0] == {**records[0], **{k: records[1][k] for k in ("dino", "clip_i", "clip_t")}}  # same weights
+    assert Image.open(tmp_path / "fidelity.png").size[0] > 100
