@@ -296,6 +296,12 @@ class DreamBoothTrainingArguments(TrainingArguments):
     eval_dino_model: str = field(
         default="facebook/dino-vits16", metadata={"help": "DINO ViT-S/16 for DINO: hub id or local folder."}
     )
+    log_level: str = field(
+        default="passive",
+        metadata={"help": "Console detail: passive (default: a header, progress, losses, checkpoints, warnings; "
+                          "everything else goes to <output_dir>/train.log), or debug/info (all of it on the console).",
+                  "choices": ["passive", "debug", "info", "warning"]},
+    )
     not_validation_final: bool = field(
         default=False, metadata={"help": "Skip the validation images at the end of training (PaddleMIX's SD3 flag)."}
     )
@@ -337,7 +343,9 @@ class DreamBoothTrainingArguments(TrainingArguments):
             raise ConfigError("--stop_text_encoder_training must be a step number >= 0.")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are exclusive; choose one.")
+        console_level = self.log_level
         super().__post_init__()
+        self.log_level = console_level  # PaddleNLP 2.8 overwrites the name with -1 and never reads it again
         if self.scale_lr:
             self.learning_rate *= self.gradient_accumulation_steps * self.per_device_train_batch_size * self.world_size
 

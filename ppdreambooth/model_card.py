@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 from .lora import LORA_WEIGHTS_NAME
 from .saving import complete_checkpoints
@@ -49,19 +49,22 @@ def lora_loading(model_args, family, output_dir: str) -> list:
             f"anywhere: `{merged_command(output_dir)}`."]
 
 
-def write_model_card(output_dir: str, model_args, data_args, args, global_step: int, family) -> str:
+def write_model_card(output_dir: str, model_args, data_args, args, global_step: int, family,
+                     source: Optional[str] = None) -> str:
+    """`source`: the model the user named, when training read it from somewhere else (a converted single file)."""
+    base = source or model_args.pretrained_model_name_or_path
     mode = (f"LoRA (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}), file `{LORA_WEIGHTS_NAME}`"
             if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
     lines = [
         "---",
-        f"base_model: {model_args.pretrained_model_name_or_path}",
+        f"base_model: {base}",
         "library_name: ppdiffusers",
         f"tags: [{family.card_tag}, dreambooth, ppdreambooth" + (", lora]" if model_args.use_lora else "]"),
         "---",
         "",
         "# DreamBooth model trained with ppdreambooth",
         "",
-        f"- Base model: `{model_args.pretrained_model_name_or_path}` (model family `{family.name}`, "
+        f"- Base model: `{base}` (model family `{family.name}`, "
         f"`{family.pipeline_class}`)",
         f"- Weights: {mode}",
     ]

@@ -36,11 +36,15 @@ from .export import export
 from .families import ModelFamily, detect_family
 from .lora import LORA_WEIGHTS_NAME
 from .buckets import make_buckets, nearest_bucket
-from .data import ConceptData, DreamBoothDataset, collate, collect_images, load_image_set
+from .console import ConsoleCallback, header, quiet_console
+from .data import ConceptData, DreamBoothDataset, collate, collect_images, load_image_set, mirror_with_prompt
+from .fidelity_callback import fidelity_callback_for
 from .ema import EMACallback, WeightEMA
 from .model import DreamBoothModel, check_model_folder, check_model_path
 from .model_card import closing_summary, write_model_card
-from .saving import is_complete, latest_checkpoint, push_to_hub
+from . import ranks, run_lock
+from .saving import is_complete, newest_good_checkpoint, push_to_hub, verify_checkpoint
+from .signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
 from .trainer import DreamBoothTrainer, NonFiniteLossError
 from .validation import ValidationCallback
 
@@ -48,22 +52,96 @@ logger = logging.getLogger("ppdreambooth")
 FINAL_FILES = ("model_index.json", LORA_WEIGHTS_NAME)  # what a finished full / LoRA run leaves in output_dir
 
 
-def resolve_resume(args: DreamBoothTrainingArguments) -> Optional[str]:
-    """`--resume_from_checkpoint latest|<dir>` -> a complete checkpoint folder, or None to start fresh."""
+def choose_checkpoint(args: DreamBoothTrainingArguments) -> Optional[str]:
+    """`--resume_from_checkpoint latest|<dir>` -> a complete checkpoint folder whose files match the checksums
+    in its marker, or None to start fresh. `latest` skips damaged checkpoints, naming each; a damaged folder
+    asked for by name, or only damaged ones to choose from, is a ConfigError."""
     wanted = args.resume_from_checkpoint
-    if not wanted:
-        return None
     if wanted == "latest":
-        found = latest_checkpoint(args.output_dir)
+        found, damaged = newest_good_checkpoint(args.output_dir)
+        for check in damaged:
+            logger.warning("%s: skipped", check.describe())
+        if found is None and damaged:
+            raise ConfigError(
+                f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} can be trusted ("
+                + "; ".join(check.describe() for check in damaged)
+                + "). Move them away to start a new run, or copy an intact checkpoint back."
+            )
         if found is None:
             logger.info("no complete checkpoint in %s: starting a new run", args.output_dir)
-        return found
+            return None
+        if not found.verified:
+            logger.warning(found.describe())
+        if damaged:
+            logger.warning("resuming from %s, the newest checkpoint that verifies", found.path)
+        return found.path
     if not os.path.isdir(wanted) or not is_complete(wanted):
         raise ConfigError(
             f"--resume_from_checkpoint {wanted} is not a complete checkpoint folder "
             f"(use 'latest' to pick the newest complete one in {args.output_dir})."
         )
+    check = verify_checkpoint(wanted)
+    if not check.ok:
+        raise ConfigError(f"--resume_from_checkpoint {wanted}: {check.describe()}. Use 'latest' to pick the newest "
+                          f"checkpoint in {args.output_dir} that verifies.")
+    if not check.verified:
+        logger.warning(check.describe())
     return wanted
+
+
+def resolve_resume(args: DreamBoothTrainingArguments) -> Optional[str]:
+    """`choose_checkpoint`; under data parallel rank 0 reads and verifies the files and every rank takes its
+    answer."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.world_size <= 1:
+        return choose_checkpoint(args)
+    found, error, code = None, None, -3  # rank 0's code: -2 error, -1 none, 0 the named folder, N+1 checkpoint-N
+    if args.process_index <= 0:
+        try:
+            found = choose_checkpoint(args)
+            code = -1 if found is None else 0 if args.resume_from_checkpoint != "latest" else \
+                int(os.path.basename(found).rsplit("-", 1)[1]) + 1
+        except ConfigError as e:
+            error, code = e, -2
+    code = ranks.agree_max(code if args.process_index <= 0 else -3)
+    if error is not None:
+        raise error
+    if code == -2:
+        raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: refused (rank 0's log says why).")
+    if code == -1:
+        return None
+    if code == 0:
+        return args.resume_from_checkpoint
+    return os.path.join(args.output_dir, f"checkpoint-{code - 1}")
+
+
+_claims = set()  # id() of the argument objects whose run holds its output folder
+
+
+def claim_output_dir(args: DreamBoothTrainingArguments) -> None:
+    """Lock `--output_dir` for this run, or raise ConfigError naming the folder and the run that holds it.
+
+    Under data parallel rank 0 locks it for the whole run and tells the other ranks whether it could."""
+    world, error = max(args.world_size, 1), None
+    if args.process_index <= 0:
+        try:
+            run_lock.acquire(args.output_dir, ranks=world)
+            _claims.add(id(args))
+            ranks.clear_notes(args.output_dir)  # failure notes of an earlier run
+        except run_lock.OutputDirBusy as e:
+            error = str(e)
+    if world > 1 and ranks.agree_max(1 if error else 0) and error is None:
+        holder = run_lock.describe_holder(run_lock.read_holder(args.output_dir))
+        error = f"--output_dir {args.output_dir} is in use by another run: {holder} (rank 0's log says more)."
+    if error:
+        raise ConfigError(error)
+
+
+def release_output_dir(args: DreamBoothTrainingArguments) -> None:
+    if id(args) in _claims:
+        _claims.discard(id(args))
+        run_lock.release(args.output_dir)
 
 
 def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -> None:
@@ -91,6 +169,7 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
                 "--enable_xformers_memory_efficient_attention needs a GPU build of PaddlePaddle with "
                 "memory-efficient attention; this installation has none. Drop the flag."
             )
+    claim_output_dir(args)  # one run per output folder (the lock is dropped when `run` ends)
     resume = resolve_resume(args)
     check_output_dir(args, resume)
     return family, instance_files, resume
@@ -105,6 +184,9 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
     for fmt in [f for f in (args.export_formats or "").split(",") if f]:
         if f"export_{fmt}" in unsupported:
             raise ConfigError(f"--export_formats {fmt}: {unsupported[f'export_{fmt}']}")
+    if data_args.prior_preservation_mode == "base_prediction" and not model_args.use_lora:
+        raise ConfigError("--prior_preservation_mode base_prediction takes the base model's prediction with the LoRA "
+                          "adapters switched off: add --use_lora, or use the default class_images mode.")
     if model_args.use_lora and model_args.train_text_encoder and "lora_text_encoder" in unsupported:
         raise ConfigError(f"--use_lora with --train_text_encoder: {unsupported['lora_text_encoder']}")
     flow = family.objective == "flow"
@@ -194,10 +276,12 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_fil
     for n, concept in enumerate(data_args.concept_list):
         instance = load_image_set(instance_files[n], concept.instance_prompt, model.tokenize, size_of,
                                   data_args.caption_extension)
-        prior = None
-        if class_files is not None:
+        prior, mirrored = None, model.base_prediction_prior
+        if mirrored:  # the instance examples again, under the class prompt
+            prior = mirror_with_prompt(instance, model.tokenize(concept.class_prompt))
+        elif class_files is not None:
             prior = load_image_set(class_files[n], concept.class_prompt, model.tokenize, size_of)
-        concepts.append(ConceptData(instance, prior, concept.repeats))
+        concepts.append(ConceptData(instance, prior, concept.repeats, prior_mirrors_instance=mirrored))
     return DreamBoothDataset(concepts, center_crop=data_args.center_crop or data_args.enable_bucket,
                              random_flip=data_args.random_flip, size_conditioning=model.family.size_conditioning)
 
@@ -208,11 +292,54 @@ def run(
     args: DreamBoothTrainingArguments,
     callbacks: Sequence = (),
 ) -> DreamBoothTrainer:
-    """Train and write the final model; `callbacks` are extra PaddleNLP TrainerCallbacks (benchmarks)."""
-    family, instance_files, resume = check_inputs(model_args, data_args, args)
+    """Train and write the final model; `callbacks` are extra PaddleNLP TrainerCallbacks (benchmarks).
+
+    For its duration the run holds `--output_dir` (one run per folder) and handles SIGTERM/SIGINT
+    (`ppdreambooth.signals`); under data parallel a rank that fails tells the others, which stop too."""
+    with graceful_stop() as stop:
+        watch, ranks.progress["step"] = None, None
+        try:
+            family, instance_files, resume = check_inputs(model_args, data_args, args)
+            if stop is not None:
+                stop.before_exit.append(run_lock.release_all)  # a second signal exits at once
+            if args.world_size > 1:
+                watch = ranks.PeerWatch(args.output_dir, max(args.process_index, 0), args.world_size,
+                                        before_exit=run_lock.release_all).start()
+            return _train(model_args, data_args, args, callbacks, family, instance_files, resume, stop)
+        except BaseException as e:
+            if stop is not None:
+                stop.enter(ENDING)
+            if watch is not None:
+                watch.stop()
+                # Every rank reaches a ConfigError, a non-finite loss or a signal stop in training together;
+                # anything else (an exception, a signal before training) leaves the others waiting for this one.
+                agreed = isinstance(e, (ConfigError, NonFiniteLossError)) or (
+                    isinstance(e, TrainingInterrupted) and (e.checkpoint or e.final_model))
+                if not agreed:
+                    rank = max(args.process_index, 0)
+                    peer = ranks.peer_failure(args.output_dir, rank, args.world_size)
+                    if peer is None:  # this rank failed first: tell the others
+                        status = e.exit_status if isinstance(e, TrainingInterrupted) else ranks.PEER_FAILED_EXIT
+                        ranks.announce_failure(args.output_dir, rank, e, status)
+                    else:
+                        print(f"ppdreambooth: error: {ranks.describe_note(peer)}; this rank stopped as well",
+                              file=sys.stderr, flush=True)
+            raise
+        finally:
+            if watch is not None:
+                watch.stop()
+            release_output_dir(args)
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments, callbacks,
+           family: ModelFamily, instance_files, resume: Optional[str], stop) -> DreamBoothTrainer:
+    rank = max(args.process_index, 0)
+    log_path = quiet_console(args.output_dir, args.log_level, rank)  # after the checks: nothing written before
+    source = model_args.pretrained_model_name_or_path  # what the user named (a single file is converted next)
     base_from_single_file(model_args, args)
+    base_prediction = data_args.with_prior_preservation and data_args.prior_preservation_mode == "base_prediction"
     class_files = None
-    if data_args.with_prior_preservation:
+    if data_args.with_prior_preservation and not base_prediction:
         class_files = prepare_class_images(family, model_args, data_args, args)
     paddle.seed(args.seed)  # LoRA layers are initialised at random: the same seed gives the same start
     with paddle.utils.unique_name.guard():  # parameter names (and so optimizer state keys) start from zero
@@ -222,10 +349,17 @@ def run(
             recompute=args.recompute,
             memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
             family=family,
+            base_prediction_prior=base_prediction,
         )
     dataset = build_dataset(model, data_args, instance_files, class_files)
+    if rank == 0:
+        print(header(family, model_args, data_args, args, dataset, log_path), flush=True)
+    if resume is not None:
+        step = int(os.path.basename(os.path.normpath(resume)).rsplit("-", 1)[-1])
+        logger.info("resuming from %s at global step %d", resume, step)
     validating = bool(args.validation_prompt)
-    cached = cache_encodings(model, dataset, not data_args.no_cache_latents, keep_encoders=validating)
+    generating = validating or bool(args.evaluate_every_n_checkpoints or args.evaluate_at_end)  # needs encoders
+    cached = cache_encodings(model, dataset, not data_args.no_cache_latents, keep_encoders=generating)
     ema = WeightEMA(model, args.ema_decay) if args.use_ema else None
     callbacks = list(callbacks)
     if ema is not None:
@@ -234,6 +368,11 @@ def run(
         callbacks.append(StopTextEncoderCallback(model, args.stop_text_encoder_training))
     if validating:
         callbacks.append(ValidationCallback(model, model_args.pretrained_model_name_or_path, model_args.revision, ema))
+    fidelity = fidelity_callback_for(model, model_args.pretrained_model_name_or_path, data_args, args,
+                                     instance_files[0], model_args.revision, ema)
+    if fidelity is not None:
+        callbacks.append(fidelity)
+    callbacks.append(ConsoleCallback())
     trainer = DreamBoothTrainer(
         model=model,
         args=args,
@@ -243,6 +382,7 @@ def run(
         base_model=model_args.pretrained_model_name_or_path,
         base_revision=model_args.revision,
         ema=ema,
+        stop=stop,
     )
     model.set_text_encoder_learning_rate(args.learning_rate, args.text_encoder_learning_rate)
     if args.decay_bias_and_norm:  # the seed script's AdamW: weight decay on every trained weight
@@ -252,9 +392,14 @@ def run(
         # The Trainer seeds every data-parallel rank alike; give each its own noise and timesteps.
         paddle.seed(args.seed + max(args.process_index, 0))
     trainer.train(resume_from_checkpoint=resume)
+    if stop is not None:
+        stop.enter(FINISHING)  # a signal from here lets the final model be written, then stops
     trainer.save_model()
     if args.should_save:
-        write_model_card(args.output_dir, model_args, data_args, args, trainer.state.global_step, family)
+        write_model_card(args.output_dir, model_args, data_args, args, trainer.state.global_step, family, source)
+    if stop is not None and stop.requested:
+        raise TrainingInterrupted(stop.signum, final_model=args.output_dir)
+    if args.should_save:
         for fmt in [f for f in (args.export_formats or "").split(",") if f]:
             export(args.output_dir, fmt, os.path.join(args.output_dir, f"export-{fmt}"))
         if args.push_to_hub:
@@ -264,14 +409,20 @@ def run(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        run(*parse_args(argv))
-    except ConfigError as e:
-        print(f"ppdreambooth: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"ppdreambooth: error: {e}", file=sys.stderr)
-        return 3
+    """Exit status: 0 done, 2 an input error (nothing loaded), 3 a NaN/Inf loss, 128 + N stopped by signal N
+    (130 Ctrl-C/SIGINT, 143 SIGTERM) after writing a checkpoint."""
+    with graceful_stop():
+        try:
+            run(*parse_args(argv))
+        except ConfigError as e:
+            print(f"ppdreambooth: error: {e}", file=sys.stderr)
+            return 2
+        except NonFiniteLossError as e:
+            print(f"ppdreambooth: error: {e}", file=sys.stderr)
+            return 3
+        except TrainingInterrupted as e:
+            print(f"ppdreambooth: {e}", file=sys.stderr, flush=True)
+            return e.exit_status
     return 0
 
 

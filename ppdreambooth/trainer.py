@@ -6,10 +6,13 @@ What it changes, and why:
 - `_get_train_sampler` returns a sampler whose order and augmentations depend only on (seed, epoch).
 - `_save` writes only trained weights into checkpoints (the stock one dumps the frozen VAE and text
   encoder too) and, for the final save, a full ppdiffusers pipeline folder.
-- `_save_checkpoint` unmarks a checkpoint folder before writing and marks it complete once all its
-  files are written; rotation (`save_total_limit`) only ever counts and deletes complete checkpoints,
-  and unmarks each before deleting it.
-- `training_step` stops the run on a NaN/Inf loss, naming the step, before the optimizer applies it.
+- `_save_checkpoint` unmarks a checkpoint folder before writing and marks it complete, with the checksums
+  of its files, once all its files are written; rotation (`save_total_limit`) only ever counts and deletes
+  complete checkpoints, unmarks each before deleting it, and never deletes the one just written.
+- `training_step` stops the run on a NaN/Inf loss, naming the step, before the optimizer applies it; under
+  data parallel every rank learns of a non-finite loss on any rank and all stop at that step together.
+- `_maybe_log_save_evaluate` stops after the step in progress when SIGTERM/SIGINT was received (every rank
+  agreeing on the step): it writes a complete checkpoint at that step and raises `TrainingInterrupted`.
 - On resume at an epoch boundary the stock loop never restores the RNG state (it does so only after
   skipping batches), and from a checkpoint at the last step it trains one step too many;
   `_inner_training_loop` restores the RNG state in the first case and skips training in the second.
@@ -19,19 +22,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import paddle
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import TrainerState
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, OptimizerNames, TrainOutput
 
+from . import ranks, signals
 from .data import SeededBatchSampler
 from .lora import save_lora_weights
 from .optimizers import Adafactor
 from .saving import (
-    complete_checkpoints,
+    checkpoints_to_delete,
     delete_checkpoint,
+    is_complete,
     mark_complete,
     mark_incomplete,
     save_trainable_weights,
@@ -45,21 +50,27 @@ LOSS_PARTS = ("loss_instance", "loss_prior")
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; raised before the optimizer applies the step."""
 
-    def __init__(self, step: int, value: float):
+    def __init__(self, step: int, value: float, ranks: Sequence[int] = ()):
+        where = f" on rank {', '.join(map(str, ranks))}" if ranks else ""
+        stopped = "every rank stopped" if ranks else "training stopped"
         super().__init__(
-            f"the loss is {value} at step {step}; training stopped before applying it. The last complete "
+            f"the loss is {value} at step {step}{where}; {stopped} before applying it. The last complete "
             "checkpoint is untouched and no final model was written. Usual causes: a learning rate that is "
             "too high (DreamBooth full fine-tuning: about 5e-6; LoRA: 1e-4), fp16 overflow (try --bf16 or "
             "fp32), or corrupt images. Resume with --resume_from_checkpoint latest after changing the cause."
         )
-        self.step, self.value = step, value
+        self.step, self.value, self.ranks = step, value, list(ranks)
 
 
 class DreamBoothTrainer(Trainer):
-    def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, ema=None, **kwargs):
+    def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, ema=None, stop=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.base_model, self.base_revision = base_model, base_revision
         self.ema = ema  # ppdreambooth.ema.WeightEMA or None
+        # ppdreambooth.signals.GracefulStop (default: the handlers of the run in progress, if any)
+        self.stop = stop if stop is not None else signals.current()
+        self._checkpoint_step = None  # the step of the checkpoint this process wrote last
+        self._just_written = None  # that checkpoint's folder: rotation never deletes it
         self._loss_part_sums: Dict[str, paddle.Tensor] = {}
         self._loss_part_count = 0
 
@@ -112,6 +123,8 @@ class DreamBoothTrainer(Trainer):
     def _inner_training_loop(self, args, model, train_dataloader, len_dataloader, max_steps, num_train_epochs,
                              num_update_steps_per_epoch, *rest):
         resume_from_checkpoint = rest[1]
+        if self.stop is not None:
+            self.stop.enter(signals.TRAINING)  # from here a signal stops after the step in progress
         state_file = os.path.join(resume_from_checkpoint or "", "trainer_state.json")
         if resume_from_checkpoint and os.path.isfile(state_file):
             step = TrainerState.load_from_json(state_file).global_step
@@ -152,27 +165,59 @@ class DreamBoothTrainer(Trainer):
         if self.ema is not None and resume_from_checkpoint:
             self.ema.load(resume_from_checkpoint)
 
+    def _checkpoint_folder(self) -> str:
+        return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
     def _save_checkpoint(self, model, metrics=None):
-        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        folder = self._checkpoint_folder()
         if self.args.should_save:
             mark_incomplete(folder)  # it may exist from an earlier attempt at this step
-        super()._save_checkpoint(model, metrics=metrics)
+        super()._save_checkpoint(model, metrics=metrics)  # its collectives: every rank's files are written after it
+        self._checkpoint_step = self.state.global_step
         if self.args.should_save:
             mark_complete(folder, self.state.global_step)
+            self._just_written = folder
             self._rotate_checkpoints(output_dir=self.args.output_dir)
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
-        """Keep the newest `save_total_limit` complete checkpoints; never touch incomplete ones."""
-        limit = self.args.save_total_limit
-        if not self.args.should_save or limit is None or limit <= 0:
+        """Keep the newest `save_total_limit` complete checkpoints, the one just written always among them;
+        never touch incomplete ones."""
+        if not self.args.should_save:
             return
-        for old in complete_checkpoints(output_dir or self.args.output_dir)[:-limit]:
+        for old in checkpoints_to_delete(output_dir or self.args.output_dir, self.args.save_total_limit,
+                                         keep=self._just_written):
             delete_checkpoint(old)
+
+    # ----- SIGTERM / SIGINT -------------------------------------------------------------------------
+    def _agreed_stop_signal(self) -> int:
+        """The signal to stop on after this step (0: none); under data parallel every rank gets the same answer."""
+        local = self.stop.signum if self.stop is not None and self.stop.signum else 0
+        return ranks.agree_max(local) if self.args.world_size > 1 else local
+
+    def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
+        signum = self._agreed_stop_signal()
+        super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
+        if signum:
+            if self._checkpoint_step != self.state.global_step:
+                # A checkpoint at the step just finished, to resume from; not a checkpoint event: the on_save
+                # callbacks (image generation, scoring) would only delay the stop.
+                self._save_checkpoint(model, metrics=None)
+            folder = self._checkpoint_folder()
+            if self.args.should_save and not is_complete(folder):
+                raise RuntimeError(f"the checkpoint for the stop at step {self.state.global_step} is incomplete")
+            raise signals.TrainingInterrupted(signum, self.state.global_step, self.state.max_steps, folder)
 
     # ----- bad numbers ------------------------------------------------------------------------------
     def training_step(self, model, inputs):
+        step = ranks.progress["step"] = self.state.global_step + 1
         loss = super().training_step(model, inputs)
+        if self.args.world_size > 1:  # every rank learns of a bad loss on any rank, so all stop at this step
+            values = ranks.gather_floats(loss)
+            bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
+            if bad:
+                raise NonFiniteLossError(step, values[bad[0]], ranks=bad)
+            return loss
         value = float(loss)  # one host sync per step: a NaN must stop the run before the optimizer applies it
         if not math.isfinite(value):
-            raise NonFiniteLossError(self.state.global_step + 1, value)
+            raise NonFiniteLossError(step, value)
         return loss

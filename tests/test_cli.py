@@ -117,7 +117,7 @@ def test_seed_prior_preservation_command(tiny_model, photos, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(class_dir)) == ["class-00000.png", "class-00001.png", "my-dog.png"]
     assert (class_dir / "my-dog.png").read_bytes() == mine
-    assert "loss_prior: " in result.stderr
+    assert ", prior " in result.stdout  # the console line of each logging step carries both loss parts
     assert (out / "model_index.json").is_file()
 
 
@@ -130,3 +130,23 @@ def test_entry_files_run_as_scripts(tiny_model, photos, tmp_path):
                          *train_argv(tiny_model, photos, out, steps=1)], cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "paddle_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_seed_run_prints_a_screenful_with_the_loss(tiny_model, photos, tmp_path):
+    """The console reads like a CLI: header, progress, losses, checkpoints, summary; the rest goes to train.log."""
+    out = tmp_path / "out"
+    result = run_module(["-u", "-m", "ppdreambooth.train", *train_argv(tiny_model, photos, out, steps=4,
+                                                                          extra=["--checkpointing_steps", "2"])])
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    lines = [line for line in console.replace("\r", "\n").split("\n") if line.strip() and "TrainProcess" not in line]
+    assert len(lines) <= 30, "\n".join(lines)
+    assert "ppdreambooth: full fine-tuning of" in console and "step 4/4: loss " in console
+    assert "checkpoint-2 written" in console and "Training finished." in console
+    assert "Loading weights file" not in console and "UserWarning" not in console
+    log = (out / "train.log").read_text()
+    assert "Loading weights file" in log and "loss_instance" in log  # everything else, kept in the file
+    verbose = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, tmp_path / "verbose", steps=1,
+                                                                  extra=["--log_level", "info"])])
+    assert "Loading weights file" in verbose.stdout + verbose.stderr

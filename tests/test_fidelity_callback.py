@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import paddle
 from PIL import Image
 
@@ -42,3 +43,20 @@ def test_scored_every_k_checkpoints_and_at_the_end(tiny_model, photos, tmp_path)
     assert all(-1 <= r[k] <= 1 for r in records for k in ("dino", "clip_i", "clip_t"))
     assert records[0] == {**records[0], **{k: records[1][k] for k in ("dino", "clip_i", "clip_t")}}  # same weights
     assert Image.open(tmp_path / "fidelity.png").size[0] > 100
+
+
+@pytest.mark.slow
+def test_training_with_fidelity_checkpoints(tiny_model, photos, tmp_path):
+    from conftest import run_module, train_argv
+
+    out = tmp_path / "out"
+    extra = ["--checkpointing_steps", "2", "--evaluate_every_n_checkpoints", "1", "--evaluate_at_end",
+             "--eval_num_prompts", "2", "--eval_images_per_prompt", "1", "--validation_inference_steps", "2",
+             "--eval_clip_model", write_tiny_clip(str(tmp_path / "clip")),
+             "--eval_dino_model", write_tiny_dino(str(tmp_path / "dino"))]
+    result = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, out, steps=5, extra=extra)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads((out / "fidelity.json").read_text())
+    assert [r["step"] for r in records["records"]] == [2, 4, 5]  # each checkpoint, then the end
+    assert records["prompts"][0].count("sks dog") == 1  # DreamBench templates filled from the instance prompt
+    assert (out / "fidelity.png").is_file()

@@ -76,3 +76,27 @@ def test_base_prediction_needs_lora(tiny_model):
     with pytest.raises(ConfigError, match="base_prediction needs --with_prior_preservation and --use_lora"):
         DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model), with_prior_preservation=True,
                         base_prediction_prior=True)
+
+
+@pytest.mark.slow
+def test_base_prediction_trains_without_class_images_and_resumes_exactly(tiny_model, photos, tmp_path):
+    from safetensors.numpy import load_file
+
+    from conftest import run_module, train_argv, truncate_run_to
+
+    extra = ["--use_lora", "--with_prior_preservation", "--prior_preservation_mode", "base_prediction",
+             "--class_prompt", "a photo of dog", "--random_flip", "--checkpointing_steps", "2"]
+    full = tmp_path / "full"
+    result = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, full, steps=5, extra=extra)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ", prior " in result.stdout and not any(p.name.startswith("class") for p in tmp_path.iterdir())
+    resumed = tmp_path / "resumed"
+    truncate_run_to(str(full), 2, str(resumed))
+    result = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, resumed, steps=5,
+                                                                  extra=extra + ["--resume_from_checkpoint", "latest"])])
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (load_file(str(d / "paddle_lora_weights.safetensors")) for d in (full, resumed))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # the option needs LoRA, refused before anything loads
+    refused = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, tmp_path / "x", extra=extra[1:])])
+    assert refused.returncode == 2 and "add --use_lora" in refused.stderr

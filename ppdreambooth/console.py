@@ -1,0 +1,98 @@
+"""What the console shows during training, and the log file in the output folder that keeps everything.
+
+The stack below ppdreambooth talks a lot: PaddleNLP's Trainer dumps its argument table and every
+component load, ppdiffusers adds progress bars and deprecation notes about configs the user cannot change.
+By default the console shows a short header, the training progress bar, one line per logging step with
+the loss, one line per checkpoint, warnings, and the closing summary; every message of every library goes
+to `<output_dir>/train.log`. `--log_level debug` (or info) brings the full detail back to the console.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from paddlenlp.trainer import TrainerCallback
+
+LOG_FILE = "train.log"
+LIBRARY_LOGGERS = ("PaddleNLP", "ppdiffusers", "paddle", "py.warnings")
+
+
+def quiet_console(output_dir: str, log_level: str = "passive", rank: int = 0) -> str:
+    """Send every library's messages to `<output_dir>/train.log` (rank r > 0: `train-rank<r>.log`), and only
+    their warnings to the console (unless `log_level` is debug or info); ppdreambooth's own messages stay on
+    the console. Returns the log path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOG_FILE if rank == 0 else f"train-rank{rank}.log")
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_file.setLevel(logging.DEBUG)
+    verbose = log_level in ("debug", "info")
+    logging.captureWarnings(True)  # deprecation notes about configs: to the file (and the console if verbose)
+    warnings.simplefilter("default")
+    for name in LIBRARY_LOGGERS + ("ppdreambooth",):
+        logger = logging.getLogger(name)
+        logger.addHandler(to_file)
+        if logger.level == logging.NOTSET or logger.level > logging.DEBUG:
+            logger.setLevel(logging.DEBUG if name != "ppdreambooth" else logging.INFO)
+        if name in LIBRARY_LOGGERS:
+            for handler in logger.handlers:
+                if handler is not to_file and not verbose:
+                    handler.setLevel(logging.WARNING)
+            if not logger.handlers or name == "py.warnings":
+                logger.propagate = False
+                console = logging.StreamHandler()
+                console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+                logger.addHandler(console)
+    if not verbose:
+        from ppdiffusers.utils import logging as ppdiffusers_logging
+
+        ppdiffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars
+    own = logging.getLogger("ppdreambooth")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in own.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("ppdreambooth: %(message)s"))
+        console.setLevel(logging.INFO)
+        own.addHandler(console)
+        own.propagate = False
+    return path
+
+
+def header(family, model_args, data_args, args, dataset, log_path: str) -> str:
+    """The few lines a user wants before the first step."""
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    if args.fp16 or args.bf16:
+        precision += f" {args.fp16_opt_level}"
+    mode = f"LoRA rank {model_args.lora_rank}" if model_args.use_lora else "full fine-tuning"
+    photos = sum(len(c.instance.images) for c in dataset.concepts)
+    classes = sum(len(c.prior.images) for c in dataset.concepts if c.prior is not None)
+    steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)"
+    return "\n".join([
+        f"ppdreambooth: {mode} of {model_args.pretrained_model_name_or_path} ({family.name}, {family.pipeline_class})",
+        f"  data:      {photos} instance photo(s) in {len(dataset.concepts)} concept(s)"
+        + (f", {classes} class image(s)" if classes else "") + f", {len(dataset)} examples per epoch",
+        f"  training:  {steps} steps, batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
+        f"accumulation x {max(args.world_size, 1)} process(es), learning rate {args.learning_rate:g}, {precision}",
+        f"  output:    {args.output_dir} (full log: {log_path})",
+    ])
+
+
+class ConsoleCallback(TrainerCallback):
+    """One line per logging step (losses, learning rate) and per checkpoint, written above the progress bar."""
+
+    def _write(self, state, line: str) -> None:
+        if state.is_local_process_zero:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            parts = [f"loss {logs['loss']:.4f}"]
+            parts += [f"{k.split('_', 1)[1]} {logs[k]:.4f}" for k in ("loss_instance", "loss_prior") if k in logs]
+            if "learning_rate" in logs:
+                parts.append(f"lr {logs['learning_rate']:.3g}")
+            self._write(state, f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts))
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write(state, f"checkpoint-{state.global_step} written to {args.output_dir}")
