@@ -43,3 +43,16 @@ def test_sd2_open_clip_layout_is_refused_both_ways(tiny_model, tmp_path):
     save_file(open_clip, str(tmp_path / "openclip.safetensors"))
     with pytest.raises(ConfigError, match="OpenCLIP"):
         read_single_file(str(tmp_path / "openclip.safetensors"), tiny_model, str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_training_from_a_single_file_records_the_file_the_user_named(tiny_model, photos, tmp_path):
+    from conftest import run_module, train_argv
+
+    path = write_single_file(tiny_model, str(tmp_path / "model.safetensors"))
+    out = tmp_path / "out"
+    result = run_module(["-m", "ppdreambooth.train", *train_argv(path, photos, out, steps=1),
+                         "--single_file_config", tiny_model])
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    assert f"base_model: {path}" in card and ".base-from-single-file" not in card.split("## Use")[0]
