@@ -6,7 +6,7 @@ left behind by a run that died never blocks the next run. The file also names it
 time, command line) for the message a refused run prints; on a filesystem without working `flock` a holder
 that is still alive on this host is recognised from that record (pid and process start time).
 
-Under data parallel only rank 0 takes the lock, for the whole run; `train.check_inputs` then tells the
+Under data parallel only rank 0 takes the lock, for the whole run; `preflight.check_inputs` then tells the
 other ranks whether it got it.
 """
 from __future__ import annotations

@@ -33,183 +33,22 @@ from .caching import cache_encodings
 from .callbacks import StopTextEncoderCallback
 from .config import parse_args
 from .export import export
-from .families import ModelFamily, detect_family
-from .lora import LORA_WEIGHTS_NAME
+from .families import ModelFamily
 from .buckets import make_buckets, nearest_bucket
 from .console import ConsoleCallback, header, quiet_console
 from .data import ConceptData, DreamBoothDataset, collate, collect_images, load_image_set, mirror_with_prompt
 from .fidelity_callback import fidelity_callback_for
 from .ema import EMACallback, WeightEMA
-from .model import DreamBoothModel, check_model_folder, check_model_path
+from .model import DreamBoothModel
 from .model_card import closing_summary, write_model_card
 from . import ranks, run_lock
-from .saving import is_complete, newest_good_checkpoint, push_to_hub, verify_checkpoint
+from .saving import push_to_hub
 from .signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
 from .trainer import DreamBoothTrainer, NonFiniteLossError
+from .preflight import check_inputs, release_output_dir
 from .validation import ValidationCallback
 
 logger = logging.getLogger("ppdreambooth")
-FINAL_FILES = ("model_index.json", LORA_WEIGHTS_NAME)  # what a finished full / LoRA run leaves in output_dir
-
-
-def choose_checkpoint(args: DreamBoothTrainingArguments) -> Optional[str]:
-    """`--resume_from_checkpoint latest|<dir>` -> a complete checkpoint folder whose files match the checksums
-    in its marker, or None to start fresh. `latest` skips damaged checkpoints, naming each; a damaged folder
-    asked for by name, or only damaged ones to choose from, is a ConfigError."""
-    wanted = args.resume_from_checkpoint
-    if wanted == "latest":
-        found, damaged = newest_good_checkpoint(args.output_dir)
-        for check in damaged:
-            logger.warning("%s: skipped", check.describe())
-        if found is None and damaged:
-            raise ConfigError(
-                f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} can be trusted ("
-                + "; ".join(check.describe() for check in damaged)
-                + "). Move them away to start a new run, or copy an intact checkpoint back."
-            )
-        if found is None:
-            logger.info("no complete checkpoint in %s: starting a new run", args.output_dir)
-            return None
-        if not found.verified:
-            logger.warning(found.describe())
-        if damaged:
-            logger.warning("resuming from %s, the newest checkpoint that verifies", found.path)
-        return found.path
-    if not os.path.isdir(wanted) or not is_complete(wanted):
-        raise ConfigError(
-            f"--resume_from_checkpoint {wanted} is not a complete checkpoint folder "
-            f"(use 'latest' to pick the newest complete one in {args.output_dir})."
-        )
-    check = verify_checkpoint(wanted)
-    if not check.ok:
-        raise ConfigError(f"--resume_from_checkpoint {wanted}: {check.describe()}. Use 'latest' to pick the newest "
-                          f"checkpoint in {args.output_dir} that verifies.")
-    if not check.verified:
-        logger.warning(check.describe())
-    return wanted
-
-
-def resolve_resume(args: DreamBoothTrainingArguments) -> Optional[str]:
-    """`choose_checkpoint`; under data parallel rank 0 reads and verifies the files and every rank takes its
-    answer."""
-    if not args.resume_from_checkpoint:
-        return None
-    if args.world_size <= 1:
-        return choose_checkpoint(args)
-    found, error, code = None, None, -3  # rank 0's code: -2 error, -1 none, 0 the named folder, N+1 checkpoint-N
-    if args.process_index <= 0:
-        try:
-            found = choose_checkpoint(args)
-            code = -1 if found is None else 0 if args.resume_from_checkpoint != "latest" else \
-                int(os.path.basename(found).rsplit("-", 1)[1]) + 1
-        except ConfigError as e:
-            error, code = e, -2
-    code = ranks.agree_max(code if args.process_index <= 0 else -3)
-    if error is not None:
-        raise error
-    if code == -2:
-        raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: refused (rank 0's log says why).")
-    if code == -1:
-        return None
-    if code == 0:
-        return args.resume_from_checkpoint
-    return os.path.join(args.output_dir, f"checkpoint-{code - 1}")
-
-
-_claims = set()  # id() of the argument objects whose run holds its output folder
-
-
-def claim_output_dir(args: DreamBoothTrainingArguments) -> None:
-    """Lock `--output_dir` for this run, or raise ConfigError naming the folder and the run that holds it.
-
-    Under data parallel rank 0 locks it for the whole run and tells the other ranks whether it could."""
-    world, error = max(args.world_size, 1), None
-    if args.process_index <= 0:
-        try:
-            run_lock.acquire(args.output_dir, ranks=world)
-            _claims.add(id(args))
-            ranks.clear_notes(args.output_dir)  # failure notes of an earlier run
-        except run_lock.OutputDirBusy as e:
-            error = str(e)
-    if world > 1 and ranks.agree_max(1 if error else 0) and error is None:
-        holder = run_lock.describe_holder(run_lock.read_holder(args.output_dir))
-        error = f"--output_dir {args.output_dir} is in use by another run: {holder} (rank 0's log says more)."
-    if error:
-        raise ConfigError(error)
-
-
-def release_output_dir(args: DreamBoothTrainingArguments) -> None:
-    if id(args) in _claims:
-        _claims.discard(id(args))
-        run_lock.release(args.output_dir)
-
-
-def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -> None:
-    finished = any(os.path.isfile(os.path.join(args.output_dir, name)) for name in FINAL_FILES)
-    if finished and resume is None and not args.overwrite_output_dir:
-        raise ConfigError(
-            f"--output_dir {args.output_dir} already holds a finished model. Choose another --output_dir, "
-            "pass --overwrite_output_dir to replace it, or --resume_from_checkpoint latest to continue it."
-        )
-
-
-def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
-    """Every check that needs no model; returns (model family, instance image files per concept, checkpoint
-    or None)."""
-    config_source = check_model_path(model_args.pretrained_model_name_or_path, model_args.single_file_config)
-    family = detect_family(config_source, model_args.model_family, model_args.revision)
-    check_model_folder(config_source, family)
-    check_family_options(family, model_args, data_args, args)
-    instance_files = [collect_images(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
-    if args.enable_xformers_memory_efficient_attention:
-        from ppdiffusers.utils import is_ppxformers_available
-
-        if not is_ppxformers_available():
-            raise ConfigError(
-                "--enable_xformers_memory_efficient_attention needs a GPU build of PaddlePaddle with "
-                "memory-efficient attention; this installation has none. Drop the flag."
-            )
-    claim_output_dir(args)  # one run per output folder (the lock is dropped when `run` ends)
-    resume = resolve_resume(args)
-    check_output_dir(args, resume)
-    return family, instance_files, resume
-
-
-def check_family_options(family: ModelFamily, model_args: ModelArguments, data_args: DataArguments,
-                         args: DreamBoothTrainingArguments) -> None:
-    """Refuse, before any weights load, what this family cannot do, naming the flag and what to do."""
-    unsupported = dict(family.unsupported_options)
-    if model_args.pretrained_model_name_or_path.endswith(".safetensors") and "single_file" in unsupported:
-        raise ConfigError(f"training from a single-file checkpoint: {unsupported['single_file']}")
-    for fmt in [f for f in (args.export_formats or "").split(",") if f]:
-        if f"export_{fmt}" in unsupported:
-            raise ConfigError(f"--export_formats {fmt}: {unsupported[f'export_{fmt}']}")
-    if data_args.prior_preservation_mode == "base_prediction" and not model_args.use_lora:
-        raise ConfigError("--prior_preservation_mode base_prediction takes the base model's prediction with the LoRA "
-                          "adapters switched off: add --use_lora, or use the default class_images mode.")
-    if model_args.use_lora and model_args.train_text_encoder and "lora_text_encoder" in unsupported:
-        raise ConfigError(f"--use_lora with --train_text_encoder: {unsupported['lora_text_encoder']}")
-    flow = family.objective == "flow"
-    if flow:
-        ddpm = {"prediction_type": model_args.prediction_type, "snr_gamma": model_args.snr_gamma,
-                "noise_offset": model_args.noise_offset or None}
-        given = [name for name, value in ddpm.items() if value is not None]
-        if given:
-            raise ConfigError(f"--{given[0]} {unsupported['ddpm_options']}")
-    else:
-        given = [name for name in ModelArguments.FLOW_ONLY if getattr(model_args, name) is not None]
-        if given or model_args.drop_t5:
-            flag = given[0] if given else "drop_t5"
-            raise ConfigError(f"--{flag} is a flow-matching (SD3) option; {model_args.pretrained_model_name_or_path} "
-                              f"is a {family.name} model trained as DDPM (use --snr_gamma, --prediction_type, "
-                              "--noise_offset there).")
-    step = family.resolution_multiple
-    sides = {"resolution": data_args.resolution, "height": data_args.height, "width": data_args.width}
-    if data_args.enable_bucket:
-        sides.update(bucket_reso_steps=data_args.bucket_reso_steps)
-    for name, value in sides.items():
-        if value is not None and value % step:
-            raise ConfigError(f"--{name} {value}: {family.name} needs image sides that are multiples of {step}.")
 
 
 def base_from_single_file(model_args: ModelArguments, args: DreamBoothTrainingArguments) -> None:

@@ -29,7 +29,7 @@ from ppdreambooth.saving import (
     mark_complete,
     verify_checkpoint,
 )
-from ppdreambooth.train import resolve_resume
+from ppdreambooth.preflight import resolve_resume
 
 HELPERS = os.path.join(ROOT, "tests", "helpers")
 RUN_LOCK_FILE = os.path.join(ROOT, "ppdreambooth", "run_lock.py")

@@ -100,3 +100,6 @@ def test_base_prediction_trains_without_class_images_and_resumes_exactly(tiny_mo
     # the option needs LoRA, refused before anything loads
     refused = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, tmp_path / "x", extra=extra[1:])])
     assert refused.returncode == 2 and "add --use_lora" in refused.stderr
+    refused = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, tmp_path / "x",
+                                                                  extra=extra + ["--train_text_encoder"])])
+    assert refused.returncode == 2 and "with --train_text_encoder the prior target" in refused.stderr

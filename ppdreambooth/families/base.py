@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -34,8 +34,6 @@ class ModelFamily:
     legacy_lora_keys: bool = True
     # what the family cannot do (yet): option -> the message that says so and what to do instead
     unsupported_options: Dict[str, str] = {}
-    default_resolution: int = 512
-    hub_example: str = ""
     card_tag: str = ""  # the model card's tag
 
     @property
@@ -121,8 +119,4 @@ def token_key(n: int) -> str:
     return "input_ids" if n == 0 else f"input_ids_{n + 1}"
 
 
-def stack_rows(rows: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-
-
-__all__: List[str] = ["ModelFamily", "Size", "token_key", "stack_rows"]
+__all__: List[str] = ["ModelFamily", "Size", "token_key"]

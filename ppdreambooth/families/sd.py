@@ -13,7 +13,6 @@ class StableDiffusion(ModelFamily):
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    hub_example = "runwayml/stable-diffusion-v1-5"
     card_tag = "stable-diffusion"
 
     def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object],

@@ -38,8 +38,6 @@ class StableDiffusion3(ModelFamily):
                              "to_add_out")
     text_encoder_lora_targets = ()  # ppdiffusers' SD3 LoRA loader reads transformer adapters only
     legacy_lora_keys = False  # its loader requires the peft backend and peft names
-    default_resolution = 1024
-    hub_example = "stabilityai/stable-diffusion-3-medium-diffusers"
     card_tag = "stable-diffusion-3"
     unsupported_options = {
         "lora_text_encoder": "SD3 LoRA trains the transformer only: ppdiffusers 0.29 saves and loads SD3 adapters "

@@ -22,8 +22,6 @@ class StableDiffusionXL(ModelFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
     pipeline_extras = {"add_watermarker": False}  # the watermark needs the invisible-watermark package
-    default_resolution = 1024
-    hub_example = "stabilityai/stable-diffusion-xl-base-1.0"
     card_tag = "stable-diffusion-xl"
 
     def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object],
