@@ -9,7 +9,6 @@ fidelity falls can be picked. Evaluation leaves training unchanged (RNG states a
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import List, Optional, Sequence
 from paddlenlp.trainer import TrainerCallback
 
 from .sampling import generate_images
-from .validation import preserved_rng_state, validation_pipeline
+from .validation import sampling_from
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME, PLOT_NAME = "fidelity.json", "fidelity.png"
@@ -70,18 +69,10 @@ class FidelityCallback(TrainerCallback):
     def evaluate(self, args, step: int) -> Optional[dict]:
         if not args.should_save:
             return None
-        was_training = self.model.denoiser.training
-        averaged = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with preserved_rng_state(), self.model.parked_on_device(), averaged:
-            self.model.eval()
-            try:
-                pipeline = validation_pipeline(self.model, self.base_model, self.revision)
-                seeds = [args.seed + i for i in range(self.num_images)]
-                groups = [generate_images(pipeline, [p] * len(seeds), seeds, num_inference_steps=self.steps)
-                          for p in self.prompts]
-            finally:
-                if was_training:
-                    self.model.train()
+        with sampling_from(self.model, self.base_model, self.revision, self.ema) as pipeline:
+            seeds = [args.seed + i for i in range(self.num_images)]
+            groups = [generate_images(pipeline, [p] * len(seeds), seeds, num_inference_steps=self.steps)
+                      for p in self.prompts]
         record = {"step": step, **self.scorer.score(groups, self.prompts)["overall"]}
         self.records.append(record)
         with open(os.path.join(args.output_dir, RESULTS_NAME), "w") as f:

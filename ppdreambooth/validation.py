@@ -35,6 +35,21 @@ def preserved_rng_state():
         random.setstate(states[2])
 
 
+@contextlib.contextmanager
+def sampling_from(model, base_model: str, revision=None, ema=None):
+    """The pipeline over the weights being trained (the EMA average with --use_ema), in eval mode; afterwards
+    training is as it was: train/eval mode, parked encoders, weights and every RNG state restored."""
+    was_training = model.denoiser.training
+    averaged = ema.swapped_in() if ema is not None else contextlib.nullcontext()
+    with preserved_rng_state(), model.parked_on_device(), averaged:
+        model.eval()
+        try:
+            yield validation_pipeline(model, base_model, revision)
+        finally:
+            if was_training:
+                model.train()
+
+
 def validation_pipeline(model, base_model: str, revision=None):
     """The family's pipeline over the model's current denoiser, text encoders and VAE, with the family's
     deterministic sampler (DPM-Solver; SD3: flow-matching Euler)."""
@@ -82,18 +97,10 @@ class ValidationCallback(TrainerCallback):
         self._done_steps.add(step)
         folder = os.path.join(args.output_dir, "validation", f"step-{step}")
         os.makedirs(folder, exist_ok=True)
-        was_training = self.model.denoiser.training
-        averaged = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with preserved_rng_state(), self.model.parked_on_device(), averaged:
-            self.model.eval()
-            try:
-                pipeline = validation_pipeline(self.model, self.base_model, self.revision)
-                seeds = [args.seed + i for i in range(args.num_validation_images)]
-                images = generate_images(pipeline, [args.validation_prompt] * len(seeds), seeds,
-                                         num_inference_steps=args.validation_inference_steps)
-            finally:
-                if was_training:
-                    self.model.train()
+        with sampling_from(self.model, self.base_model, self.revision, self.ema) as pipeline:
+            seeds = [args.seed + i for i in range(args.num_validation_images)]
+            images = generate_images(pipeline, [args.validation_prompt] * len(seeds), seeds,
+                                     num_inference_steps=args.validation_inference_steps)
         paths = []
         for i, image in enumerate(images):
             paths.append(os.path.join(folder, f"image-{i}.png"))
