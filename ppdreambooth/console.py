@@ -16,6 +16,7 @@ from paddlenlp.trainer import TrainerCallback
 
 LOG_FILE = "train.log"
 LIBRARY_LOGGERS = ("PaddleNLP", "ppdiffusers", "paddle", "py.warnings")
+_current_file: list = []  # the log-file handler of this process's current run (one run after another: tests)
 
 
 def quiet_console(output_dir: str, log_level: str = "passive", rank: int = 0) -> str:
@@ -24,9 +25,15 @@ def quiet_console(output_dir: str, log_level: str = "passive", rank: int = 0) ->
     the console. Returns the log path."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOG_FILE if rank == 0 else f"train-rank{rank}.log")
+    for old in _current_file:  # an earlier run of this process: its file gets no more lines
+        for name in LIBRARY_LOGGERS + ("ppdreambooth",):
+            logging.getLogger(name).removeHandler(old)
+        old.close()
+    _current_file.clear()
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_file.setLevel(logging.DEBUG)
+    _current_file.append(to_file)
     verbose = log_level in ("debug", "info")
     logging.captureWarnings(True)  # deprecation notes about configs: to the file (and the console if verbose)
     warnings.simplefilter("default")
@@ -36,14 +43,13 @@ def quiet_console(output_dir: str, log_level: str = "passive", rank: int = 0) ->
         if logger.level == logging.NOTSET or logger.level > logging.DEBUG:
             logger.setLevel(logging.DEBUG if name != "ppdreambooth" else logging.INFO)
         if name in LIBRARY_LOGGERS:
-            for handler in logger.handlers:
-                if handler is not to_file and not verbose:
-                    handler.setLevel(logging.WARNING)
-            if not logger.handlers or name == "py.warnings":
+            screens = [h for h in logger.handlers if h is not to_file and not isinstance(h, logging.FileHandler)]
+            if not screens:  # its own console handler, so that it need not propagate to the root logger
+                screens = [logging.StreamHandler()]
+                logger.addHandler(screens[0])
                 logger.propagate = False
-                console = logging.StreamHandler()
-                console.setLevel(logging.DEBUG if verbose else logging.WARNING)
-                logger.addHandler(console)
+            for handler in screens:
+                handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not verbose:
         from ppdiffusers.utils import logging as ppdiffusers_logging
 
