@@ -70,8 +70,11 @@ def read_caption(image_path: str, extension: str, instance_prompt: str) -> Optio
     path = os.path.splitext(image_path)[0] + extension
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        caption = " ".join(f.read().split())
+    try:
+        with open(path, encoding="utf-8") as f:
+            caption = " ".join(f.read().split())
+    except UnicodeDecodeError:
+        raise ConfigError(f"caption file {path} is not UTF-8 text: save it as UTF-8 (or remove it).") from None
     return caption.replace("{instance_prompt}", instance_prompt) if caption else None
 
 

@@ -54,7 +54,20 @@ def load_torch_text_encoder(path: str, name: str, class_name: str):
 
 def load_component(path: str, name: str, revision: Optional[str] = None, family=None):
     """One component of a `family` model (default: SD 1.x/2.x) by its subfolder name: a tokenizer, a text
-    encoder, the vae, the denoiser, or the scheduler (loaded as the DDPM noise scheduler for training)."""
+    encoder, the vae, the denoiser, or the scheduler (loaded as the DDPM noise scheduler for training).
+    A damaged or unreadable file stops with a ConfigError naming the component, not a library traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return _load_component(path, name, revision, family)
+    except ConfigError:
+        raise
+    except (SafetensorError, OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot load {name}/ of {path}: {type(e).__name__}: {e}. Its files may be damaged or "
+                          "incomplete (an interrupted download or copy): fetch the model again.") from None
+
+
+def _load_component(path: str, name: str, revision: Optional[str] = None, family=None):
     import ppdiffusers
     import ppdiffusers.transformers as transformers
 

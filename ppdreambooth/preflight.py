@@ -10,7 +10,7 @@ from typing import Optional
 
 from . import ranks, run_lock
 from .args import ConfigError, DataArguments, DreamBoothTrainingArguments, ModelArguments
-from .data import collect_images
+from .data import collect_images, read_caption
 from .families import ModelFamily, detect_family
 from .lora import LORA_WEIGHTS_NAME
 from .model import check_model_folder, check_model_path
@@ -137,6 +137,11 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
                 "--enable_xformers_memory_efficient_attention needs a GPU build of PaddlePaddle with "
                 "memory-efficient attention; this installation has none. Drop the flag."
             )
+    for concept, files in zip(data_args.concept_list, instance_files):  # captions are read later: check now
+        for path in files:
+            read_caption(path, data_args.caption_extension, concept.instance_prompt)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ConfigError(f"--output_dir {args.output_dir} is a file, not a folder: choose another --output_dir.")
     claim_output_dir(args)  # one run per output folder (the lock is dropped when `run` ends)
     resume = resolve_resume(args)
     check_output_dir(args, resume)

@@ -1,0 +1,149 @@
+"""Every bad input a clear message: exit status 2, the culprit named, no traceback, no model loaded, nothing
+written; and valid but unusual input (non-ASCII paths with spaces, odd image modes, a corrupt file among
+good ones) trains. One case per row of the README's "When things go wrong" table, and more."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_module, train_argv, write_photos
+from ppdreambooth import train
+from ppdreambooth.model import DreamBoothModel
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(DreamBoothModel, "__init__", refuse)
+
+
+def replace(argv, flag, value):
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def model_without_index(tiny_model, tmp_path):
+    folder = tmp_path / "no-index"
+    shutil.copytree(tiny_model, folder)
+    os.remove(folder / "model_index.json")
+    return str(folder)
+
+
+def bad_config(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"resolution": 64,')
+    return str(path)
+
+
+# (case, how to make the argv from the good one, what the message must say)
+CASES = [
+    ("missing photo folder", lambda a, t, m: replace(a, "--instance_data_dir", str(t / "nope")),
+     "is not a folder"),
+    ("non-numeric value", lambda a, t, m: replace(a, "--max_train_steps", "many"), "invalid int value"),
+    ("misspelt flag", lambda a, t, m: a + ["--learnig_rate", "1e-4"], "Did you mean 'learning_rate'"),
+    ("resolution not a multiple of 8", lambda a, t, m: replace(a, "--resolution", "60"), "multiple of 8"),
+    ("LoRA rank 0", lambda a, t, m: a + ["--lora_rank", "0"], "--lora_rank must be a positive integer"),
+    ("negative noise offset", lambda a, t, m: a + ["--noise_offset", "-1"], "--noise_offset must be >= 0"),
+    ("EMA decay above 1", lambda a, t, m: a + ["--use_ema", "--ema_decay", "1.5"], "--ema_decay must be between"),
+    ("zero validation steps", lambda a, t, m: a + ["--validation_steps", "0"], "--validation_steps must be"),
+    ("unknown export format", lambda a, t, m: a + ["--export_formats", "onnx"], "unknown format 'onnx'"),
+    ("unknown logger", lambda a, t, m: a + ["--report_to", "mlflow"], "--report_to 'mlflow' is not supported"),
+    ("fp16 and bf16", lambda a, t, m: a + ["--fp16", "--bf16"], "--fp16 and --bf16 are exclusive"),
+    ("alias conflict", lambda a, t, m: a + ["--per_device_train_batch_size", "4"], "same setting"),
+    ("prior without class prompt", lambda a, t, m: a + ["--with_prior_preservation", "--class_data_dir", str(t / "c")],
+     "--class_prompt"),
+    ("cached latents with random crops", lambda a, t, m: a + ["--cache_latents"], "--cache_latents cannot reproduce"),
+    ("both caching switches", lambda a, t, m: a + ["--cache_latents", "--center_crop", "--no_cache_latents"],
+     "contradict"),
+    ("pickled single file", lambda a, t, m: replace(a, "--pretrained_model_name_or_path", str(t / "m.ckpt")),
+     "does not exist"),
+    ("single file without its config", lambda a, t, m: replace(a, "--pretrained_model_name_or_path",
+                                                               str(_touch(t / "m.safetensors"))), "--single_file_config"),
+    ("folder without model_index.json", lambda a, t, m: replace(a, "--pretrained_model_name_or_path",
+                                                                model_without_index(m, t)), "pass --model_family"),
+    ("not a path nor a hub id", lambda a, t, m: replace(a, "--pretrained_model_name_or_path", "a/b/c"),
+     "neither a model folder nor a hub id"),
+    ("broken JSON config", lambda a, t, m: [bad_config(t)] + a, "is not valid JSON"),
+    ("missing JSON config", lambda a, t, m: [str(t / "none.json")] + a, "does not exist"),
+    ("flow option on SD", lambda a, t, m: a + ["--weighting_scheme", "mode"], "flow-matching (SD3) option"),
+    ("base prediction without LoRA", lambda a, t, m: a + ["--with_prior_preservation", "--class_prompt", "a dog",
+                                                         "--prior_preservation_mode", "base_prediction"],
+     "add --use_lora"),
+    ("resume from a folder that is no checkpoint", lambda a, t, m: a + ["--resume_from_checkpoint", str(t)],
+     "not a complete checkpoint"),
+]
+
+
+def _non_utf8_caption(args, tmp_path):
+    photos = tmp_path / "captioned"
+    shutil.copytree(args[args.index("--instance_data_dir") + 1], photos)
+    (photos / "photo-0.txt").write_bytes(b"\xff\xfe a dog")
+    return replace(args, "--instance_data_dir", str(photos))
+
+
+def _output_dir_is_a_file(args, tmp_path):
+    _touch(tmp_path / "a-file")
+    return replace(args, "--output_dir", str(tmp_path / "a-file"))
+
+
+CASES += [
+    ("caption file not UTF-8", lambda a, t, m: _non_utf8_caption(a, t), "is not UTF-8 text"),
+    ("output folder is a file", lambda a, t, m: _output_dir_is_a_file(a, t), "is a file, not a folder"),
+]
+
+
+def _touch(path):
+    path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("make, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_each_bad_input_stops_early_naming_the_culprit(make, message, tiny_model, photos, tmp_path, capsys,
+                                                       no_model_loading):
+    out = tmp_path / "out"
+    argv = make(train_argv(tiny_model, photos, out), tmp_path, tiny_model)
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_damaged_model_weights_are_named_not_a_traceback(tiny_model, photos, tmp_path, capsys):
+    """Only loading can find a truncated weight file: the message names the component and what to do."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model, damaged)
+    weights = damaged / "unet" / "diffusion_paddle_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert train.main(train_argv(str(damaged), photos, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "cannot load unet/ of" in err and "fetch the model again" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_unusual_but_valid_input_trains(tiny_model, tmp_path):
+    """Non-ASCII folder names with spaces, odd image modes (RGBA, 16-bit grey, palette, CMYK), a caption file,
+    stray non-image files and one corrupt image among the good ones."""
+    photos = tmp_path / "фото моей собаки" / "sks dog photos"
+    write_photos(photos, count=2)
+    rng = np.random.RandomState(1)
+    Image.fromarray(rng.randint(0, 255, (80, 96, 4)).astype(np.uint8), "RGBA").save(photos / "rgba.png")
+    Image.fromarray((rng.rand(80, 96) * 65535).astype(np.uint16)).save(photos / "grey16.png")
+    Image.fromarray(rng.randint(0, 255, (80, 96, 3)).astype(np.uint8)).convert("P").save(photos / "palette.png")
+    Image.fromarray(rng.randint(0, 255, (80, 96, 3)).astype(np.uint8)).convert("CMYK").save(photos / "cmyk.jpg")
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    (photos / ".DS_Store").write_bytes(b"\x00")
+    (photos / "notes.txt").write_text("my dog")
+    (photos / "rgba.txt").write_text("{instance_prompt} on grass")
+    out = tmp_path / "résultats du chien"
+    result = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, str(photos), out, steps=2)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "broken.jpg" in result.stdout + result.stderr  # skipped with a warning that names it
+    assert (out / "model_index.json").is_file()
+    card = json.dumps((out / "README.md").read_text())
+    assert "sks dog photos" in card
