@@ -4,6 +4,8 @@
 alpha / rank in lora_B already, so each adapted Linear becomes W + A @ B (Paddle layout: W is [in, out],
 A is [in, rank], B is [rank, out]) and computes exactly what the trained model did. This is the way to share
 text-encoder and SD3 adapters with people whose ppdiffusers 0.29 cannot load them without its peft backend.
+Written here rather than through ppdiffusers' `fuse_lora`: that exists for its SD/SDXL pipelines but not for
+`StableDiffusion3Pipeline` in 0.29, and one fold of our own file serves every family alike.
 """
 from __future__ import annotations
 

@@ -26,8 +26,6 @@ from .objectives import build_objective
 
 logger = logging.getLogger(__name__)
 
-ENCODED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")  # batch keys of cached text-encoder outputs
-
 
 def check_model_path(path: str, single_file_config: Optional[str] = None) -> str:
     """Check the shape of --pretrained_model_name_or_path before anything is loaded; returns the folder or hub
@@ -173,7 +171,7 @@ class DreamBoothModel(paddle.nn.Layer):
 
     def trained_layers(self) -> Dict[str, paddle.nn.Layer]:
         """The denoiser and every trained text encoder, by component name (what LoRA adapters are saved from)."""
-        return {name: layer for name, layer in self._sub_layers.items()}
+        return dict(self._sub_layers)
 
     def trainable_named_parameters(self) -> List[Tuple[str, paddle.Tensor]]:
         return [(n, p) for n, p in self.named_parameters() if not p.stop_gradient]

@@ -82,6 +82,8 @@ def test_aliases_are_one_setting_and_conflicts_are_refused(tmp_path, monkeypatch
         parse_args(REQUIRED + ["--train_batch_size", "2", "--per_device_train_batch_size", "3"])
     with pytest.raises(ConfigError, match="max_train_steps"):
         parse_args(REQUIRED + ["--max_train_steps", "2", "--max_steps", "3"])
+    _, _, args = parse_args(REQUIRED + ["--train_text_encoder", "--text_encoder_lr", "5e-6"])  # SDXL script's name
+    assert args.text_encoder_learning_rate == 5e-6
 
 
 def test_mixed_precision_alias(tmp_path, monkeypatch):

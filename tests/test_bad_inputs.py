@@ -72,6 +72,8 @@ CASES = [
     ("broken JSON config", lambda a, t, m: [bad_config(t)] + a, "is not valid JSON"),
     ("missing JSON config", lambda a, t, m: [str(t / "none.json")] + a, "does not exist"),
     ("flow option on SD", lambda a, t, m: a + ["--weighting_scheme", "mode"], "flow-matching (SD3) option"),
+    ("T5 length out of range", lambda a, t, m: a + ["--max_sequence_length", "1000"],
+     "--max_sequence_length must be between 1 and 512"),
     ("base prediction without LoRA", lambda a, t, m: a + ["--with_prior_preservation", "--class_prompt", "a dog",
                                                          "--prior_preservation_mode", "base_prediction"],
      "add --use_lora"),

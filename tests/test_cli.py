@@ -147,6 +147,9 @@ def test_a_seed_run_prints_a_screenful_with_the_loss(tiny_model, photos, tmp_pat
     assert "Loading weights file" not in console and "UserWarning" not in console
     log = (out / "train.log").read_text()
     assert "Loading weights file" in log and "loss_instance" in log  # everything else, kept in the file
+    assert "caching:     cached 1 prompt embedding(s), latents of 0 of 4 image crops" in console  # random crops
     verbose = run_module(["-m", "ppdreambooth.train", *train_argv(tiny_model, photos, tmp_path / "verbose", steps=1,
-                                                                  extra=["--log_level", "info"])])
+                                                                  extra=["--log_level", "info", "--center_crop",
+                                                                         "--no_cache_latents"])])
     assert "Loading weights file" in verbose.stdout + verbose.stderr
+    assert "caching:     cached 1 prompt embedding(s)\n" in verbose.stdout  # centre crops, yet no latent cache

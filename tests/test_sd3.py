@@ -214,10 +214,33 @@ def test_sd3_lora_saves_and_loads_in_the_sd3_pipeline(tiny_sd3_model, tmp_path):
     np.testing.assert_allclose(folded, trained, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_layers_chooses_the_adapted_modules(tiny_sd3_model):
-    model = make(tiny_sd3_model, use_lora=True, lora_layers="to_q,to_v")
+def test_lora_layers_chooses_the_adapted_modules(family_model):
+    _, path = family_model
+    model = make(path, use_lora=True, lora_layers="to_q,to_v")
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.trainable_named_parameters()}
     assert adapted == {"to_q", "to_v"}
+
+
+def test_max_sequence_length_sets_t5s_share_of_the_prompt(tiny_sd3_model):
+    model = make(tiny_sd3_model, max_sequence_length=32)
+    tokens = model.tokenize("a photo of sks dog")
+    assert tokens["input_ids"].shape == (77,) and tokens["input_ids_3"].shape == (32,)
+    with paddle.no_grad():
+        embeds = model.encode_prompts({k: paddle.to_tensor(v[None]) for k, v in tokens.items()})["prompt_embeds"]
+    assert embeds.shape == [1, 77 + 32, 96]
+
+
+def test_timestep_density_options_reach_the_objective(tiny_sd3_model):
+    """--logit_mean moves the sampled sigmas (u indexes the descending sigma grid, as in diffusers: a higher mean
+    draws less noise); --weighting_scheme mode with --mode_scale is used as given."""
+    def mean_sigma(**kw):
+        model = make(tiny_sd3_model, **kw)
+        paddle.seed(0)
+        return float((model.objective.draw(paddle.zeros([512, 16, 2, 2]))[1] / 1000).mean())
+
+    assert mean_sigma(logit_mean=2.0) < mean_sigma() < mean_sigma(logit_mean=-2.0)
+    assert mean_sigma(logit_std=0.1) != mean_sigma(logit_std=2.0)
+    assert mean_sigma(weighting_scheme="mode", mode_scale=0.0) != mean_sigma(weighting_scheme="mode", mode_scale=1.29)
 
 
 # ----- options refused before any weights load ------------------------------------------------------------
