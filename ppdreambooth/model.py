@@ -78,6 +78,7 @@ class DreamBoothModel(paddle.nn.Layer):
         base_prediction_prior: bool = False,
     ):
         super().__init__()
+        self._whole_model_training = False  # see train()
         self.with_prior_preservation = with_prior_preservation  # batches are [instance; class] halves
         # the class half repeats the instance latents under the class prompt; its target is the base model's
         # own prediction (adapters off): prior preservation without class images (LoRA only)
@@ -274,6 +275,22 @@ class DreamBoothModel(paddle.nn.Layer):
             return self.family.encode_prompt(self.text_encoders(), tokens, config)
         with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
             return self.family.encode_prompt(self.text_encoders(), tokens, config)
+
+    def train(self, mode: bool = True):
+        """Training (or eval) mode for every sublayer; a no-op when the whole model is already in training mode.
+
+        PaddleNLP's Trainer calls `model.train()` before every step, which walks all ~1,000 sublayers of even
+        the tiny SD model each time (about 2 ms a step on CPU); the mode changes only around sampling, which
+        goes through `eval()`/`train()` here."""
+        if mode and self._whole_model_training:
+            return self
+        result = super().train(mode)
+        self._whole_model_training = mode
+        return result
+
+    def eval(self):
+        self._whole_model_training = False
+        return super().eval()
 
     def forward(
         self,

@@ -1,4 +1,5 @@
 """Entry points: clear early errors (exit 2, no traceback, no model loaded), run_train.sh, prior preservation."""
+import gc
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ def error_of(argv, capsys):
     code = train.main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
+    assert gc.get_freeze_count() == 0  # the import-time objects are handed back to the collector
     return err
 
 

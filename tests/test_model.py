@@ -93,6 +93,20 @@ def test_frozen_parts_and_trainable_parameters(tiny_model):
     assert model.unet.training and not model.vae.training and not model.text_encoder.training
 
 
+def test_train_mode_is_set_once_and_restored_after_eval(tiny_model):
+    """The Trainer calls model.train() every step; the walk over sublayers happens only when the mode changed."""
+    model = make_model(tiny_model)
+    model.train()
+    assert all(layer.training for layer in model.sublayers())
+    model.unet.conv_in.training = False  # a changed sublayer goes unnoticed while the model stays in training...
+    model.train()
+    assert not model.unet.conv_in.training
+    model.eval()  # ...and is reset on the next switch through eval()
+    assert not any(layer.training for layer in model.sublayers())
+    model.train()
+    assert all(layer.training for layer in model.sublayers())
+
+
 def test_recompute_turns_on_gradient_checkpointing(tiny_model):
     with paddle.utils.unique_name.guard():
         model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model, train_text_encoder=True),

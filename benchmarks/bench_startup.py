@@ -1,0 +1,146 @@
+"""Where the time from launch to the first training step goes (and what follows the last step), on the seed
+README's first command with a tiny SD model (CPU).
+
+    python benchmarks/bench_startup.py [--repeats 3] [--steps 1]
+
+Each repeat is a fresh `python -m ppdreambooth.train`-equivalent process; the worker wraps the phases of
+`ppdreambooth.train` with clocks and prints one JSON line. The table shows per-phase medians in seconds:
+interpreter start and imports (Paddle, PaddleNLP, ppdiffusers: the seed script pays these too; the line
+"bare stack imports" measures them alone in another fresh process), input checks, model loading, reading
+photos, caching, Trainer set-up (optimizer, data loader, logging) until the first step, the first step,
+the steps after it, and the final save (pipeline folder, model card, summary).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PHASES = ["interpreter + imports", "input checks", "model loading", "reading photos", "caching",
+          "Trainer set-up to first step", "first step", "other steps", "final save + summary", "total"]
+
+
+def seed_command(model: str, photos: str, out: str, steps: int) -> list:
+    return [f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={photos}", f"--output_dir={out}",
+            "--instance_prompt=a photo of sks dog", "--resolution=64", "--train_batch_size=1",
+            "--gradient_accumulation_steps=1", "--learning_rate=5e-6", "--lr_scheduler=constant",
+            "--lr_warmup_steps=0", f"--max_train_steps={steps}"]
+
+
+def worker(launched: float, argv: list) -> dict:
+    """Run the training CLI with clocks around its phases; returns {phase: seconds}."""
+    import ppdreambooth.train as train_module  # noqa: the imports phase ends here
+    from paddlenlp.trainer import TrainerCallback
+
+    marks = {"imported": time.time()}
+    spans = {}
+
+    def clocked(owner, name, label):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spans[label] = spans.get(label, 0.0) + time.time() - start
+        setattr(owner, name, wrapper)
+
+    clocked(train_module, "check_inputs", "input checks")
+    clocked(train_module, "DreamBoothModel", "model loading")
+    clocked(train_module, "build_dataset", "reading photos")
+    clocked(train_module, "cache_encodings", "caching")
+    clocked(train_module.DreamBoothTrainer, "save_model", "final save")
+    clocked(train_module, "write_model_card", "model card")
+    clocked(train_module, "closing_summary", "summary")
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.setdefault("train_begin", time.time())
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            marks.setdefault("first_step", time.time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.setdefault("first_step_end", time.time())
+            marks["last_step_end"] = time.time()
+
+    trainer_init = train_module.DreamBoothTrainer.__init__
+
+    def with_clock(self, *args, callbacks=None, **kwargs):
+        marks.setdefault("trainer_built", time.time())
+        trainer_init(self, *args, callbacks=[StepClock(), *(callbacks or [])], **kwargs)
+
+    train_module.DreamBoothTrainer.__init__ = with_clock
+    status = train_module.main(argv)
+    if status != 0:
+        raise SystemExit(f"training exited with {status}")
+    end = time.time()
+    before_trainer = sum(spans.get(k, 0.0) for k in ("input checks", "model loading", "reading photos", "caching"))
+    return {
+        "interpreter + imports": marks["imported"] - launched,
+        "input checks": spans["input checks"],
+        "model loading": spans["model loading"],
+        "reading photos": spans["reading photos"],
+        "caching": spans["caching"],
+        # from the end of caching (callbacks, Trainer constructor, optimizer, data loader, VisualDL) to step 1
+        "Trainer set-up to first step": marks["first_step"] - marks["imported"] - before_trainer,
+        "first step": marks["first_step_end"] - marks["first_step"],
+        "other steps": marks["last_step_end"] - marks["first_step_end"],
+        "final save + summary": end - marks["last_step_end"],
+        "total": end - launched,
+    }
+
+
+def bare_imports() -> float:
+    start = time.time()
+    subprocess.run([sys.executable, "-c", "import paddle, paddlenlp.trainer, ppdiffusers"], check=True,
+                   capture_output=True)
+    return time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        launched, argv = json.loads(args.worker)
+        print(json.dumps(worker(launched, argv)))
+        return
+    from ppdreambooth.demo import draw_subject
+    from ppdreambooth.tiny import build_tiny_pipeline
+
+    runs, bare = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, photos = os.path.join(tmp, "tiny-sd"), os.path.join(tmp, "photos")
+        build_tiny_pipeline(model)
+        os.makedirs(photos)
+        for i in range(5):
+            draw_subject(i).save(os.path.join(photos, f"{i}.png"))
+        for _ in range(args.repeats):
+            argv = seed_command(model, photos, os.path.join(tempfile.mkdtemp(dir=tmp), "out"), args.steps)
+            launched = time.time()
+            result = subprocess.run([sys.executable, __file__, "--worker", json.dumps([launched, argv])],
+                                    capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            if result.returncode != 0:
+                raise SystemExit(f"worker failed:\n{result.stderr[-3000:]}")
+            runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            bare.append(bare_imports())
+    print(f"| phase (seed command, {args.steps} step(s), median of {args.repeats}) | seconds |")
+    print("| --- | --- |")
+    for phase in PHASES:
+        print(f"| {phase} | {statistics.median(run[phase] for run in runs):.2f} |")
+    print(f"| (bare stack imports: paddle, paddlenlp.trainer, ppdiffusers) | {statistics.median(bare):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
