@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .args import ConfigError
     from .config import parse_args
     from .train import run
-    from .trainer import NonFiniteLossError
+    from .nonfinite import NonFiniteLossError
 
     os.chdir(ROOT)  # the demo config uses paths relative to the project folder
     prepare_assets()

@@ -46,7 +46,8 @@ from .model_card import closing_summary, write_model_card
 from . import ranks, run_lock
 from .saving import push_to_hub
 from .signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
-from .trainer import DreamBoothTrainer, NonFiniteLossError
+from .nonfinite import NonFiniteLossError
+from .trainer import DreamBoothTrainer
 from .preflight import check_inputs, release_output_dir
 from .validation import ValidationCallback
 

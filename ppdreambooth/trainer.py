@@ -10,8 +10,9 @@ What it changes, and why:
 - `_save_checkpoint` unmarks a checkpoint folder before writing and marks it complete, with the checksums
   of its files, once all its files are written; rotation (`save_total_limit`) only ever counts and deletes
   complete checkpoints, unmarks each before deleting it, and never deletes the one just written.
-- `training_step` stops the run on a NaN/Inf loss, naming the step, before the optimizer applies it; under
-  data parallel every rank learns of a non-finite loss on any rank and all stop at that step together.
+- `training_step` hands the optimizer a device-side "non-finite loss" flag so that it skips such a step
+  (`nonfinite.NonFiniteGuard`, no host read per step); before anything is logged or saved, and at the end,
+  the run stops with `NonFiniteLossError` naming the step; under data parallel all ranks skip and stop together.
 - `_maybe_log_save_evaluate` stops after the step in progress when SIGTERM/SIGINT was received (every rank
   agreeing on the step): it writes a complete checkpoint at that step and raises `TrainingInterrupted`.
 - On resume at an epoch boundary the stock loop never restores the RNG state (it does so only after
@@ -21,9 +22,8 @@ What it changes, and why:
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import paddle
 from paddlenlp.trainer import Trainer
@@ -34,6 +34,7 @@ from . import ranks, signals
 from .clipping import faster_clip
 from .data import SeededBatchSampler
 from .lora import save_lora_weights
+from .nonfinite import NonFiniteGuard, innermost_optimizer
 from .optimizers import Adafactor
 from .saving import (
     checkpoints_to_delete,
@@ -49,21 +50,6 @@ logger = logging.getLogger(__name__)
 LOSS_PARTS = ("loss_instance", "loss_prior")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised before the optimizer applies the step."""
-
-    def __init__(self, step: int, value: float, ranks: Sequence[int] = ()):
-        where = f" on rank {', '.join(map(str, ranks))}" if ranks else ""
-        stopped = "every rank stopped" if ranks else "training stopped"
-        super().__init__(
-            f"the loss is {value} at step {step}{where}; {stopped} before applying it. The last complete "
-            "checkpoint is untouched and no final model was written. Usual causes: a learning rate that is "
-            "too high (DreamBooth full fine-tuning: about 5e-6; LoRA: 1e-4), fp16 overflow (try --bf16 or "
-            "fp32), or corrupt images. Resume with --resume_from_checkpoint latest after changing the cause."
-        )
-        self.step, self.value, self.ranks = step, value, list(ranks)
-
-
 class DreamBoothTrainer(Trainer):
     def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, ema=None, stop=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -75,6 +61,7 @@ class DreamBoothTrainer(Trainer):
         self._just_written = None  # that checkpoint's folder: rotation never deletes it
         self._loss_part_sums: Dict[str, paddle.Tensor] = {}
         self._loss_part_count = 0
+        self.nonfinite = NonFiniteGuard(self.args.world_size)
 
     # ----- loss and logging ---------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False):
@@ -147,10 +134,12 @@ class DreamBoothTrainer(Trainer):
                 return TrainOutput(step, 0.0, {})
             if step % num_update_steps_per_epoch == 0:
                 self._load_rng_state(resume_from_checkpoint)
-        return super()._inner_training_loop(
+        output = super()._inner_training_loop(
             args, model, train_dataloader, len_dataloader, max_steps, num_train_epochs,
             num_update_steps_per_epoch, *rest,
         )
+        self.nonfinite.check(self.state.global_step)  # before the final model is written
+        return output
 
     # ----- saving ---------------------------------------------------------------------------------
     def _save(self, output_dir: Optional[str] = None, state_dict=None, merge_tensor_parallel=False):
@@ -208,6 +197,9 @@ class DreamBoothTrainer(Trainer):
 
     def _maybe_log_save_evaluate(self, tr_loss, model, epoch, ignore_keys_for_eval, **kwargs):
         signum = self._agreed_stop_signal()
+        control = self.control
+        if signum or control.should_log or control.should_save or control.should_evaluate:
+            self.nonfinite.check(self.state.global_step)  # nothing logged or saved after a non-finite loss
         super()._maybe_log_save_evaluate(tr_loss, model, epoch, ignore_keys_for_eval, **kwargs)
         if signum:
             if self._checkpoint_step != self.state.global_step:
@@ -223,13 +215,7 @@ class DreamBoothTrainer(Trainer):
     def training_step(self, model, inputs):
         step = ranks.progress["step"] = self.state.global_step + 1
         loss = super().training_step(model, inputs)
-        if self.args.world_size > 1:  # every rank learns of a bad loss on any rank, so all stop at this step
-            values = ranks.gather_floats(loss)
-            bad = [rank for rank, value in enumerate(values) if not math.isfinite(value)]
-            if bad:
-                raise NonFiniteLossError(step, values[bad[0]], ranks=bad)
-            return loss
-        value = float(loss)  # one host sync per step: a NaN must stop the run before the optimizer applies it
-        if not math.isfinite(value):
-            raise NonFiniteLossError(step, value)
+        skip = self.nonfinite.observe(loss, step)  # on the device: no host read here
+        if not self.do_grad_scaling:  # fp16: the GradScaler's overflow check skips the step (its grads are non-finite)
+            innermost_optimizer(self.optimizer)._set_auxiliary_var("found_inf", skip)
         return loss
