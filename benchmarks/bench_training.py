@@ -1,11 +1,13 @@
 """Training speed and memory against the floor, on a fixed tiny configuration (CPU).
 
-    python benchmarks/bench_training.py [--steps 100] [--warmup 10] [--out benchmarks/results]
+    python benchmarks/bench_training.py [--steps 100] [--warmup 10] [--repeats 3] [--only "SDXL,SD3"]
+                                        [--out benchmarks/results]
 
-Each mode runs in a fresh process (so peak RSS is its own): steps per second over the timed steps,
+Each mode and each floor runs --repeats times, alternating, each in a fresh process (so peak RSS is its own): steps per second over the timed steps,
 peak resident memory, and time from process launch to the first training step, for tiny SD, SDXL and
 SD3 models. The floor is the denoiser's forward + backward + AdamW step alone (clipped as in training) on
-ready-made tensors of the same shapes; step/floor is the overhead of everything else. Also: class-image generation throughput. Writes JSON and Markdown.
+ready-made tensors of the same shapes; step/floor (of the medians) is the overhead of everything else. Also:
+class-image generation throughput. Writes JSON and Markdown.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,10 @@ MODES = {
     "SD3 lora (rank 4) + cache_latents": ("sd3", ["--use_lora", "--lora_rank", "4", "--learning_rate", "1e-4",
                                                   "--cache_latents", "--center_crop"], 1),
 }
+
+
+# The tiny SD3 step is ~12 ms: it gets 4x the timed steps so that its window (~5 s) is as long as the others'
+STEP_SCALE = {"sd": 1, "sdxl": 1, "sd3": 4}
 
 
 def peak_rss_mb() -> float:
@@ -125,14 +132,16 @@ def worker_floor(model: str, batch: int, warmup: int, steps: int) -> dict:
     """The denoiser's forward + backward + AdamW step alone (same clipping as training), on ready-made tensors."""
     import paddle
 
+    from ppdreambooth.clipping import GlobalNormClip
     from ppdreambooth.families import detect_family
     from ppdreambooth.loading import load_component
 
     family = detect_family(model)
     denoiser = load_component(model, family.denoiser, family=family)
     denoiser.train()
+    # the clip training uses (bit-identical to Paddle's ClipGradByGlobalNorm, cheaper): the floor stays the floor
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=denoiser.parameters(), weight_decay=1e-2,
-                                       grad_clip=paddle.nn.ClipGradByGlobalNorm(1.0))
+                                       grad_clip=GlobalNormClip(1.0))
     latents, call = floor_inputs(denoiser, batch)
     target = paddle.randn(latents.shape)
     for i in range(warmup + steps):
@@ -157,6 +166,11 @@ def worker_class_images(model: str, workdir: str, count: int) -> dict:
     return {"images_per_second": count / (time.time() - start), "peak_rss_mb": peak_rss_mb()}
 
 
+def median_run(runs: list) -> dict:
+    """Each figure's median over repeated runs."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 def spawn(*args) -> dict:
     result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], capture_output=True,
                             text=True, env=dict(os.environ, PYTHONPATH=ROOT))
@@ -170,6 +184,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode and floor; the table shows medians")
+    parser.add_argument("--only", default="", help="comma-separated prefixes of the modes to run (default: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -181,18 +197,29 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model, photos = make_assets(tmp)
-        floors = {(f, b): spawn("floor", model[f], b, args.warmup, args.steps)
-                  for f, b in sorted({(f, b) for f, _, b in MODES.values()})}
-        for name, (family, extra, batch) in MODES.items():
-            workdir = tempfile.mkdtemp(dir=tmp)
-            result = spawn("train", model[family], photos, workdir, extra, args.warmup, args.steps)
-            floor = floors[(family, batch)]
+        prefixes = [p for p in args.only.split(",") if p]
+        modes = {name: mode for name, mode in MODES.items() if not prefixes or name.startswith(tuple(prefixes))}
+        floor_keys = sorted({(f, b) for f, _, b in modes.values()})
+        floor_runs = {key: [] for key in floor_keys}
+        train_runs = {name: [] for name in modes}
+        for _ in range(args.repeats):  # floors and modes alternate, so machine noise hits both alike
+            for family, batch in floor_keys:
+                floor_runs[(family, batch)].append(spawn("floor", model[family], batch, args.warmup,
+                                                         args.steps * STEP_SCALE[family]))
+            for name, (family, extra, batch) in modes.items():
+                workdir = tempfile.mkdtemp(dir=tmp)
+                train_runs[name].append(spawn("train", model[family], photos, workdir, extra, args.warmup,
+                                             args.steps * STEP_SCALE[family]))
+        for name, (family, extra, batch) in modes.items():
+            result, floor = median_run(train_runs[name]), median_run(floor_runs[(family, batch)])
             rows.append({"mode": name, **result, "floor_steps_per_second": floor["steps_per_second"],
                          "floor_peak_rss_mb": floor["peak_rss_mb"],
                          "step_over_floor": floor["steps_per_second"] / result["steps_per_second"]})
         generation = spawn("class_images", model["sd"], tmp, 8)
 
-    report = {"config": {"resolution": RESOLUTION, "batch_size": 1, "steps": args.steps, "warmup": args.warmup,
+    report = {"config": {"resolution": RESOLUTION, "batch_size": 1, "steps": args.steps, "step_scale": STEP_SCALE,
+                         "warmup": args.warmup,
+                         "repeats": args.repeats,
                          "model": "ppdreambooth.tiny (UNet 32/64 channels)", "cpu_count": os.cpu_count()},
               "training": rows, "class_image_generation": generation}
     os.makedirs(args.out, exist_ok=True)

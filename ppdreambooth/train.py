@@ -128,6 +128,21 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_fil
                              random_flip=data_args.random_flip, size_conditioning=model.family.size_conditioning)
 
 
+@contextlib.contextmanager
+def import_time_objects_frozen():
+    """Exempt the objects that exist now (the ~340k the imports of Paddle, PaddleNLP and ppdiffusers created)
+    from garbage-collection scans for the run, and hand them back to the collector afterwards.
+
+    ppdiffusers calls `gc.collect()` after loading each model; each call scanned all of them, 0.16 s on this
+    machine, three times for SD and once more per component of a class-image pipeline. Garbage made during the
+    run is collected as before."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -138,7 +153,7 @@ def run(
 
     For its duration the run holds `--output_dir` (one run per folder) and handles SIGTERM/SIGINT
     (`ppdreambooth.signals`); under data parallel a rank that fails tells the others, which stop too."""
-    with graceful_stop() as stop:
+    with graceful_stop() as stop, import_time_objects_frozen():
         watch, ranks.progress["step"] = None, None
         try:
             family, instance_files, resume = check_inputs(model_args, data_args, args)
@@ -253,7 +268,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status: 0 done, 2 an input error (nothing loaded), 3 a NaN/Inf loss, 128 + N stopped by signal N
     (130 Ctrl-C/SIGINT, 143 SIGTERM) after writing a checkpoint."""
-    with graceful_stop(), import_time_objects_frozen():
+    with graceful_stop():
         try:
             run(*parse_args(argv))
         except ConfigError as e:
@@ -266,21 +281,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"ppdreambooth: {e}", file=sys.stderr, flush=True)
             return e.exit_status
     return 0
-
-
-@contextlib.contextmanager
-def import_time_objects_frozen():
-    """Exempt the objects that exist now (the ~340k the imports of Paddle, PaddleNLP and ppdiffusers created)
-    from garbage-collection scans for the run, and hand them back to the collector afterwards.
-
-    ppdiffusers calls `gc.collect()` after loading each model; each call scanned all of them, 0.16 s on this
-    machine, three times for SD and once more per component of a class-image pipeline. Garbage made during the
-    run is collected as before."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def cli() -> None:

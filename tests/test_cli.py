@@ -25,7 +25,7 @@ def error_of(argv, capsys):
     code = train.main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert gc.get_freeze_count() == 0  # the import-time objects are handed back to the collector
+    assert gc.get_freeze_count() == 0  # objects frozen for the run are handed back to the collector
     return err
 
 
