@@ -193,9 +193,11 @@ class DreamBoothDataset(paddle.io.Dataset):
         return {"instance": examples[0], **({"class": examples[1]} if len(examples) > 1 else {})}
 
 
-def collate(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, paddle.Tensor]:
+def collate_arrays(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:
     """Stack a batch: instance examples first, then (with prior preservation) the class examples.
 
+    NumPy arrays, for the training DataLoader: Paddle's reader turns them into tensors in its background
+    thread, through pinned memory with an asynchronous copy on a GPU, so the step does not wait for them.
     A batch that mixes cached latents with images still to encode carries both, with `latent_cached`
     saying which rows hold which (the other's entries are zeros); the model encodes only the latter."""
     rows = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
@@ -206,10 +208,15 @@ def collate(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, paddl
         filler = {"pixel_values": np.zeros(pixels_shape, np.float32), "latent_mean": np.zeros(latent_shape, np.float32),
                   "latent_std": np.zeros(latent_shape, np.float32)}
         rows = [{**filler, **row} for row in rows]
-        batch = {key: paddle.to_tensor(np.stack([row[key] for row in rows])) for key in rows[0]}
-        batch["latent_cached"] = paddle.to_tensor(np.asarray(cached))
+        batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+        batch["latent_cached"] = np.asarray(cached)
         return batch
-    return {key: paddle.to_tensor(np.stack([row[key] for row in rows])) for key in rows[0]}
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def collate(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, paddle.Tensor]:
+    """`collate_arrays` as tensors, ready for `DreamBoothModel(**batch)`."""
+    return {key: paddle.to_tensor(value) for key, value in collate_arrays(examples).items()}
 
 
 class SeededBatchSampler(paddle.io.DistributedBatchSampler):

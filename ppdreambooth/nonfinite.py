@@ -1,19 +1,20 @@
 """A NaN/Inf loss is never applied and never saved, without reading the loss on the host at every step.
 
 Per step everything stays on the device: whether the loss is finite (under data parallel, on any rank: one
-all-reduce of a flag) and the first bad step. The flag goes to the optimizer as Paddle's `found_inf`, the
+all-reduce of a flag), kept with the step number until the next read. The flag goes to the optimizer as Paddle's `found_inf`, the
 same switch the fp16 GradScaler uses, so the optimizer skips that step entirely (weights, moments, step
 counts). Under fp16 the GradScaler's own overflow check does the skipping: a non-finite loss makes non-finite
-gradients. The host reads the first bad step only when something is about to be logged or saved, and at the
-end of training; then the run stops with `NonFiniteLossError`, naming the step (and ranks) where it happened.
+gradients. The host reads the flags only when something is about to be logged or saved, at the end of training,
+and at least every 256 steps; then the run stops with `NonFiniteLossError`, naming the step (and ranks) where it happened.
 
 The loss was read with `float(loss)` at every step before; on a GPU that blocked the host until the backward
 pass had finished, so the optimizer's kernels could not be queued behind it.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import paddle
 
 
@@ -37,31 +38,28 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteGuard:
     """Device-side record of non-finite losses; `check()` is the only host read."""
 
+    MAX_PENDING = 256  # steps between host reads at most (a long --logging_steps without saving)
+
     def __init__(self, world_size: int = 1):
         self.world_size = world_size
-        self._first_bad = None  # int64 [1]: the first step with a non-finite loss on any rank (0: none)
-        self._local_first_bad = None  # the same on this rank
-        self._local_value = None  # this rank's loss at its first bad step
+        # (step, bad on any rank, bad on this rank, this rank's loss) per micro-step since the last check,
+        # all on the device: two small ops per step, nothing is read
+        self._pending: List[Tuple[int, paddle.Tensor, paddle.Tensor, paddle.Tensor]] = []
         self._skip_step, self._skip = None, None  # the optimizer step being accumulated and its skip flag
 
     def observe(self, loss: paddle.Tensor, step: int) -> paddle.Tensor:
-        """Record this (micro-)step's loss; returns the optimizer step's skip flag (bool [1], on the device):
-        true when any micro-step of optimizer step `step`, on any rank, had a non-finite loss."""
-        loss = loss.detach().astype("float32").reshape([1])
-        if self._first_bad is None:
-            self._first_bad = paddle.zeros([1], dtype="int64")
-            self._local_first_bad = paddle.zeros([1], dtype="int64")
-            self._local_value = paddle.zeros([1], dtype="float32")
-        here = paddle.full([1], step, dtype="int64")
-        bad = paddle.logical_not(paddle.isfinite(loss))
-        first_here = paddle.logical_and(bad, self._local_first_bad == 0)
-        self._local_first_bad = paddle.where(first_here, here, self._local_first_bad)
-        self._local_value = paddle.where(first_here, loss, self._local_value)
+        """Record this (micro-)step's loss; returns the optimizer step's skip flag (a bool tensor on the
+        device): true when any micro-step of optimizer step `step`, on any rank, had a non-finite loss."""
+        if len(self._pending) >= self.MAX_PENDING:  # every rank reaches this at the same step
+            self.check(step)
+        loss = loss.detach()
+        local = paddle.logical_not(paddle.isfinite(loss))
+        bad = local
         if self.world_size > 1:  # every rank skips (and later stops) together
-            flag = bad.astype("int32")
+            flag = local.astype("int32")
             paddle.distributed.all_reduce(flag, op=paddle.distributed.ReduceOp.MAX)
             bad = flag > 0
-        self._first_bad = paddle.where(paddle.logical_and(bad, self._first_bad == 0), here, self._first_bad)
+        self._pending.append((step, bad, local, loss))
         if self._skip_step == step:  # gradient accumulation: one bad micro-step spoils the optimizer step
             bad = paddle.logical_or(self._skip, bad)
         self._skip_step, self._skip = step, bad
@@ -70,19 +68,24 @@ class NonFiniteGuard:
     def check(self, current_step: Optional[int] = None) -> None:
         """Raise `NonFiniteLossError` if any step so far had a non-finite loss. Under data parallel every rank
         must call it at the same point (they all get the same answer)."""
-        if self._first_bad is None:
+        if not self._pending:
             return
-        step = int(self._first_bad.item())
-        if not step:
+        pending, self._pending = self._pending, []
+        flags = paddle.stack([bad.reshape([]) for _, bad, _, _ in pending]).numpy()  # the host read
+        if not flags.any():
             return
+        first = int(np.argmax(flags))
+        step = pending[first][0]
+        local = [(s, lost) for s, _, here, lost in pending if s == step and bool(here)]
+        value = float(local[0][1]) if local else float("nan")
         if self.world_size > 1:
             from . import ranks
 
-            steps = ranks.gather_floats(self._local_first_bad)
-            values = ranks.gather_floats(self._local_value)
-            bad = [rank for rank, s in enumerate(steps) if int(s) == step]
+            values = ranks.gather_floats(paddle.to_tensor(value if local else 0.0, dtype="float32"))
+            bad_ranks = ranks.gather_floats(paddle.to_tensor(1.0 if local else 0.0, dtype="float32"))
+            bad = [rank for rank, flag in enumerate(bad_ranks) if flag]
             raise NonFiniteLossError(step, values[bad[0]], ranks=bad, stopped_at=current_step)
-        raise NonFiniteLossError(step, float(self._local_value.item()), stopped_at=current_step)
+        raise NonFiniteLossError(step, value, stopped_at=current_step)
 
 
 def innermost_optimizer(optimizer):

@@ -38,7 +38,7 @@ from .export import export
 from .families import ModelFamily
 from .buckets import make_buckets, nearest_bucket
 from .console import ConsoleCallback, header, quiet_console
-from .data import ConceptData, DreamBoothDataset, collate, collect_images, load_image_set, mirror_with_prompt
+from .data import ConceptData, DreamBoothDataset, collate_arrays, collect_images, load_image_set, mirror_with_prompt
 from .fidelity_callback import fidelity_callback_for
 from .ema import EMACallback, WeightEMA
 from .model import DreamBoothModel
@@ -234,7 +234,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=collate,
+        data_collator=collate_arrays,
         callbacks=callbacks or None,
         base_model=model_args.pretrained_model_name_or_path,
         base_revision=model_args.revision,

@@ -38,6 +38,19 @@ def test_guard_is_silent_while_losses_are_finite_and_spoils_an_accumulated_step(
     assert not bool(guard.observe(paddle.to_tensor(0.2), 3))
 
 
+def test_without_logging_or_saving_the_record_is_still_read_every_256_steps():
+    guard = NonFiniteGuard()
+    for step in range(1, 301):  # finite losses: the record stays bounded and nothing is raised
+        guard.observe(paddle.to_tensor(0.5), step)
+    assert len(guard._pending) <= NonFiniteGuard.MAX_PENDING
+    guard.check()
+    guard.observe(paddle.to_tensor(NAN), 301)
+    with pytest.raises(NonFiniteLossError) as caught:
+        for step in range(302, 302 + NonFiniteGuard.MAX_PENDING):
+            guard.observe(paddle.to_tensor(0.5), step)
+    assert caught.value.step == 301
+
+
 def test_found_inf_makes_adamw_skip_the_whole_update():
     paddle.seed(0)
     layer = paddle.nn.Linear(3, 2)
