@@ -8,7 +8,7 @@ Each repeat is a fresh `python -m ppdreambooth.train`-equivalent process; the wo
 interpreter start and imports (Paddle, PaddleNLP, ppdiffusers: the seed script pays these too; the line
 "bare stack imports" measures them alone in another fresh process), input checks, model loading, reading
 photos, caching, Trainer set-up (optimizer, data loader, logging) until the first step, the first step,
-the steps after it, and the final save (pipeline folder, model card, summary).
+the steps after it, the final save (pipeline folder, model card, summary) and the process's exit.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 PHASES = ["interpreter + imports", "input checks", "model loading", "reading photos", "caching",
-          "Trainer set-up to first step", "first step", "other steps", "final save + summary", "total"]
+          "Trainer set-up to first step", "first step", "other steps", "final save + summary",
+          "process exit", "total (launch to exit)"]
 
 
 def seed_command(model: str, photos: str, out: str, steps: int) -> list:
@@ -95,7 +96,7 @@ def worker(launched: float, argv: list) -> dict:
         "first step": marks["first_step_end"] - marks["first_step"],
         "other steps": marks["last_step_end"] - marks["first_step_end"],
         "final save + summary": end - marks["last_step_end"],
-        "total": end - launched,
+        "ended": end,
     }
 
 
@@ -114,8 +115,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         launched, argv = json.loads(args.worker)
-        print(json.dumps(worker(launched, argv)))
-        return
+        print(json.dumps(worker(launched, argv)), flush=True)
+        from ppdreambooth.exiting import exit_process
+
+        exit_process(0)  # as the training command ends
     from ppdreambooth.demo import draw_subject
     from ppdreambooth.tiny import build_tiny_pipeline
 
@@ -133,13 +136,18 @@ def main() -> None:
                                     capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
             if result.returncode != 0:
                 raise SystemExit(f"worker failed:\n{result.stderr[-3000:]}")
-            runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            exited = time.time()
+            run = json.loads(result.stdout.strip().splitlines()[-1])
+            run["process exit"] = exited - run.pop("ended")
+            run["total (launch to exit)"] = exited - launched
+            runs.append(run)
             bare.append(bare_imports())
     print(f"| phase (seed command, {args.steps} step(s), median of {args.repeats}) | seconds |")
     print("| --- | --- |")
     for phase in PHASES:
         print(f"| {phase} | {statistics.median(run[phase] for run in runs):.2f} |")
-    print(f"| (bare stack imports: paddle, paddlenlp.trainer, ppdiffusers) | {statistics.median(bare):.2f} |")
+    print(f"| (for scale: `python -c \"import paddle, paddlenlp.trainer, ppdiffusers\"`, launch to exit) "
+          f"| {statistics.median(bare):.2f} |")
 
 
 if __name__ == "__main__":

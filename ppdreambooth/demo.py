@@ -95,4 +95,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from ppdreambooth.exiting import exit_process
+
+    exit_process(main(sys.argv[1:]))

@@ -23,13 +23,13 @@ import argparse
 import gc
 import json
 import os
-import sys
 from typing import Dict, List, Optional, Sequence
 
 
 from . import compat  # noqa: F401  (LoRA loading needs ppdiffusers' peft backend)
 from .dino import DEFAULT_DINO_MODEL, load_dino
 from .fidelity import DEFAULT_CLIP_MODEL, FidelityScorer, load_clip
+from .exiting import exit_process
 
 PROMPTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "dreambench_prompts.json")
 # The paper's Table 1 (DreamBench: 30 subjects x 25 prompts x 4 images).
@@ -362,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import numpy as np
 
 from . import compat  # noqa: F401
 from .lora import LORA_WEIGHTS_NAME
+from .exiting import exit_process
 
 FORMATS = ("diffusers", "single-file", "kohya", "merged")
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -292,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    exit_process(main())
 
 
 if __name__ == "__main__":

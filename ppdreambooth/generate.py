@@ -15,10 +15,10 @@ import argparse
 import math
 import os
 import re
-import sys
 from typing import List, Optional, Sequence
 
 from . import compat  # noqa: F401  (LoRA loading needs ppdiffusers' peft backend)
+from .exiting import exit_process
 
 SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
@@ -136,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from .nonfinite import NonFiniteLossError
 from .trainer import DreamBoothTrainer
 from .preflight import check_inputs, release_output_dir
 from .validation import ValidationCallback
+from .exiting import exit_process
 
 logger = logging.getLogger("ppdreambooth")
 
@@ -285,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cli() -> None:
     """Console-script entry point (`ppdreambooth-train`)."""
-    sys.exit(main())
+    exit_process(main())
 
 
 if __name__ == "__main__":

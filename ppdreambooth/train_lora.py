@@ -23,6 +23,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import train
+from .exiting import exit_process
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -32,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    exit_process(main())
 
 
 if __name__ == "__main__":

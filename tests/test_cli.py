@@ -155,3 +155,20 @@ def test_a_seed_run_prints_a_screenful_with_the_loss(tiny_model, photos, tmp_pat
                                                                          "--no_cache_latents"])])
     assert "Loading weights file" in verbose.stdout + verbose.stderr
     assert "caching:     cached 1 prompt embedding(s)\n" in verbose.stdout  # centre crops, yet no latent cache
+
+
+def test_exit_process_keeps_the_status_output_and_exit_handlers(tmp_path):
+    """The commands end through exiting.exit_process (no final sweep of every object): the exit status,
+    buffered output, logging handlers and atexit functions still come through."""
+    log = tmp_path / "run.log"
+    code = ("import atexit, logging, sys\n"
+            f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\n"
+            "logging.getLogger('x').info('logged line')\n"
+            "atexit.register(lambda: print('atexit ran'))\n"
+            "sys.stdout.write('buffered ')\n"
+            "from ppdreambooth.exiting import exit_process\n"
+            "exit_process(3)\n")
+    result = run_module(["-c", code])
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered atexit ran\n"
+    assert "logged line" in log.read_text()
