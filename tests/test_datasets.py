@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_module
+from conftest import load_unet_weights, run_module, train_argv, write_photos
 from ppdreambooth.buckets import make_buckets, nearest_bucket
 from ppdreambooth.config import parse_args
 from ppdreambooth.data import ConceptData, DreamBoothDataset, SeededBatchSampler, collate, load_image_set
@@ -162,3 +162,20 @@ def test_concept_errors_name_the_entry(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="bucket_reso_steps"):
         parse_args(base + ["--instance_data_dir", "a", "--instance_prompt", "x", "--enable_bucket",
                            "--bucket_reso_steps", "12"])
+
+
+@pytest.mark.slow
+def test_data_loader_worker_processes_train_the_same_model(tiny_model, tmp_path):
+    """--dataloader_num_workers 2 prepares the batches (random crops and flips of non-square photos, encoded
+    at each step) in other processes; every augmentation depends only on (seed, epoch, entry), so the run
+    is the same as with batches prepared in the training process."""
+    photos = write_photos(tmp_path / "photos", count=3, size=(96, 80))
+    weights = []
+    for workers in (0, 2):
+        out = tmp_path / f"out-{workers}"
+        result = run_module(["-m", "ppdreambooth.train", *train_argv(
+            tiny_model, photos, out, steps=5, extra=["--random_flip", "--dataloader_num_workers", str(workers)])])
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights.append(load_unet_weights(str(out)))
+    assert set(weights[0]) == set(weights[1])
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
