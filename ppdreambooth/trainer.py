@@ -3,7 +3,7 @@
 What it changes, and why:
 - `compute_loss` keeps the instance and prior parts so that `log` reports them separately.
 - `create_optimizer` serves `--optim adafactor` (PaddleNLP 2.8.1 builds only AdamW) and clips gradients with
-  `clipping.GlobalNormClip` (Paddle's global-norm clip, bit for bit, at a third of its per-step cost).
+  `clipping.GlobalNormClip` (Paddle's global-norm clip, bit for bit, in about half its time).
 - `_get_train_sampler` returns a sampler whose order and augmentations depend only on (seed, epoch).
 - `_save` writes only trained weights into checkpoints (the stock one dumps the frozen VAE and text
   encoder too) and, for the final save, a full ppdiffusers pipeline folder.
@@ -102,7 +102,7 @@ class DreamBoothTrainer(Trainer):
     @staticmethod
     def _with_faster_clip(optimizer):
         """The stock `ClipGradByGlobalNorm(--max_grad_norm)` swapped for `clipping.GlobalNormClip`: the same
-        clipped gradients at a third of the per-step cost. Model-parallel/sharding wrappers built later
+        clipped gradients in about half the time. Model-parallel/sharding wrappers built later
         replace the clip with their own as before."""
         optimizer._grad_clip = faster_clip(optimizer._grad_clip)
         return optimizer
