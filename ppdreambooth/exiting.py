@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from typing import NoReturn
 
@@ -12,6 +13,20 @@ def exit_process(status: int) -> NoReturn:
     After Paddle and PaddleNLP are imported that sweep takes 0.9 s on this project's machine
     (`benchmarks/bench_startup.py` prints it) and frees nothing the operating system would not reclaim at
     once. Freezing the objects first leaves them out of it; output streams, logging handlers and `atexit`
-    functions are flushed and run as usual."""
-    gc.freeze()
+    functions are flushed and run as usual.
+
+    Not in a process of a multi-process job: there Paddle's communication objects need the sweep to be torn
+    down in order (skipping it aborted a `--sharding stage1` rank at exit on this machine)."""
+    if not _in_distributed_job():
+        gc.freeze()
     sys.exit(status)
+
+
+def _in_distributed_job() -> bool:
+    if int(os.environ.get("PADDLE_TRAINERS_NUM", "1") or 1) > 1:  # set by paddle.distributed.launch
+        return True
+    paddle = sys.modules.get("paddle")
+    try:
+        return paddle is not None and paddle.distributed.is_initialized()
+    except Exception:  # an older or partial Paddle: be safe
+        return True

@@ -1,14 +1,15 @@
 """A NaN/Inf loss is never applied and never saved, without reading the loss on the host at every step.
 
 Per step everything stays on the device: whether the loss is finite (under data parallel, on any rank: one
-all-reduce of a flag), kept with the step number until the next read. The flag goes to the optimizer as Paddle's `found_inf`, the
-same switch the fp16 GradScaler uses, so the optimizer skips that step entirely (weights, moments, step
-counts). Under fp16 the GradScaler's own overflow check does the skipping: a non-finite loss makes non-finite
-gradients. The host reads the flags only when something is about to be logged or saved, at the end of training,
-and at least every 256 steps; then the run stops with `NonFiniteLossError`, naming the step (and ranks) where it happened.
+all-reduce of a flag), kept with the step number until the next read. The flag goes to the optimizer as
+Paddle's `found_inf`, the switch the fp16 GradScaler uses, so the optimizer skips that step entirely
+(weights, moments, step counts). Under fp16 the GradScaler's own overflow check does the skipping: a
+non-finite loss makes non-finite gradients. The host reads the flags only when something is about to be
+logged or saved, at the end of training, and at least every 256 steps; then the run stops with
+`NonFiniteLossError`, naming the step (and ranks) where it happened.
 
-The loss was read with `float(loss)` at every step before; on a GPU that blocked the host until the backward
-pass had finished, so the optimizer's kernels could not be queued behind it.
+The loss used to be read with `float(loss)` at every step; on a GPU that blocked the host until the
+backward pass had finished, so the optimizer's kernels could not be queued behind it.
 """
 from __future__ import annotations
 
