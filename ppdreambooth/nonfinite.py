@@ -1,15 +1,20 @@
-"""A NaN/Inf loss is never applied and never saved, without reading the loss on the host at every step.
+"""A NaN/Inf loss is never applied and never saved, and ppdreambooth no longer reads the loss on the host
+at every step to ensure it.
 
-Per step everything stays on the device: whether the loss is finite (under data parallel, on any rank: one
-all-reduce of a flag), kept with the step number until the next read. The flag goes to the optimizer as
-Paddle's `found_inf`, the switch the fp16 GradScaler uses, so the optimizer skips that step entirely
-(weights, moments, step counts). Under fp16 the GradScaler's own overflow check does the skipping: a
-non-finite loss makes non-finite gradients. The host reads the flags only when something is about to be
+Per step everything of ours stays on the device: whether the loss is finite (under data parallel, on any
+rank: one all-reduce of a flag), kept with the step number until the next read. The flag goes to the
+optimizer as Paddle's `found_inf`, the switch its fp16 GradScaler uses, so the optimizer skips that step
+entirely (weights, moments, step counts). The host reads our record only when something is about to be
 logged or saved, at the end of training, and at least every 256 steps; then the run stops with
 `NonFiniteLossError`, naming the step (and ranks) where it happened.
 
-The loss used to be read with `float(loss)` at every step; on a GPU that blocked the host until the
-backward pass had finished, so the optimizer's kernels could not be queued behind it.
+What that saves depends on the precision, because Paddle decides a skip on the host (its dygraph optimizers
+and its Adam kernels read `found_inf` as a host boolean):
+- fp16: the GradScaler's overflow check does the skipping (a non-finite loss makes non-finite gradients) and
+  is read every step anyway; ppdreambooth adds no read, where it used to add `float(loss)` right after the
+  backward pass.
+- fp32/bf16: Paddle's optimizer reads the flag once per step as it applies the update, after the clipping
+  kernels have been queued, instead of ppdreambooth reading the loss before any of them could be.
 """
 from __future__ import annotations
 

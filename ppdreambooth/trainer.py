@@ -11,7 +11,7 @@ What it changes, and why:
   of its files, once all its files are written; rotation (`save_total_limit`) only ever counts and deletes
   complete checkpoints, unmarks each before deleting it, and never deletes the one just written.
 - `training_step` hands the optimizer a device-side "non-finite loss" flag so that it skips such a step
-  (`nonfinite.NonFiniteGuard`, no host read per step); before anything is logged or saved, and at the end,
+  (`nonfinite.NonFiniteGuard`, no read of the loss per step); before anything is logged or saved, and at the end,
   the run stops with `NonFiniteLossError` naming the step; under data parallel all ranks skip and stop together.
 - `_maybe_log_save_evaluate` stops after the step in progress when SIGTERM/SIGINT was received (every rank
   agreeing on the step): it writes a complete checkpoint at that step and raises `TrainingInterrupted`.
