@@ -36,6 +36,19 @@ def seed_command(model: str, photos: str, out: str, steps: int, prior_dir: str =
     return argv
 
 
+def make_tiny_job(folder: str) -> tuple:
+    """The tiny job both trainers run: a tiny random SD folder and the demo's five square photos."""
+    from ppdreambooth.demo import draw_subject
+    from ppdreambooth.tiny import build_tiny_pipeline
+
+    model, photos = os.path.join(folder, "tiny-sd"), os.path.join(folder, "photos")
+    build_tiny_pipeline(model)
+    os.makedirs(photos)
+    for i in range(5):
+        draw_subject(i).save(os.path.join(photos, f"{i}.png"))
+    return model, photos
+
+
 def timed(command: list) -> float:
     start = time.time()
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
@@ -49,18 +62,11 @@ def main() -> None:
     parser.add_argument("--seed_script", required=True, help="ppdiffusers' examples/dreambooth/train_dreambooth.py")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from ppdreambooth.demo import draw_subject
-    from ppdreambooth.tiny import build_tiny_pipeline
-
     rows = [("seed command, 1 step", 1, False), ("seed command, 121 steps", 121, False),
             ("prior preservation (8 class images), 1 step", 1, True)]
     times = {(name, tool): [] for name, _, _ in rows for tool in ("seed script", "ppdreambooth")}
     with tempfile.TemporaryDirectory() as tmp:
-        model, photos = os.path.join(tmp, "tiny-sd"), os.path.join(tmp, "photos")
-        build_tiny_pipeline(model)
-        os.makedirs(photos)
-        for i in range(5):
-            draw_subject(i).save(os.path.join(photos, f"{i}.png"))
+        model, photos = make_tiny_job(tmp)
         for repeat in range(args.repeats):
             for name, steps, prior in rows:
                 for tool in ("seed script", "ppdreambooth"):

@@ -8,7 +8,8 @@ Each repeat is a fresh `python -m ppdreambooth.train`-equivalent process; the wo
 interpreter start and imports (Paddle, PaddleNLP, ppdiffusers: the seed script pays these too; the line
 "bare stack imports" measures them alone in another fresh process), input checks, model loading, reading
 photos, caching, Trainer set-up (optimizer, data loader, logging) until the first step, the first step,
-the steps after it, the final save (pipeline folder, model card, summary) and the process's exit.
+the steps after it, the final save (pipeline folder, model card, summary) and the process's exit, also
+measured, alternating, for the same run ending with a plain `sys.exit` (what `ppdreambooth.exiting` saves).
 """
 from __future__ import annotations
 
@@ -23,16 +24,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench_seed_script import make_tiny_job, seed_command  # noqa: E402  (the same tiny job and command)
 PHASES = ["interpreter + imports", "input checks", "model loading", "reading photos", "caching",
           "Trainer set-up to first step", "first step", "other steps", "final save + summary",
-          "process exit", "total (launch to exit)"]
-
-
-def seed_command(model: str, photos: str, out: str, steps: int) -> list:
-    return [f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={photos}", f"--output_dir={out}",
-            "--instance_prompt=a photo of sks dog", "--resolution=64", "--train_batch_size=1",
-            "--gradient_accumulation_steps=1", "--learning_rate=5e-6", "--lr_scheduler=constant",
-            "--lr_warmup_steps=0", f"--max_train_steps={steps}"]
+          "process exit", "total (launch to exit)", "process exit with plain sys.exit (for comparison)"]
 
 
 def worker(launched: float, argv: list) -> dict:
@@ -114,33 +110,34 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        launched, argv = json.loads(args.worker)
+        launched, argv, plain_exit = json.loads(args.worker)
         print(json.dumps(worker(launched, argv)), flush=True)
+        if plain_exit:
+            sys.exit(0)
         from ppdreambooth.exiting import exit_process
 
         exit_process(0)  # as the training command ends
-    from ppdreambooth.demo import draw_subject
-    from ppdreambooth.tiny import build_tiny_pipeline
+
+    def launch(model, photos, folder, plain_exit: bool) -> dict:
+        argv = seed_command(model, photos, os.path.join(tempfile.mkdtemp(dir=folder), "out"), args.steps)
+        launched = time.time()
+        result = subprocess.run([sys.executable, __file__, "--worker", json.dumps([launched, argv, plain_exit])],
+                                capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        if result.returncode != 0:
+            raise SystemExit(f"worker failed:\n{result.stderr[-3000:]}")
+        exited = time.time()
+        run = json.loads(result.stdout.strip().splitlines()[-1])
+        run["process exit"] = exited - run.pop("ended")
+        run["total (launch to exit)"] = exited - launched
+        return run
 
     runs, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        model, photos = os.path.join(tmp, "tiny-sd"), os.path.join(tmp, "photos")
-        build_tiny_pipeline(model)
-        os.makedirs(photos)
-        for i in range(5):
-            draw_subject(i).save(os.path.join(photos, f"{i}.png"))
-        for _ in range(args.repeats):
-            argv = seed_command(model, photos, os.path.join(tempfile.mkdtemp(dir=tmp), "out"), args.steps)
-            launched = time.time()
-            result = subprocess.run([sys.executable, __file__, "--worker", json.dumps([launched, argv])],
-                                    capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-            if result.returncode != 0:
-                raise SystemExit(f"worker failed:\n{result.stderr[-3000:]}")
-            exited = time.time()
-            run = json.loads(result.stdout.strip().splitlines()[-1])
-            run["process exit"] = exited - run.pop("ended")
-            run["total (launch to exit)"] = exited - launched
-            runs.append(run)
+        model, photos = make_tiny_job(tmp)
+        for _ in range(args.repeats):  # the command as it ends, then the same run ending with sys.exit
+            runs.append(launch(model, photos, tmp, plain_exit=False))
+            runs[-1]["process exit with plain sys.exit (for comparison)"] = launch(
+                model, photos, tmp, plain_exit=True)["process exit"]
             bare.append(bare_imports())
     print(f"| phase (seed command, {args.steps} step(s), median of {args.repeats}) | seconds |")
     print("| --- | --- |")

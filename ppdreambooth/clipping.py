@@ -42,7 +42,7 @@ class GlobalNormClip(paddle.nn.ClipGradByGlobalNorm):
         grads = [grad for _, grad in clipped]
         all_float32 = {grad.dtype for grad in grads} == {paddle.float32}
         factor = self._factor(grads, all_float32)
-        factors, result = {paddle.float32: factor} if all_float32 else {}, []
+        factors, result = {}, []  # per gradient dtype (mixed precision only)
         for param, grad in params_grads:
             if grad is None:  # dropped, as Paddle's clip drops it
                 continue
