@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import paddle  # noqa: E402
 
-from ppdreambooth import saving  # noqa: E402
-from ppdreambooth.saving import mark_complete, verify_checkpoint  # noqa: E402
+from ppdreambooth.runtime import checkpoints as saving  # noqa: E402
+from ppdreambooth.runtime.checkpoints import mark_complete, verify_checkpoint  # noqa: E402
 
 LOADED = ("model_state.pdparams", "optimizer.pdopt")
 

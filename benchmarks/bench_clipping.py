@@ -1,4 +1,4 @@
-"""Gradient clipping by global norm: Paddle's `ClipGradByGlobalNorm` against `ppdreambooth.clipping.GlobalNormClip`
+"""Gradient clipping by global norm: Paddle's `ClipGradByGlobalNorm` against `ppdreambooth.modeling.clipping.GlobalNormClip`
 on the real gradients of a tiny denoiser (CPU), alternating, in one process.
 
     python benchmarks/bench_clipping.py [--family sd|sdxl|sd3] [--repeats 200]
@@ -28,10 +28,10 @@ def main() -> None:
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from bench_training import floor_inputs
-    from ppdreambooth.clipping import GlobalNormClip
+    from ppdreambooth.modeling.clipping import GlobalNormClip
     from ppdreambooth.families import detect_family
-    from ppdreambooth.loading import load_component
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.loading import load_component
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tiny")

@@ -34,7 +34,7 @@ RUNS = {  # name -> extra ppdreambooth flags, or None for the plain loop
 
 def make_assets(folder: str):
     from ppdreambooth.demo import draw_subject
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     model = os.path.join(folder, "tiny-sd")
     build_tiny_pipeline(model)
@@ -93,7 +93,7 @@ def worker(model: str, photos: str, workdir: str, seed: int, steps: int, extra) 
             order += rng.permutation(len(pixels)).tolist()
         unet, losses = train_plain(model, PROMPT, (pixels[i : i + 1] for i in order[:steps]), 1e-3, seed)
     else:
-        from ppdreambooth.config import parse_args
+        from ppdreambooth.config.parsing import parse_args
         from ppdreambooth.train import run
 
         argv = ["--pretrained_model_name_or_path", model, "--instance_data_dir", photos, "--instance_prompt", PROMPT,

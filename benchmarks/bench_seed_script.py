@@ -4,7 +4,7 @@
 
 The seed script is not part of this repository: take it from PaddleMIX (`ppdiffusers/examples/dreambooth/
 train_dreambooth.py`, e.g. `git clone --depth 1 https://github.com/PaddlePaddle/PaddleMIX`). Both run the
-seed README's command lines unchanged except for a tiny random SD model (ppdreambooth.tiny), the demo's five
+seed README's command lines unchanged except for a tiny random SD model (ppdreambooth.families.tiny), the demo's five
 square photos, `--resolution 64` and the step count, each in a fresh process, alternating seed script and
 ppdreambooth so machine noise hits both alike; the table shows medians. Rows: the first command at 1 step
 (start-up, model loading, set-up) and at 121 steps; the prior-preservation command (8 class images to
@@ -39,7 +39,7 @@ def seed_command(model: str, photos: str, out: str, steps: int, prior_dir: str =
 def make_tiny_job(folder: str) -> tuple:
     """The tiny job both trainers run: a tiny random SD folder and the demo's five square photos."""
     from ppdreambooth.demo import draw_subject
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     model, photos = os.path.join(folder, "tiny-sd"), os.path.join(folder, "photos")
     build_tiny_pipeline(model)

@@ -9,7 +9,7 @@ interpreter start and imports (Paddle, PaddleNLP, ppdiffusers: the seed script p
 "bare stack imports" measures them alone in another fresh process), input checks, model loading, reading
 photos, caching, Trainer set-up (optimizer, data loader, logging) until the first step, the first step,
 the steps after it, the final save (pipeline folder, model card, summary) and the process's exit, also
-measured, alternating, for the same run ending with a plain `sys.exit` (what `ppdreambooth.exiting` saves).
+measured, alternating, for the same run ending with a plain `sys.exit` (what `ppdreambooth.runtime.exiting` saves).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def main() -> None:
         print(json.dumps(worker(launched, argv)), flush=True)
         if plain_exit:
             sys.exit(0)
-        from ppdreambooth.exiting import exit_process
+        from ppdreambooth.runtime.exiting import exit_process
 
         exit_process(0)  # as the training command ends
 

@@ -59,7 +59,7 @@ def make_assets(folder: str) -> tuple:
     import numpy as np
     from PIL import Image
 
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     model = {family: os.path.join(folder, f"tiny-{family}") for family in ("sd", "sdxl", "sd3")}
     for family, path in model.items():
@@ -76,7 +76,7 @@ def make_assets(folder: str) -> tuple:
 def worker_train(model: str, photos: str, workdir: str, extra: list, warmup: int, steps: int) -> dict:
     from paddlenlp.trainer import TrainerCallback
 
-    from ppdreambooth.config import parse_args
+    from ppdreambooth.config.parsing import parse_args
     from ppdreambooth.train import run
 
     from paddle.io.dataloader import dataloader_iter
@@ -150,9 +150,9 @@ def worker_floor(model: str, batch: int, warmup: int, steps: int) -> dict:
     """The denoiser's forward + backward + AdamW step alone (same clipping as training), on ready-made tensors."""
     import paddle
 
-    from ppdreambooth.clipping import GlobalNormClip
+    from ppdreambooth.modeling.clipping import GlobalNormClip
     from ppdreambooth.families import detect_family
-    from ppdreambooth.loading import load_component
+    from ppdreambooth.families.loading import load_component
 
     family = detect_family(model)
     denoiser = load_component(model, family.denoiser, family=family)
@@ -175,7 +175,7 @@ def worker_floor(model: str, batch: int, warmup: int, steps: int) -> dict:
 
 
 def worker_class_images(model: str, workdir: str, count: int) -> dict:
-    from ppdreambooth.class_images import generate_class_images
+    from ppdreambooth.data.class_images import generate_class_images
 
     start = time.time()
     generate_class_images(model, os.path.join(workdir, "gen"), "a photo of dog", list(range(count)),
@@ -238,7 +238,7 @@ def main() -> None:
     report = {"config": {"resolution": RESOLUTION, "batch_size": 1, "steps": args.steps, "step_scale": STEP_SCALE,
                          "warmup": args.warmup,
                          "repeats": args.repeats,
-                         "model": "ppdreambooth.tiny (UNet 32/64 channels)", "cpu_count": os.cpu_count()},
+                         "model": "ppdreambooth.families.tiny (UNet 32/64 channels)", "cpu_count": os.cpu_count()},
               "training": rows, "class_image_generation": generation}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "training.json"), "w") as f:

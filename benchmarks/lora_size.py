@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppdreambooth.lora import lora_parameter_count  # noqa: E402
+from ppdreambooth.modeling.lora import lora_parameter_count  # noqa: E402
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (the fields the count needs)
 SD15_UNET = {

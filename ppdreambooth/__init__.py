@@ -6,6 +6,6 @@ import warnings
 warnings.filterwarnings("ignore", message="No ccache found")
 warnings.filterwarnings("ignore", message="Setuptools is replacing distutils")
 
-from . import compat  # noqa: E402,F401  (must run before ppdiffusers is imported)
+from ppdreambooth.runtime import compat  # noqa: E402,F401  (must run before ppdiffusers is imported)
 
 __version__ = "0.1.0"

@@ -37,7 +37,7 @@ def draw_subject(index: int, size: int = 128) -> Image.Image:
 
 def prepare_assets(assets: str = ASSETS) -> None:
     """Create the tiny model and the subject photos unless they exist already."""
-    from .tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     model_dir = os.path.join(assets, "tiny-sd")
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
@@ -52,8 +52,8 @@ def prepare_assets(assets: str = ASSETS) -> None:
 
 def write_samples(model_dir: str, prompt: str, out_dir: str, count: int = 4, size: int = 64) -> List[str]:
     """Generate `count` images from the fine-tuned pipeline (fixed seeds) and save them as PNG files."""
-    from .families import detect_family
-    from .sampling import generate_images, use_dpm_solver
+    from ppdreambooth.families import detect_family
+    from ppdreambooth.inference.sampling import generate_images, use_dpm_solver
 
     pipe = detect_family(model_dir).load_pipeline(model_dir)
     use_dpm_solver(pipe)
@@ -67,10 +67,10 @@ def write_samples(model_dir: str, prompt: str, out_dir: str, count: int = 4, siz
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .args import ConfigError
-    from .config import parse_args
-    from .train import run
-    from .nonfinite import NonFiniteLossError
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.config.parsing import parse_args
+    from ppdreambooth.train import run
+    from ppdreambooth.runtime.nonfinite import NonFiniteLossError
 
     os.chdir(ROOT)  # the demo config uses paths relative to the project folder
     prepare_assets()
@@ -95,6 +95,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ppdreambooth.exiting import exit_process
+    from ppdreambooth.runtime.exiting import exit_process
 
     exit_process(main(sys.argv[1:]))

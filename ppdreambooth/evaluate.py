@@ -26,10 +26,9 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 
-from . import compat  # noqa: F401  (LoRA loading needs ppdiffusers' peft backend)
-from .dino import DEFAULT_DINO_MODEL, load_dino
-from .fidelity import DEFAULT_CLIP_MODEL, FidelityScorer, load_clip
-from .exiting import exit_process
+from ppdreambooth.evaluation.dino import DEFAULT_DINO_MODEL, load_dino
+from ppdreambooth.evaluation.fidelity import DEFAULT_CLIP_MODEL, FidelityScorer, load_clip
+from ppdreambooth.runtime.exiting import exit_process
 
 PROMPTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "dreambench_prompts.json")
 # The paper's Table 1 (DreamBench: 30 subjects x 25 prompts x 4 images).
@@ -59,7 +58,7 @@ def spread(items: Sequence, count: Optional[int]) -> list:
 def resolve_prompts(prompt_set: str = "auto", prompts_file: Optional[str] = None, identifier: str = "sks",
                     class_name: Optional[str] = None, num_prompts: Optional[int] = None):
     """(prompts, description). Templates and file lines may hold `{}`, filled with "identifier class"."""
-    from .args import ConfigError
+    from ppdreambooth.errors import ConfigError
 
     subject = " ".join(part for part in (identifier, class_name) if part)
     if prompts_file:
@@ -86,7 +85,7 @@ def resolve_prompts(prompt_set: str = "auto", prompts_file: Optional[str] = None
 # ----- generation -------------------------------------------------------------------------------------
 def card_base_model(folder: str) -> Optional[str]:
     """The base model a training output folder's model card (README.md) names, or None."""
-    from .export import read_model_card
+    from ppdreambooth.export import read_model_card
 
     base = read_model_card(folder).get("base_model")
     converted = os.path.join(folder, ".base-from-single-file")  # trained from a single-file checkpoint
@@ -98,8 +97,8 @@ def card_base_model(folder: str) -> Optional[str]:
 def resolve_models(model: str, lora: Optional[str], base_model: Optional[str], no_base: bool):
     """(model, lora, base): `--model` may be a LoRA output folder (its base then comes from the model card);
     a full fine-tune's base is `--base_model` or the one its model card names (None: no comparison)."""
-    from .args import ConfigError
-    from .lora import LORA_WEIGHTS_NAME
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
 
     if (lora is None and os.path.isdir(model) and os.path.isfile(os.path.join(model, LORA_WEIGHTS_NAME))
             and not os.path.isfile(os.path.join(model, "model_index.json"))):
@@ -120,7 +119,7 @@ def generate_images(pipe, family, prompts: Sequence[str], seeds: Sequence[int], 
     """Per prompt, one image per seed (DPM-Solver or the family's deterministic sampler, seeded latents)."""
     import paddle
 
-    from .sampling import seeded_latents
+    from ppdreambooth.inference.sampling import seeded_latents
 
     extra = {family.lora_scale_kwarg: {"scale": lora_scale}} if lora_scale is not None else {}
     out = []
@@ -140,8 +139,8 @@ def generate_images(pipe, family, prompts: Sequence[str], seeds: Sequence[int], 
 def load_sampling_pipeline(path: str, scheduler: Optional[str], model_family: Optional[str] = None):
     import ppdiffusers
 
-    from .families import detect_family
-    from .generate import SCHEDULERS
+    from ppdreambooth.families import detect_family
+    from ppdreambooth.generate import SCHEDULERS
 
     family = detect_family(path, model_family)
     pipe = family.load_pipeline(path)
@@ -155,7 +154,7 @@ def generate_runs(args, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[st
     """{"trained": images per prompt, "base": images per prompt (when there is a base to compare with)}."""
     from tqdm.auto import tqdm
 
-    from .sampling import default_image_size
+    from ppdreambooth.inference.sampling import default_image_size
 
     runs: Dict[str, List[list]] = {}
     total = len(prompts) * len(seeds) * (2 if args.base else 1)
@@ -247,8 +246,8 @@ def format_table(results: dict) -> str:
 
 def evaluate(args) -> dict:
     """Generate, score and write metrics.json, grid.png and the images; returns the metrics dict."""
-    from .args import ConfigError
-    from .images import list_image_files, load_rgb
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.data.images import list_image_files, load_rgb
 
     prompts, prompt_description = resolve_prompts(args.prompt_set, args.prompts_file, args.identifier,
                                                   args.class_name, args.num_prompts)
@@ -301,7 +300,7 @@ def evaluate(args) -> dict:
 
 # ----- command line -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import SCHEDULERS
+    from ppdreambooth.generate import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="ppdreambooth.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,8 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out is None:
         target = args.lora or args.model
         args.out = os.path.join(target, "evaluation") if os.path.isdir(target) else "evaluation"
-    from .args import ConfigError
-    from .images import ImageError
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.data.images import ImageError
 
     try:
         results = evaluate(args)

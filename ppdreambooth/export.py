@@ -29,7 +29,7 @@
   Refused for SD3, pointing to `diffusers`, whose file ComfyUI loads (above).
 
 - `merged`, LoRA: a ppdiffusers pipeline folder of the base model with the adapters folded into its weights
-  (`ppdreambooth.merge`): loads with plain `from_pretrained`, no LoRA loader, no peft backend, no ppdreambooth.
+  (`ppdreambooth.interop.merge`): loads with plain `from_pretrained`, no LoRA loader, no peft backend, no ppdreambooth.
 
 Formats a family cannot write are refused with its `unsupported_options["export_<format>"]` message (the
 training entry refuses the same `--export_formats` before training).
@@ -48,9 +48,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import compat  # noqa: F401
-from .lora import LORA_WEIGHTS_NAME
-from .exiting import exit_process
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.runtime.exiting import exit_process
 
 FORMATS = ("diffusers", "single-file", "kohya", "merged")
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -64,7 +63,7 @@ def _load_lora(output_dir: str) -> Dict[str, np.ndarray]:
     """A run's adapters with peft names (`...lora_A.weight`), however they were written (UNets: `lora.down`)."""
     from safetensors.numpy import load_file
 
-    from .lora import to_peft_keys
+    from ppdreambooth.modeling.lora import to_peft_keys
 
     return to_peft_keys(load_file(os.path.join(output_dir, LORA_WEIGHTS_NAME)))
 
@@ -116,8 +115,8 @@ def read_model_card(output_dir: str) -> Dict[str, str]:
 def lora_family(output_dir: str, model_family: Optional[str] = None, base_model: Optional[str] = None):
     """The model family of a LoRA run: `model_family` if given, else the model card's record of it, else the
     family of the base model (`base_model`, else the card's)."""
-    from .args import ConfigError
-    from .families import detect_family, get_family
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.families import detect_family, get_family
 
     card = read_model_card(output_dir)
     base_model = base_model or card.get("base_model")
@@ -147,7 +146,7 @@ def base_unet_config(output_dir: str, base_model: Optional[str] = None) -> dict:
 
 
 def _sdxl_kohya_names(output_dir: str, base_model: Optional[str]) -> Callable[[str, str], str]:
-    from .families.keymaps_sdxl import kohya_lora_name
+    from ppdreambooth.interop.keymaps_sdxl import kohya_lora_name
 
     config = base_unet_config(output_dir, base_model)
     return lambda component, module: kohya_lora_name(component, module, config)
@@ -215,7 +214,7 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
     `model_family` and `base_model` override what a LoRA run's model card says (used by `kohya` only)."""
     from safetensors.numpy import save_file
 
-    from .families import detect_family
+    from ppdreambooth.families import detect_family
 
     is_lora = os.path.isfile(os.path.join(output_dir, LORA_WEIGHTS_NAME))
     is_full = os.path.isfile(os.path.join(output_dir, "model_index.json"))
@@ -227,7 +226,7 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         if not is_full:
             raise ExportError("--format single-file writes a full model; this run trained LoRA adapters "
                               "(use kohya or diffusers).")
-        from .single_file import write_single_file
+        from ppdreambooth.interop.single_file import write_single_file
 
         family = detect_family(output_dir)
         refuse_unsupported(family, fmt)
@@ -237,7 +236,7 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         if not is_lora:
             raise ExportError("--format merged folds LoRA adapters into the base model; this run is a full "
                               "fine-tune already (its output folder loads as it is).")
-        from .merge import write_merged
+        from ppdreambooth.interop.merge import write_merged
 
         family = lora_family(output_dir, model_family, base_model)
         base = base_model or read_model_card(output_dir).get("base_model")
@@ -281,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="LoRA runs: the base model folder or hub id (default: the model card's base_model); "
                              "SDXL kohya names follow its UNet config")
     args = parser.parse_args(argv)
-    from .args import ConfigError
+    from ppdreambooth.errors import ConfigError
 
     try:
         files = export(args.output_dir, args.format, args.out, args.model_family, args.base_model)

@@ -17,8 +17,7 @@ import os
 import re
 from typing import List, Optional, Sequence
 
-from . import compat  # noqa: F401  (LoRA loading needs ppdiffusers' peft backend)
-from .exiting import exit_process
+from ppdreambooth.runtime.exiting import exit_process
 
 SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
@@ -78,8 +77,8 @@ def generate(args) -> List[str]:
     import ppdiffusers
     from tqdm.auto import tqdm
 
-    from .families import detect_family
-    from .sampling import default_image_size, seeded_latents
+    from ppdreambooth.families import detect_family
+    from ppdreambooth.inference.sampling import default_image_size, seeded_latents
 
     prompts = read_prompts(args)
     family = detect_family(args.model)
@@ -125,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
             parser.error(f"--{name} must be a positive multiple of 8")
-    from .args import ConfigError
+    from ppdreambooth.errors import ConfigError
 
     try:
         paths = generate(args)

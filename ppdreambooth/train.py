@@ -30,27 +30,35 @@ from typing import Optional, Sequence
 
 import paddle
 
-from .args import ConfigError, DataArguments, DreamBoothTrainingArguments, ModelArguments
-from .caching import cache_encodings
-from .callbacks import StopTextEncoderCallback
-from .config import parse_args
-from .export import export
-from .families import ModelFamily
-from .buckets import make_buckets, nearest_bucket
-from .console import ConsoleCallback, header, quiet_console
-from .data import ConceptData, DreamBoothDataset, collate_arrays, collect_images, load_image_set, mirror_with_prompt
-from .fidelity_callback import fidelity_callback_for
-from .ema import EMACallback, WeightEMA
-from .model import DreamBoothModel
-from .model_card import closing_summary, write_model_card
-from . import ranks, run_lock
-from .saving import push_to_hub
-from .signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
-from .nonfinite import NonFiniteLossError
-from .trainer import DreamBoothTrainer
-from .preflight import check_inputs, release_output_dir
-from .validation import ValidationCallback
-from .exiting import exit_process
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.config.arguments import DataArguments, DreamBoothTrainingArguments, ModelArguments
+from ppdreambooth.training.caching import cache_encodings
+from ppdreambooth.training.callbacks import StopTextEncoderCallback
+from ppdreambooth.config.parsing import parse_args
+from ppdreambooth.export import export
+from ppdreambooth.families import ModelFamily
+from ppdreambooth.data.buckets import make_buckets, nearest_bucket
+from ppdreambooth.training.console import ConsoleCallback, header, quiet_console
+from ppdreambooth.data.dataset import (
+    ConceptData,
+    DreamBoothDataset,
+    collate_arrays,
+    collect_images,
+    load_image_set,
+    mirror_with_prompt,
+)
+from ppdreambooth.training.fidelity_callback import fidelity_callback_for
+from ppdreambooth.modeling.ema import EMACallback, WeightEMA
+from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.interop.model_card import closing_summary, write_model_card
+from ppdreambooth.runtime import ranks, run_lock
+from ppdreambooth.runtime.checkpoints import push_to_hub
+from ppdreambooth.runtime.signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
+from ppdreambooth.runtime.nonfinite import NonFiniteLossError
+from ppdreambooth.training.trainer import DreamBoothTrainer
+from ppdreambooth.training.preflight import check_inputs, release_output_dir
+from ppdreambooth.training.validation import ValidationCallback
+from ppdreambooth.runtime.exiting import exit_process
 
 logger = logging.getLogger("ppdreambooth")
 
@@ -60,7 +68,7 @@ def base_from_single_file(model_args: ModelArguments, args: DreamBoothTrainingAr
     source = model_args.pretrained_model_name_or_path
     if not source.endswith(".safetensors"):
         return
-    from .single_file import read_single_file
+    from ppdreambooth.interop.single_file import read_single_file
 
     folder = os.path.join(args.output_dir, ".base-from-single-file")
     marker = os.path.join(folder, "single_file_source.json")
@@ -78,7 +86,7 @@ def prepare_class_images(family: ModelFamily, model_args: ModelArguments, data_a
     """Generate each concept's missing class images, split across ranks; every rank waits for all.
 
     Returns the class image files of each concept."""
-    from .class_images import free_slots, generate_class_images
+    from ppdreambooth.data.class_images import free_slots, generate_class_images
 
     concepts = data_args.concept_list
     slots = [free_slots(c.class_data_dir, c.num_class_images) for c in concepts]
@@ -153,7 +161,7 @@ def run(
     """Train and write the final model; `callbacks` are extra PaddleNLP TrainerCallbacks (benchmarks).
 
     For its duration the run holds `--output_dir` (one run per folder) and handles SIGTERM/SIGINT
-    (`ppdreambooth.signals`); under data parallel a rank that fails tells the others, which stop too."""
+    (`ppdreambooth.runtime.signals`); under data parallel a rank that fails tells the others, which stop too."""
     with graceful_stop() as stop, import_time_objects_frozen():
         watch, ranks.progress["step"] = None, None
         try:

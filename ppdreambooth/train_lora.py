@@ -22,8 +22,8 @@ if __name__ == "__main__" and not __package__:
 import sys
 from typing import Optional, Sequence
 
-from . import train
-from .exiting import exit_process
+from ppdreambooth import train
+from ppdreambooth.runtime.exiting import exit_process
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

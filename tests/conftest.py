@@ -17,7 +17,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     path = str(tmp_path_factory.mktemp("models") / "tiny-sd")
     build_tiny_pipeline(path, seed=0)
@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory):
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     path = str(tmp_path_factory.mktemp("models") / "tiny-sd-v")
     build_tiny_pipeline(path, seed=0, prediction_type="v_prediction")
@@ -118,7 +118,7 @@ def load_unet_weights(folder):
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory):
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     path = str(tmp_path_factory.mktemp("models") / "tiny-sdxl")
     build_tiny_pipeline(path, seed=0, family="sdxl")
@@ -128,7 +128,7 @@ def tiny_sdxl_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3_model(tmp_path_factory):
     """A tiny SD3 with CLIP-L, CLIP-G and a tiny T5."""
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     path = str(tmp_path_factory.mktemp("models") / "tiny-sd3")
     build_tiny_pipeline(path, seed=0, family="sd3")

@@ -5,8 +5,8 @@ import shlex
 
 import pytest
 
-from ppdreambooth.args import ConfigError
-from ppdreambooth.config import parse_args
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.config.parsing import parse_args
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import run_module, train_argv, write_photos
 from ppdreambooth import train
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 @pytest.fixture

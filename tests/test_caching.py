@@ -5,11 +5,11 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdreambooth.args import ModelArguments
-from ppdreambooth.caching import cache_encodings, cache_latents, cache_prompt_embeddings
-from ppdreambooth.data import ConceptData, DreamBoothDataset, collate, load_image_set
-from ppdreambooth.images import list_image_files
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.training.caching import cache_encodings, cache_latents, cache_prompt_embeddings
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, collate, load_image_set
+from ppdreambooth.data.images import list_image_files
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 def build(tiny_model, photos, flip, prior=True):

@@ -4,7 +4,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from ppdreambooth.class_images import SLOT_NAME, free_slots, generate_class_images
+from ppdreambooth.data.class_images import SLOT_NAME, free_slots, generate_class_images
 
 
 def generate(model, folder, slots, seed=0):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import ROOT, run_module, train_argv
 from ppdreambooth import train
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_bad_inputs_fail_early_with_a_named_cause(tiny_model, photos, tmp_path, 
 
 
 def test_a_corrupt_image_is_skipped_with_a_warning(photos, tmp_path, caplog):
-    from ppdreambooth.data import collect_images
+    from ppdreambooth.data.dataset import collect_images
 
     (tmp_path / "instance" / "zz-truncated.png").write_bytes(open(os.path.join(photos, "photo-0.png"), "rb").read()[:60])
     files = collect_images(photos, "instance_data_dir")
@@ -166,7 +166,7 @@ def test_exit_process_keeps_the_status_output_and_exit_handlers(tmp_path):
             "logging.getLogger('x').info('logged line')\n"
             "atexit.register(lambda: print('atexit ran'))\n"
             "sys.stdout.write('buffered ')\n"
-            "from ppdreambooth.exiting import exit_process\n"
+            "from ppdreambooth.runtime.exiting import exit_process\n"
             "exit_process(3)\n")
     result = run_module(["-c", code])
     assert result.returncode == 3, result.stderr

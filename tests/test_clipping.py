@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdreambooth.clipping import GlobalNormClip, faster_clip
+from ppdreambooth.modeling.clipping import GlobalNormClip, faster_clip
 
 
 def gradients(seed, scale, dtypes=("float32",) * 6):

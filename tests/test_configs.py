@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import ROOT
-from ppdreambooth.config import parse_args
+from ppdreambooth.config.parsing import parse_args
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
 

@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from conftest import load_unet_weights, run_module, train_argv, write_photos
-from ppdreambooth.buckets import make_buckets, nearest_bucket
-from ppdreambooth.config import parse_args
-from ppdreambooth.data import ConceptData, DreamBoothDataset, SeededBatchSampler, collate, load_image_set
+from ppdreambooth.data.buckets import make_buckets, nearest_bucket
+from ppdreambooth.config.parsing import parse_args
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, SeededBatchSampler, collate, load_image_set
 from ppdreambooth.families import FAMILIES
-from ppdreambooth.images import list_image_files
+from ppdreambooth.data.images import list_image_files
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_concepts_config_with_buckets_prior_and_cached_latents_trains(tiny_model
 
 
 def test_concept_errors_name_the_entry(tmp_path, monkeypatch):
-    from ppdreambooth.args import ConfigError
+    from ppdreambooth.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)
     base = ["--pretrained_model_name_or_path", "m"]

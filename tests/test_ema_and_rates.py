@@ -7,9 +7,9 @@ import paddle
 import pytest
 
 from conftest import load_unet_weights, run_module, train_argv
-from ppdreambooth.args import ModelArguments
-from ppdreambooth.ema import EMA_STATE_NAME, WeightEMA
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.modeling.ema import EMA_STATE_NAME, WeightEMA
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 def make(tiny_model, **kw):

@@ -15,11 +15,26 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_module, train_argv, write_photos
-from ppdreambooth.dino import (ImagePreprocess, ViTConfig, build_vit, load_dino, load_vit_weights, published_key,
-                               read_torch_weights, write_tiny_dino)
+from ppdreambooth.evaluation.dino import (
+    ImagePreprocess,
+    ViTConfig,
+    build_vit,
+    load_dino,
+    load_vit_weights,
+    published_key,
+    read_torch_weights,
+    write_tiny_dino,
+)
 from ppdreambooth.evaluate import PROMPTS_PATH, dreambench, main, resolve_prompts, spread
-from ppdreambooth.fidelity import (FidelityScorer, fidelity_scores, load_clip, mean_distinct_pairs_cosine,
-                                   mean_paired_cosine, mean_pairwise_cosine, write_tiny_clip)
+from ppdreambooth.evaluation.fidelity import (
+    FidelityScorer,
+    fidelity_scores,
+    load_clip,
+    mean_distinct_pairs_cosine,
+    mean_paired_cosine,
+    mean_pairwise_cosine,
+    write_tiny_clip,
+)
 
 VIT_CLIENT = os.path.join(ROOT, "tests", "helpers", "vit_client.py")
 
@@ -115,7 +130,7 @@ def test_dreambench_prompt_sets_ship_with_the_package(tmp_path):
     own.write_text("# my prompts\n{} on a sofa\n\na drawing of {}\na plain prompt\n")
     assert resolve_prompts("auto", str(own), "sks", "toy")[0] == ["sks toy on a sofa", "a drawing of sks toy",
                                                                   "a plain prompt"]
-    from ppdreambooth.args import ConfigError
+    from ppdreambooth.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--class_name"):
         resolve_prompts("auto", None, "sks", None)
@@ -291,7 +306,7 @@ def test_dino_port_and_clip_loading_match_transformers(tmp_path):
         np.testing.assert_allclose(model.cls_features(data["pixel_values"]), want[:, 0], atol=1e-4)
 
     client("clip", tmp_path / "clip", inputs, tmp_path / "clip.npz")
-    from ppdreambooth.tiny import write_tiny_tokenizer
+    from ppdreambooth.families.tiny import write_tiny_tokenizer
 
     write_tiny_tokenizer(str(tmp_path / "clip"))  # the inputs are token ids; load_clip wants a tokenizer
     clip = load_clip(str(tmp_path / "clip"))

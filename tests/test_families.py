@@ -12,11 +12,12 @@ import paddle
 import pytest
 from PIL import Image
 
-from ppdreambooth.args import ConfigError, ModelArguments
-from ppdreambooth.data import ConceptData, DreamBoothDataset, load_image_set
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set
 from ppdreambooth.families import FAMILIES, detect_family
-from ppdreambooth.images import list_image_files
-from ppdreambooth.model import DreamBoothModel, check_model_folder
+from ppdreambooth.data.images import list_image_files
+from ppdreambooth.modeling.model import DreamBoothModel, check_model_folder
 
 
 def make(path, prior=False, **kw):
@@ -180,7 +181,7 @@ def test_sdxl_full_fine_tune_trains_exactly_what_it_should(tiny_sdxl_model, trai
 def test_sdxl_lora_saves_and_loads_in_the_sdxl_pipeline(tiny_sdxl_model, tmp_path):
     from ppdiffusers import StableDiffusionXLPipeline
 
-    from ppdreambooth.lora import save_lora_weights
+    from ppdreambooth.modeling.lora import save_lora_weights
 
     model = make(tiny_sdxl_model, use_lora=True, lora_rank=4, lora_alpha=8.0, train_text_encoder=True)
     named = model.trainable_named_parameters()
@@ -210,8 +211,8 @@ def test_sdxl_lora_saves_and_loads_in_the_sdxl_pipeline(tiny_sdxl_model, tmp_pat
 
 
 def test_sdxl_validation_pipeline_generates_from_the_trained_weights(tiny_sdxl_model):
-    from ppdreambooth.sampling import generate_images
-    from ppdreambooth.validation import validation_pipeline
+    from ppdreambooth.inference.sampling import generate_images
+    from ppdreambooth.training.validation import validation_pipeline
 
     model = make(tiny_sdxl_model)
     pipeline = validation_pipeline(model, tiny_sdxl_model)
@@ -225,7 +226,7 @@ def test_a_replacement_vae_is_used_for_encoding_and_written_out(tiny_sdxl_model,
     """--pretrained_vae_model_name_or_path (e.g. an fp16-fixed SDXL VAE) replaces the model's own VAE."""
     from ppdiffusers import AutoencoderKL
 
-    from ppdreambooth.saving import write_pipeline
+    from ppdreambooth.runtime.checkpoints import write_pipeline
 
     paddle.seed(5)
     other = AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl_model, subfolder="vae"))
@@ -246,7 +247,7 @@ def test_a_replacement_vae_is_used_for_encoding_and_written_out(tiny_sdxl_model,
 
 def test_lora_size_formula_holds_for_sdxl(tiny_sdxl_model):
     """The computed LoRA size (README, memory estimate) counts per-level transformer depths right."""
-    from ppdreambooth.lora import lora_parameter_count
+    from ppdreambooth.modeling.lora import lora_parameter_count
 
     model = make(tiny_sdxl_model, use_lora=True, lora_rank=4)
     trained = sum(int(p.numel()) for p in model.trainable_parameters())

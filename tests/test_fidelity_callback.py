@@ -8,12 +8,12 @@ import pytest
 import paddle
 from PIL import Image
 
-from ppdreambooth.args import ModelArguments
-from ppdreambooth.dino import load_dino, write_tiny_dino
-from ppdreambooth.fidelity import FidelityScorer, load_clip, write_tiny_clip
-from ppdreambooth.fidelity_callback import FidelityCallback, subject_words
-from ppdreambooth.images import list_image_files
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.evaluation.dino import load_dino, write_tiny_dino
+from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip, write_tiny_clip
+from ppdreambooth.training.fidelity_callback import FidelityCallback, subject_words
+from ppdreambooth.data.images import list_image_files
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 def test_subject_words_from_the_instance_prompt():

@@ -19,20 +19,20 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import ROOT, load_unet_weights, run_module, train_argv
-from ppdreambooth import run_lock, saving, signals
-from ppdreambooth.args import ConfigError
-from ppdreambooth.lora import LORA_WEIGHTS_NAME
-from ppdreambooth.saving import (
+from ppdreambooth.runtime import run_lock, checkpoints as saving, signals
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.runtime.checkpoints import (
     checkpoints_to_delete,
     complete_checkpoints,
     latest_checkpoint,
     mark_complete,
     verify_checkpoint,
 )
-from ppdreambooth.preflight import resolve_resume
+from ppdreambooth.training.preflight import resolve_resume
 
 HELPERS = os.path.join(ROOT, "tests", "helpers")
-RUN_LOCK_FILE = os.path.join(ROOT, "ppdreambooth", "run_lock.py")
+RUN_LOCK_FILE = os.path.join(ROOT, "ppdreambooth", "runtime", "run_lock.py")
 STEPS = 6
 # random flips and a decaying learning rate: an exact resume must restore the RNG and scheduler states too
 EXTRA = ["--random_flip", "--lr_scheduler", "linear", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ppdreambooth.images import ImageError, crop_box, list_image_files, load_rgb, prepare_image, to_rgb
+from ppdreambooth.data.images import ImageError, crop_box, list_image_files, load_rgb, prepare_image, to_rgb
 
 
 def test_prepare_image_resizes_to_cover_then_crops_and_scales():

@@ -31,7 +31,7 @@ def build_two_width_sdxl(out_dir):
     from ppdiffusers import UNet2DConditionModel
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(out_dir, seed=0, family="sdxl")
     paddle.seed(1)
@@ -148,7 +148,7 @@ def test_full_fine_tune_exports_to_diffusers_and_single_file(torch_python, two_w
 def test_training_starts_from_an_sdxl_single_file(two_width_sdxl, full_run, tmp_path):
     """The base model as a single file: converting it back gives the base's weights bit for bit, and training
     from it starts exactly as training from the folder did (same first loss)."""
-    from ppdreambooth.single_file import write_single_file
+    from ppdreambooth.interop.single_file import write_single_file
 
     folder_run, photos = full_run
     base_file = write_single_file(two_width_sdxl, str(tmp_path / "base.safetensors"))
@@ -167,8 +167,8 @@ def test_training_starts_from_an_sdxl_single_file(two_width_sdxl, full_run, tmp_
 def test_single_file_of_another_architecture_is_refused(tiny_model, tiny_sdxl_model, two_width_sdxl, tmp_path):
     """An SD 1.x file, or an SDXL file of other widths, with an SDXL --single_file_config: a clear error, not
     a model with weights silently left at their initial values."""
-    from ppdreambooth.args import ConfigError
-    from ppdreambooth.single_file import read_single_file, write_single_file
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.interop.single_file import read_single_file, write_single_file
 
     sd_file = write_single_file(tiny_model, str(tmp_path / "sd.safetensors"))
     with pytest.raises(ConfigError, match="not a StableDiffusionXLPipeline single file"):
@@ -226,8 +226,7 @@ def test_lora_exports_load_in_diffusers_and_kohya_reads_back(torch_python, tiny_
 
 def test_sdxl_key_maps():
     """The pure maps: OpenCLIP fusing and its inverse, the added embedding, kohya's SDXL names."""
-    from ppdreambooth.families.keymaps_sdxl import (kohya_lora_name, open_clip_from_hf, open_clip_to_hf,
-                                                    unet_key_to_sgm)
+    from ppdreambooth.interop.keymaps_sdxl import kohya_lora_name, open_clip_from_hf, open_clip_to_hf, unet_key_to_sgm
 
     rng = np.random.RandomState(0)
     hf = {f"text_model.encoder.layers.0.self_attn.{p}_proj.{w}": rng.rand(*((8, 8) if w == "weight" else (8,)))

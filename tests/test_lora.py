@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from conftest import run_module, train_argv
-from ppdreambooth.args import ModelArguments
-from ppdreambooth.lora import LORA_WEIGHTS_NAME, lora_parameter_count, save_lora_weights
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, lora_parameter_count, save_lora_weights
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 def lora_model(path, rank=8, alpha=16.0, text_encoder=True):
@@ -106,7 +106,7 @@ SEED_LORA = ["--gradient_accumulation_steps=1", "--checkpointing_steps=2", "--le
 def test_seed_lora_command_output_loads_and_reproduces_validation_images(tiny_model, photos, tmp_path):
     from ppdiffusers import StableDiffusionPipeline
 
-    from ppdreambooth.sampling import generate_images, use_dpm_solver
+    from ppdreambooth.inference.sampling import generate_images, use_dpm_solver
 
     out = tmp_path / "path-to-save-model"
     # The seed README's LoRA command with a local tiny model, 64 px and 4 steps (and fewer sampler steps).

@@ -3,8 +3,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdreambooth.args import ModelArguments
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 def make_model(path, **kw):
@@ -148,7 +148,7 @@ def test_prediction_type_and_tokenizer_overrides(tiny_model, tmp_path, monkeypat
     # --revision reaches every component's loader, tokenizers included
     from ppdiffusers.transformers import CLIPTokenizer
 
-    from ppdreambooth.loading import load_component
+    from ppdreambooth.families.loading import load_component
 
     seen = {}
     original = CLIPTokenizer.from_pretrained.__func__

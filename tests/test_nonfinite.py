@@ -7,10 +7,10 @@ import paddle
 import pytest
 
 from conftest import train_argv
-from ppdreambooth.config import parse_args
-from ppdreambooth.model import DreamBoothModel
-from ppdreambooth.nonfinite import NonFiniteGuard, NonFiniteLossError
-from ppdreambooth.saving import complete_checkpoints
+from ppdreambooth.config.parsing import parse_args
+from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.runtime.nonfinite import NonFiniteGuard, NonFiniteLossError
+from ppdreambooth.runtime.checkpoints import complete_checkpoints
 from ppdreambooth.train import run
 
 NAN = float("nan")

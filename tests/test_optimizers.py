@@ -1,11 +1,11 @@
-"""Adafactor (ppdreambooth.optimizers): its formula against NumPy, factored state, checkpoints, rates, clipping."""
+"""Adafactor (ppdreambooth.modeling.optimizers): its formula against NumPy, factored state, checkpoints, rates, clipping."""
 import math
 
 import numpy as np
 import paddle
 import pytest
 
-from ppdreambooth.optimizers import Adafactor
+from ppdreambooth.modeling.optimizers import Adafactor
 
 
 class NumpyAdafactor:

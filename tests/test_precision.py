@@ -10,11 +10,11 @@ import numpy as np
 import paddle
 from safetensors.numpy import load_file
 
-from ppdreambooth.args import ModelArguments
-from ppdreambooth.config import parse_args
-from ppdreambooth.model import DreamBoothModel
-from ppdreambooth.saving import write_pipeline
-from ppdreambooth.trainer import DreamBoothTrainer
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.config.parsing import parse_args
+from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.runtime.checkpoints import write_pipeline
+from ppdreambooth.training.trainer import DreamBoothTrainer
 
 
 def make(tiny_model, **kw):
@@ -53,7 +53,7 @@ def test_latents_noise_and_loss_stay_float32(tiny_model):
     latents = model.sample_latents(mean, std)
     noise, _ = model.objective.draw(latents)
     assert latents.dtype == noise.dtype == paddle.float32
-    from ppdreambooth.losses import dreambooth_loss
+    from ppdreambooth.modeling.losses import dreambooth_loss
 
     pred = noise.astype("bfloat16")  # a low-precision UNet output
     out = dreambooth_loss(pred, noise, num_instance=2)

@@ -4,10 +4,11 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdreambooth.args import ConfigError, ModelArguments
-from ppdreambooth.data import ConceptData, DreamBoothDataset, collate, load_image_set, mirror_with_prompt
-from ppdreambooth.images import list_image_files
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, collate, load_image_set, mirror_with_prompt
+from ppdreambooth.data.images import list_image_files
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 def build(path, photos, **kw):

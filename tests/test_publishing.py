@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from ppdreambooth.config import parse_args
+from ppdreambooth.config.parsing import parse_args
 from ppdreambooth.families import FAMILIES
-from ppdreambooth.model_card import closing_summary, write_model_card
+from ppdreambooth.interop.model_card import closing_summary, write_model_card
 
 
 def card_for(tmp_path, family, extra):
@@ -41,7 +41,7 @@ def test_hub_upload_leaves_checkpoints_logs_and_hidden_files_behind(tmp_path, mo
     pytest.importorskip("huggingface_hub")
     from huggingface_hub.utils import filter_repo_objects
 
-    from ppdreambooth import saving
+    from ppdreambooth.runtime import checkpoints as saving
 
     out = tmp_path / "out"
     for name in ("model_index.json", "README.md", "unet/diffusion_paddle_model.safetensors",

@@ -24,7 +24,7 @@ def one_square_photo(folder):
 
 
 def train_ppdreambooth(model, photos, out, extra):
-    from ppdreambooth.config import parse_args
+    from ppdreambooth.config.parsing import parse_args
     from ppdreambooth.train import run
 
     argv = ["--pretrained_model_name_or_path", model, "--instance_data_dir", photos,

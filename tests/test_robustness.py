@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, load_unet_weights, run_module, train_argv, write_photos
-from ppdreambooth.data import collect_images
-from ppdreambooth.images import ImageError, load_rgb
-from ppdreambooth.saving import complete_checkpoints
+from ppdreambooth.data.dataset import collect_images
+from ppdreambooth.data.images import ImageError, load_rgb
+from ppdreambooth.runtime.checkpoints import complete_checkpoints
 
 FAULT_ENTRY = os.path.join(ROOT, "tests", "helpers", "fault_entry.py")
 # prior preservation (so class images are generated), random flips and crops, linear LR decay
@@ -100,7 +100,7 @@ def test_real_world_folder(tmp_path, caplog):
 
 
 def test_rotation_deletes_only_older_complete_checkpoints(tmp_path):
-    from ppdreambooth.saving import delete_checkpoint, mark_complete
+    from ppdreambooth.runtime.checkpoints import delete_checkpoint, mark_complete
 
     for step in (2, 4, 6, 8):
         os.makedirs(tmp_path / f"checkpoint-{step}")

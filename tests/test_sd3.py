@@ -7,11 +7,16 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdreambooth.args import ModelArguments
+from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.families import FAMILIES
-from ppdreambooth.losses import (flow_loss_weights, flow_noisy_latents, flow_prediction, flow_target,
-                                 flow_timestep_density)
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.modeling.losses import (
+    flow_loss_weights,
+    flow_noisy_latents,
+    flow_prediction,
+    flow_target,
+    flow_timestep_density,
+)
+from ppdreambooth.modeling.model import DreamBoothModel
 
 
 def make(path, prior=False, **kw):
@@ -115,7 +120,7 @@ def test_sd3_loss_equals_its_formula(tiny_sd3_model, precondition):
 
 def test_without_t5_the_prompt_ends_in_zeros(tiny_sd3_model, tmp_path):
     """--drop_t5 (and a folder without text_encoder_3) conditions on zeros in T5's place, as the pipeline does."""
-    from ppdreambooth.tiny import build_tiny_pipeline
+    from ppdreambooth.families.tiny import build_tiny_pipeline
 
     dropped = make(tiny_sd3_model, drop_t5=True)
     assert not dropped.has_component("text_encoder_3") and "input_ids_3" not in dropped.tokenize("a dog")
@@ -180,7 +185,7 @@ def test_full_fine_tune_trains_the_clips_and_freezes_t5_and_vae(tiny_sd3_model):
 def test_sd3_lora_saves_and_loads_in_the_sd3_pipeline(tiny_sd3_model, tmp_path):
     from ppdiffusers import StableDiffusion3Pipeline
 
-    from ppdreambooth.lora import save_lora_weights
+    from ppdreambooth.modeling.lora import save_lora_weights
 
     model = make(tiny_sd3_model, use_lora=True, lora_rank=4, lora_alpha=8.0)
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.trainable_named_parameters()}
@@ -266,7 +271,7 @@ def test_not_validation_final_skips_only_the_closing_images(tiny_sd3_model, tmp_
     """PaddleMIX's SD3 flag: no validation images when training ends; the others still come."""
     from types import SimpleNamespace
 
-    from ppdreambooth.validation import ValidationCallback
+    from ppdreambooth.training.validation import ValidationCallback
 
     model = make(tiny_sd3_model)
     args = SimpleNamespace(should_save=True, output_dir=str(tmp_path), seed=0, num_validation_images=1,

@@ -115,9 +115,9 @@ def velocity_error(model_dir, photos):
     """The transformer's velocity MSE on the instance photos (latent means, fixed noise, sigmas 0.2..0.8)."""
     import paddle
 
-    from ppdreambooth.args import ModelArguments
-    from ppdreambooth.images import list_image_files, load_rgb, prepare_image
-    from ppdreambooth.model import DreamBoothModel
+    from ppdreambooth.config.arguments import ModelArguments
+    from ppdreambooth.data.images import list_image_files, load_rgb, prepare_image
+    from ppdreambooth.modeling.model import DreamBoothModel
 
     with paddle.utils.unique_name.guard():
         model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=model_dir))

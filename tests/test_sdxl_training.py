@@ -44,7 +44,7 @@ def test_paddlemix_sdxl_lora_command_runs_unchanged(tiny_sdxl_model, photos, tmp
     import paddle
     from ppdiffusers import DiffusionPipeline
 
-    from ppdreambooth.sampling import generate_images, use_dpm_solver
+    from ppdreambooth.inference.sampling import generate_images, use_dpm_solver
 
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_model)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ppdreambooth.args import ConfigError
-from ppdreambooth.single_file import read_single_file, write_single_file
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.interop.single_file import read_single_file, write_single_file
 
 WEIGHTS = {"unet": "diffusion_paddle_model.safetensors", "vae": "diffusion_paddle_model.safetensors",
            "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}

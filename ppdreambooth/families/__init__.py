@@ -20,11 +20,11 @@ import json
 import os
 from typing import Dict, Optional
 
-from ..args import ConfigError
-from .base import ModelFamily
-from .sd import StableDiffusion
-from .sd3 import StableDiffusion3
-from .sdxl import StableDiffusionXL
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.families.base import ModelFamily
+from ppdreambooth.families.sd import StableDiffusion
+from ppdreambooth.families.sd3 import StableDiffusion3
+from ppdreambooth.families.sdxl import StableDiffusionXL
 
 FAMILIES: Dict[str, ModelFamily] = {family.name: family for family in
                                     (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())}

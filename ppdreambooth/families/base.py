@@ -24,7 +24,7 @@ class ModelFamily:
     sampling_scheduler: str = "DPMSolverMultistepScheduler"  # validation, class images, generate's default
     lora_scale_kwarg: str = "cross_attention_kwargs"  # how a pipeline call passes the LoRA scale
     resolution_multiple: int = 8  # image sides must be multiples of this (VAE factor x patch size)
-    objective: str = "diffusion"  # see ppdreambooth.objectives
+    objective: str = "diffusion"  # see ppdreambooth.modeling.objectives
     pipeline_extras: Dict[str, object] = {}  # extra constructor arguments of the pipeline
     # LoRA targets: module names adapted in the denoiser and in each text encoder
     denoiser_lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -93,7 +93,7 @@ class ModelFamily:
         """The family's pipeline from a folder or hub id, with the same extras as `build_pipeline`."""
         import ppdiffusers
 
-        from ..loading import is_diffusers_folder
+        from ppdreambooth.families.loading import is_diffusers_folder
 
         options = {"from_diffusers": True} if os.path.isdir(path) and is_diffusers_folder(path, self.denoiser) else {}
         extras = {k: v for k, v in self.pipeline_extras.items() if k != "feature_extractor"}

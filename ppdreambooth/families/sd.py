@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .base import ModelFamily
+from ppdreambooth.families.base import ModelFamily
 
 
 class StableDiffusion(ModelFamily):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .base import ModelFamily, token_key
+from ppdreambooth.families.base import ModelFamily, token_key
 
 
 class StableDiffusion3(ModelFamily):

@@ -12,7 +12,7 @@ from typing import Dict
 
 import numpy as np
 
-from .base import ModelFamily, Size, token_key
+from ppdreambooth.families.base import ModelFamily, Size, token_key
 
 
 class StableDiffusionXL(ModelFamily):

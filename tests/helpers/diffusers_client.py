@@ -151,10 +151,10 @@ def run_sd3(source, inputs_path, outputs_path, lora=None, merge_lora=None):
 
 
 def _tiny_tokenizer_module():
-    """ppdreambooth/tiny.py loaded by path: the package's __init__ imports Paddle, absent here."""
+    """ppdreambooth/families/tiny.py loaded by path: the package's __init__ imports Paddle, absent here."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "ppdreambooth", "tiny.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "ppdreambooth", "families", "tiny.py")
     spec = importlib.util.spec_from_file_location("ppdreambooth_tiny", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -173,7 +173,7 @@ def make_tiny(out_dir):
                         out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, sample_size=64)
     tok_dir = os.path.join(out_dir, "_tok")
-    vocab_size = _tiny_tokenizer_module().write_tiny_tokenizer(tok_dir)  # the same vocabulary as ppdreambooth.tiny
+    vocab_size = _tiny_tokenizer_module().write_tiny_tokenizer(tok_dir)  # the same vocabulary as ppdreambooth.families.tiny
     tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
                               model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

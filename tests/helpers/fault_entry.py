@@ -15,8 +15,10 @@ import sys
 
 import paddle
 
-from ppdreambooth import class_images, saving, train
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.data import class_images
+from ppdreambooth.runtime import checkpoints as saving
+from ppdreambooth import train
+from ppdreambooth.modeling.model import DreamBoothModel
 
 point, _, nth = os.environ["FAULT"].partition(":")
 nth = int(nth or 1)

@@ -11,7 +11,7 @@ import os
 import sys
 
 from ppdreambooth import train
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.modeling.model import DreamBoothModel
 
 point, _, nth = os.environ["FAULT"].partition(":")
 nth = int(nth or 1)

@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 
 from ppdreambooth import train
-from ppdreambooth.objectives import DiffusionObjective, FlowMatchingObjective
+from ppdreambooth.modeling.objectives import DiffusionObjective, FlowMatchingObjective
 
 drawn = []
 

@@ -10,8 +10,9 @@ import os
 import sys
 import time
 
-from ppdreambooth import signals, train
-from ppdreambooth.model import DreamBoothModel
+from ppdreambooth.runtime import signals
+from ppdreambooth import train
+from ppdreambooth.modeling.model import DreamBoothModel
 
 pause_at = int(os.environ["PAUSE_AT"])
 seen = {"count": 0}

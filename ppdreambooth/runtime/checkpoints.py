@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import paddle
 
-from .loading import is_diffusers_folder, load_component
+from ppdreambooth.families.loading import is_diffusers_folder, load_component
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from typing import Dict
 
 import numpy as np
 
-from . import compat  # noqa: F401
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 RESNET_NAMES = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
@@ -117,7 +116,7 @@ def _is_open_clip_text_encoder(text_encoder) -> bool:
 
 def _sd_single_file_state(components: Dict[str, object]) -> Dict[str, np.ndarray]:
     """UNet, VAE and text encoder of an SD 1.x pipeline in the WebUI single-file layout (SD 2.x: refused)."""
-    from .args import ConfigError
+    from ppdreambooth.errors import ConfigError
 
     if _is_open_clip_text_encoder(components["text_encoder"]):
         raise ConfigError(SD2_UNSUPPORTED)
@@ -130,7 +129,7 @@ def _sd_single_file_state(components: Dict[str, object]) -> Dict[str, np.ndarray
 
 def _sdxl_single_file_state(components: Dict[str, object]) -> Dict[str, np.ndarray]:
     """UNet, VAE and both text encoders of an SDXL pipeline in the layout of sd_xl_base_1.0.safetensors."""
-    from .families.keymaps_sdxl import single_file_state
+    from ppdreambooth.interop.keymaps_sdxl import single_file_state
 
     unet, vae = components["unet"], components["vae"]
     return single_file_state(_torch_layout(unet), dict(unet.config), _torch_layout(vae), dict(vae.config),
@@ -145,9 +144,9 @@ def write_single_file(pipeline_dir: str, path: str, family=None) -> str:
     single-file layout of its family (detected from the folder unless given)."""
     from safetensors.numpy import save_file
 
-    from .args import ConfigError
-    from .families import detect_family
-    from .loading import load_component
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.families import detect_family
+    from ppdreambooth.families.loading import load_component
 
     family = family or detect_family(pipeline_dir)
     if family.name not in SINGLE_FILE_WRITERS:
@@ -163,7 +162,7 @@ def write_single_file(pipeline_dir: str, path: str, family=None) -> str:
 
 def _set_weights(model, state: Dict[str, np.ndarray], what: str, strict: bool) -> None:
     """Load converted weights (Paddle layout) into `model`; with `strict`, stop when the file lacked any."""
-    from .args import ConfigError
+    from ppdreambooth.errors import ConfigError
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     missing = sorted(k for k in expected if k not in state)
@@ -181,8 +180,8 @@ def _set_weights(model, state: Dict[str, np.ndarray], what: str, strict: bool) -
 
 def _check_layout(checkpoint: Dict[str, np.ndarray], path: str, family) -> None:
     """Refuse a file that lacks a part the family's single files hold (e.g. an SD 1.x file with an SDXL config)."""
-    from .args import ConfigError
-    from .families.keymaps_sdxl import CLIP_PREFIX, OPEN_CLIP_PREFIX
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.interop.keymaps_sdxl import CLIP_PREFIX, OPEN_CLIP_PREFIX
 
     required = {"sdxl": (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX)}.get(family.name, ())
     absent = [prefix for prefix in required if not any(k.startswith(prefix) for k in checkpoint)]
@@ -217,8 +216,8 @@ def _read_sd_text_encoders(checkpoint: Dict[str, np.ndarray], config_source: str
     be there (an SD 2.x file, whose OpenCLIP encoder is elsewhere, is refused rather than loaded half)."""
     from ppdiffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_diffusers_vae_unet_to_ppdiffusers
 
-    from .args import ConfigError
-    from .loading import load_component
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.families.loading import load_component
 
     if any(k.startswith(OPEN_CLIP_SD2_PREFIX) for k in checkpoint):
         raise ConfigError(SD2_UNSUPPORTED)
@@ -240,7 +239,7 @@ def _read_sdxl_text_encoders(checkpoint: Dict[str, np.ndarray], config_source: s
     import ppdiffusers.transformers as transformers
     from ppdiffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_diffusers_vae_unet_to_ppdiffusers
 
-    from .families.keymaps_sdxl import CLIP_PREFIX, OPEN_CLIP_PREFIX, open_clip_to_hf, strip_prefix
+    from ppdreambooth.interop.keymaps_sdxl import CLIP_PREFIX, OPEN_CLIP_PREFIX, open_clip_to_hf, strip_prefix
 
     states = {"text_encoder": strip_prefix(checkpoint, CLIP_PREFIX),
               "text_encoder_2": open_clip_to_hf(strip_prefix(checkpoint, OPEN_CLIP_PREFIX))}
@@ -264,9 +263,9 @@ def read_single_file(path: str, config_source: str, out_dir: str, family=None) -
     scheduler from `config_source`, whose family is detected unless given)."""
     from safetensors.numpy import load_file
 
-    from .args import ConfigError
-    from .families import detect_family
-    from .loading import load_component
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.families import detect_family
+    from ppdreambooth.families.loading import load_component
 
     family = family or detect_family(config_source)
     if family.name not in SINGLE_FILE_READERS:

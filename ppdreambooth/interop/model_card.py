@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from .lora import LORA_WEIGHTS_NAME
-from .saving import complete_checkpoints
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.runtime.checkpoints import complete_checkpoints
 
 
 def latest_validation_images(output_dir: str) -> List[str]:

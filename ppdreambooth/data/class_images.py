@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import paddle
 
-from .images import list_image_files
-from .sampling import generate_images, use_sampling_scheduler
+from ppdreambooth.data.images import list_image_files
+from ppdreambooth.inference.sampling import generate_images, use_sampling_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def generate_class_images(
         return 0
     from tqdm.auto import tqdm
 
-    from .families import detect_family
+    from ppdreambooth.families import detect_family
 
     family = family or detect_family(model_path, revision=revision)
     logger.info("generating %d class images for %r in %s", len(mine), class_prompt, class_dir)

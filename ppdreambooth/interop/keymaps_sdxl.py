@@ -21,7 +21,7 @@ from typing import Dict
 
 import numpy as np
 
-from ..single_file import unet_key_to_ldm, vae_to_ldm
+from ppdreambooth.interop.single_file import unet_key_to_ldm, vae_to_ldm
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -19,7 +19,7 @@ import numpy as np
 import paddle
 from paddlenlp.trainer import TrainerCallback
 
-from .sampling import generate_images
+from ppdreambooth.inference.sampling import generate_images
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .args import ConfigError
+from ppdreambooth.errors import ConfigError
 
 
 @dataclass

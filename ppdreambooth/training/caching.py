@@ -14,8 +14,8 @@ from typing import Dict
 import numpy as np
 import paddle
 
-from .data import DreamBoothDataset, ImageSet
-from .model import DreamBoothModel
+from ppdreambooth.data.dataset import DreamBoothDataset, ImageSet
+from ppdreambooth.modeling.model import DreamBoothModel
 
 logger = logging.getLogger(__name__)
 

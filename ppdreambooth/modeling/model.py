@@ -1,7 +1,7 @@
 """`DreamBoothModel`: VAE encode -> noise -> denoiser -> DreamBooth loss, in one `forward`, for any family.
 
 What differs between model families (text encoders, conditioning, the denoiser call, the objective)
-is asked of `self.family` (`ppdreambooth.families`) and `self.objective` (`ppdreambooth.objectives`).
+is asked of `self.family` (`ppdreambooth.families`) and `self.objective` (`ppdreambooth.modeling.objectives`).
 The VAE is always frozen; the text encoders are frozen unless `--train_text_encoder`. Components are
 reached by their subfolder name (`model.unet`, `model.text_encoder_2`, `model.vae`). The frozen ones
 live outside the Layer tree, so AMP O2 never casts them and checkpoints never hold them; the frozen
@@ -16,13 +16,13 @@ from typing import Dict, List, Optional, Tuple
 
 import paddle
 
-from . import compat  # noqa: F401  (USE_PEFT_BACKEND before ppdiffusers)
-from .args import ConfigError, ModelArguments
-from .families import ModelFamily, detect_family
-from .loading import load_components
-from .lora import add_lora
-from .losses import dreambooth_loss
-from .objectives import build_objective
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.families import ModelFamily, detect_family
+from ppdreambooth.families.loading import load_components
+from ppdreambooth.modeling.lora import add_lora
+from ppdreambooth.modeling.losses import dreambooth_loss
+from ppdreambooth.modeling.objectives import build_objective
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from typing import Dict, Sequence
 
 import paddle
 
-from . import compat  # noqa: F401  (USE_PEFT_BACKEND before ppdiffusers)
 
 LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
 

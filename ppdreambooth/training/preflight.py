@@ -8,13 +8,14 @@ import logging
 import os
 from typing import Optional
 
-from . import ranks, run_lock
-from .args import ConfigError, DataArguments, DreamBoothTrainingArguments, ModelArguments
-from .data import collect_images, read_caption
-from .families import ModelFamily, detect_family
-from .lora import LORA_WEIGHTS_NAME
-from .model import check_model_folder, check_model_path
-from .saving import is_complete, newest_good_checkpoint, verify_checkpoint
+from ppdreambooth.runtime import ranks, run_lock
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.config.arguments import DataArguments, DreamBoothTrainingArguments, ModelArguments
+from ppdreambooth.data.dataset import collect_images, read_caption
+from ppdreambooth.families import ModelFamily, detect_family
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.modeling.model import check_model_folder, check_model_path
+from ppdreambooth.runtime.checkpoints import is_complete, newest_good_checkpoint, verify_checkpoint
 
 logger = logging.getLogger("ppdreambooth")
 FINAL_FILES = ("model_index.json", LORA_WEIGHTS_NAME)  # what a finished full / LoRA run leaves in output_dir

@@ -14,14 +14,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from paddlenlp.trainer import PdArgumentParser
 
-from .args import (
+from ppdreambooth.config.arguments import (
     ALIAS_TARGETS,
-    ConfigError,
     DataArguments,
     DreamBoothTrainingArguments,
     ModelArguments,
     SeedFlagAliases,
 )
+from ppdreambooth.errors import ConfigError
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DreamBoothTrainingArguments, SeedFlagAliases)
 

@@ -30,13 +30,13 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import TrainerState
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, OptimizerNames, TrainOutput
 
-from . import ranks, signals
-from .clipping import faster_clip
-from .data import SeededBatchSampler
-from .lora import save_lora_weights
-from .nonfinite import NonFiniteGuard, innermost_optimizer
-from .optimizers import Adafactor
-from .saving import (
+from ppdreambooth.runtime import ranks, signals
+from ppdreambooth.modeling.clipping import faster_clip
+from ppdreambooth.data.dataset import SeededBatchSampler
+from ppdreambooth.modeling.lora import save_lora_weights
+from ppdreambooth.runtime.nonfinite import NonFiniteGuard, innermost_optimizer
+from ppdreambooth.modeling.optimizers import Adafactor
+from ppdreambooth.runtime.checkpoints import (
     checkpoints_to_delete,
     delete_checkpoint,
     is_complete,
@@ -54,8 +54,8 @@ class DreamBoothTrainer(Trainer):
     def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, ema=None, stop=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.base_model, self.base_revision = base_model, base_revision
-        self.ema = ema  # ppdreambooth.ema.WeightEMA or None
-        # ppdreambooth.signals.GracefulStop (default: the handlers of the run in progress, if any)
+        self.ema = ema  # ppdreambooth.modeling.ema.WeightEMA or None
+        # ppdreambooth.runtime.signals.GracefulStop (default: the handlers of the run in progress, if any)
         self.stop = stop if stop is not None else signals.current()
         self._checkpoint_step = None  # the step of the checkpoint this process wrote last
         self._just_written = None  # that checkpoint's folder: rotation never deletes it

@@ -4,7 +4,7 @@
 images, transforms) and `DreamBoothTrainingArguments` (PaddleNLP's `TrainingArguments` with the
 DreamBooth defaults of the ppdiffusers `train_dreambooth.py` script). Flags that the seed script names
 differently from the Trainer (`--train_batch_size`, `--max_train_steps`, ...) live in `SeedFlagAliases`
-and are folded into the Trainer's field by `ppdreambooth.config.parse_args`.
+and are folded into the Trainer's field by `ppdreambooth.config.parsing.parse_args`.
 """
 from __future__ import annotations
 
@@ -15,15 +15,13 @@ from typing import List, Optional
 
 from paddlenlp.trainer import TrainingArguments
 
+from ppdreambooth.errors import ConfigError
+
 
 # SD3 (flow matching): timestep densities logit_normal / mode / uniform, or uniform timesteps with the loss
-# weights sigma_sqrt / cosmap / none (see ppdreambooth.losses)
+# weights sigma_sqrt / cosmap / none (see ppdreambooth.modeling.losses)
 FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the entry points print it without a traceback."""
 
 
 @dataclass
@@ -192,7 +190,7 @@ class DataArguments:
                                   "and --max_bucket_reso.")
             if not 0 < self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
                 raise ConfigError("buckets need --min_bucket_reso <= --resolution <= --max_bucket_reso.")
-        from .concepts import resolve_concepts  # here: concepts.py imports ConfigError from this module
+        from ppdreambooth.config.concepts import resolve_concepts  # here: concepts.py imports ConfigError from this module
 
         self.concept_list = resolve_concepts(self)
         if self.with_prior_preservation:

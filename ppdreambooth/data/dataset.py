@@ -19,8 +19,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import paddle
 
-from .args import ConfigError
-from .images import ImageError, crop_and_scale, crop_box, list_image_files, load_rgb, prepare_image, resize_to_cover
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.data.images import (
+    ImageError,
+    crop_and_scale,
+    crop_box,
+    list_image_files,
+    load_rgb,
+    prepare_image,
+    resize_to_cover,
+)
 
 logger = logging.getLogger(__name__)
 Size = Tuple[int, int]  # (height, width)
@@ -53,7 +61,7 @@ class ImageSet:
     """Images of one role (instance or class), each with its training size, original size and prompt tokens.
 
     `tokens` holds each image's token ids per tokenizer (`input_ids`, `input_ids_2`, ...). `prompt_embeds`
-    and `latents` are filled by `ppdreambooth.caching` when the text encoders are frozen and when latents
+    and `latents` are filled by `ppdreambooth.training.caching` when the text encoders are frozen and when latents
     are cached: then items carry those instead of token ids and pixels.
     """
 

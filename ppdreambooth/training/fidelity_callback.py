@@ -2,7 +2,7 @@
 
 At every K-th checkpoint (and/or when training ends) the weights being trained generate images for a few
 DreamBench prompts with fixed seeds (the family's deterministic sampler, as validation images), scored by
-`ppdreambooth.fidelity` against the instance photos: DINO, CLIP-I, CLIP-T. The figures go to VisualDL
+`ppdreambooth.evaluation.fidelity` against the instance photos: DINO, CLIP-I, CLIP-T. The figures go to VisualDL
 (`fidelity/dino`, ...), to `<output_dir>/fidelity.json` (one record per step) and to a plot
 `<output_dir>/fidelity.png` (metric vs step), so the step where subject fidelity is high before prompt
 fidelity falls can be picked. Evaluation leaves training unchanged (RNG states and train/eval mode restored).
@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence
 
 from paddlenlp.trainer import TrainerCallback
 
-from .sampling import generate_images
-from .validation import sampling_from
+from ppdreambooth.inference.sampling import generate_images
+from ppdreambooth.training.validation import sampling_from
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME, PLOT_NAME = "fidelity.json", "fidelity.png"
@@ -110,10 +110,10 @@ def fidelity_callback_for(model, base_model: str, data_args, args, instance_file
     metric models loaded, the first concept's photos embedded once."""
     if not (args.evaluate_every_n_checkpoints or args.evaluate_at_end):
         return None
-    from .dino import load_dino
-    from .evaluate import resolve_prompts
-    from .fidelity import FidelityScorer, load_clip
-    from .images import load_rgb
+    from ppdreambooth.evaluation.dino import load_dino
+    from ppdreambooth.evaluate import resolve_prompts
+    from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
+    from ppdreambooth.data.images import load_rgb
 
     concept = data_args.concept_list[0]
     identifier, class_name = subject_words(concept.instance_prompt, args.eval_class_name)

@@ -85,7 +85,7 @@ class NonFiniteGuard:
         local = [(s, lost) for s, _, here, lost in pending if s == step and bool(here)]
         value = float(local[0][1]) if local else float("nan")
         if self.world_size > 1:
-            from . import ranks
+            from ppdreambooth.runtime import ranks
 
             values = ranks.gather_floats(paddle.to_tensor(value if local else 0.0, dtype="float32"))
             bad_ranks = ranks.gather_floats(paddle.to_tensor(1.0 if local else 0.0, dtype="float32"))

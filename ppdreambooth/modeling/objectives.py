@@ -11,7 +11,7 @@ or x_0 with preconditioned outputs; sigma-based loss weights for sigma_sqrt / co
 
 Every objective answers the same five questions: `draw` (noise and timesteps), `noisy_latents`,
 `target`, `prediction` (the raw output as compared with the target) and `loss_weights`. The formulas
-themselves are the pure functions of `ppdreambooth.losses`.
+themselves are the pure functions of `ppdreambooth.modeling.losses`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,16 @@ from typing import Optional, Tuple
 
 import paddle
 
-from .args import ConfigError
-from .losses import (diffusion_target, flow_loss_weights, flow_noisy_latents, flow_prediction, flow_target,
-                     flow_timestep_density, min_snr_weights)
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.modeling.losses import (
+    diffusion_target,
+    flow_loss_weights,
+    flow_noisy_latents,
+    flow_prediction,
+    flow_target,
+    flow_timestep_density,
+    min_snr_weights,
+)
 
 
 class DiffusionObjective:

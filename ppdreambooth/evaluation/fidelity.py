@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .dino import ImagePreprocess, read_json, read_torch_weights, resolve_model_folder
+from ppdreambooth.evaluation.dino import ImagePreprocess, read_json, read_torch_weights, resolve_model_folder
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -101,7 +101,7 @@ def load_clip(name_or_path: str = DEFAULT_CLIP_MODEL, batch_size: int = 16) -> C
     transformers (PyTorch-layout) folder or a hub id."""
     from ppdiffusers.transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from .args import ConfigError
+    from ppdreambooth.errors import ConfigError
 
     folder = resolve_model_folder(name_or_path, ["config.json", "preprocessor_config.json", "vocab.json",
                                                  "merges.txt", "tokenizer_config.json", "special_tokens_map.json"])
@@ -130,7 +130,7 @@ def write_tiny_clip(folder: str, seed: int = 0, image_size: int = 32) -> str:
     import paddle
     from ppdiffusers.transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from .tiny import write_tiny_tokenizer
+    from ppdreambooth.families.tiny import write_tiny_tokenizer
 
     os.makedirs(folder, exist_ok=True)
     vocab_size = write_tiny_tokenizer(folder)

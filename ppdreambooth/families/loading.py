@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from . import compat  # noqa: F401
-from .args import ConfigError
+from ppdreambooth.errors import ConfigError
 
 PADDLE_WEIGHT_FILES = ("diffusion_paddle_model.safetensors", "diffusion_paddle_model.pdparams",
                        "model.safetensors", "model_state.pdparams")
@@ -71,7 +70,7 @@ def _load_component(path: str, name: str, revision: Optional[str] = None, family
     import ppdiffusers
     import ppdiffusers.transformers as transformers
 
-    from .families import FAMILIES
+    from ppdreambooth.families import FAMILIES
 
     family = family or FAMILIES["sd"]
     torch_format = os.path.isdir(path) and is_diffusers_folder(path, family.denoiser)

@@ -1,0 +1,5 @@
+"""The errors a user can act on. Entry points print them as one line (no traceback) and exit with status 2."""
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem, named with the flag, file or folder and what to do."""
