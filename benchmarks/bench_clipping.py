@@ -37,7 +37,7 @@ def main() -> None:
         path = os.path.join(tmp, "tiny")
         build_tiny_pipeline(path, family=args.family)
         family = detect_family(path)
-        denoiser = load_component(path, family.denoiser, family=family)
+        denoiser = load_component(path, family.denoiser, family)
     latents, call = floor_inputs(denoiser, 1)
     ((call() - paddle.randn(latents.shape)) ** 2).mean().multiply(paddle.to_tensor(1e3)).backward()
     params_grads = [(p, p.grad) for p in denoiser.parameters() if p.grad is not None]

@@ -155,7 +155,7 @@ def worker_floor(model: str, batch: int, warmup: int, steps: int) -> dict:
     from ppdreambooth.families.loading import load_component
 
     family = detect_family(model)
-    denoiser = load_component(model, family.denoiser, family=family)
+    denoiser = load_component(model, family.denoiser, family)
     denoiser.train()
     # the clip training uses (bit-identical to Paddle's ClipGradByGlobalNorm, cheaper): the floor stays the floor
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-5, parameters=denoiser.parameters(), weight_decay=1e-2,

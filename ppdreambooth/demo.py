@@ -52,12 +52,9 @@ def prepare_assets(assets: str = ASSETS) -> None:
 
 def write_samples(model_dir: str, prompt: str, out_dir: str, count: int = 4, size: int = 64) -> List[str]:
     """Generate `count` images from the fine-tuned pipeline (fixed seeds) and save them as PNG files."""
-    from ppdreambooth.families import detect_family
-    from ppdreambooth.inference.sampling import generate_images, use_dpm_solver
+    from ppdreambooth.inference.sampling import generate_images, sampling_pipeline
 
-    pipe = detect_family(model_dir).load_pipeline(model_dir)
-    use_dpm_solver(pipe)
-    pipe.set_progress_bar_config(disable=True)
+    _, pipe = sampling_pipeline(model_dir)
     os.makedirs(out_dir, exist_ok=True)
     images = generate_images(pipe, [prompt] * count, list(range(count)), height=size, width=size)
     paths = [os.path.join(out_dir, f"sample-{i}.png") for i in range(count)]

@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A configuration or input problem, named with the flag, file or folder and what to do."""
+
+
+class ExportError(ValueError):
+    """A run cannot be written in the format asked for (and why, and what to use instead)."""

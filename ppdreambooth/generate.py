@@ -17,16 +17,9 @@ import os
 import re
 from typing import List, Optional, Sequence
 
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.inference.sampling import SCHEDULERS, generate_images, lora_scale_options, sampling_pipeline
 from ppdreambooth.runtime.exiting import exit_process
-
-SCHEDULERS = {
-    "dpm": "DPMSolverMultistepScheduler",
-    "flow_euler": "FlowMatchEulerDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,41 +67,24 @@ def make_grid(images: list, columns: int):
 
 
 def generate(args) -> List[str]:
-    import ppdiffusers
     from tqdm.auto import tqdm
 
-    from ppdreambooth.families import detect_family
-    from ppdreambooth.inference.sampling import default_image_size, seeded_latents
-
     prompts = read_prompts(args)
-    family = detect_family(args.model)
-    pipe = family.load_pipeline(args.model)
-    scheduler = SCHEDULERS[args.scheduler] if args.scheduler else family.sampling_scheduler
-    pipe.scheduler = getattr(ppdiffusers, scheduler).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    family, pipe = sampling_pipeline(args.model, scheduler=args.scheduler)
     if args.lora:
         pipe.load_lora_weights(args.lora)
-    default = default_image_size(pipe)
-    height, width = args.height or default, args.width or default
+    options = lora_scale_options(family, args.lora_scale if args.lora else None)
     os.makedirs(args.out, exist_ok=True)
-    import paddle
-
+    seeds = [args.seed + i for i in range(args.num_images)]
     paths, images = [], []
     with tqdm(total=len(prompts) * args.num_images, desc="images") as progress:
         for p, prompt in enumerate(prompts):
-            for i in range(args.num_images):
-                seed = args.seed + i
-                paddle.seed(seed)  # ancestral samplers (euler_a) draw fresh noise at every step: seed it too
-                with paddle.no_grad():
-                    image = pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                                 guidance_scale=args.guidance_scale, height=height, width=width,
-                                 latents=seeded_latents(pipe, [seed], height, width),
-                                 **{family.lora_scale_kwarg: {"scale": args.lora_scale} if args.lora else None}
-                                 ).images[0]
+            group = generate_images(pipe, [prompt] * len(seeds), seeds, args.steps, args.height, args.width,
+                                    args.guidance_scale, args.negative_prompt, options, progress=progress)
+            for i, (seed, image) in enumerate(zip(seeds, group)):
                 paths.append(os.path.join(args.out, f"{p:02d}-{i:02d}-{slug(prompt)}-seed{seed}.png"))
                 image.save(paths[-1])
-                images.append(image)
-                progress.update(1)
+            images += group
     make_grid(images, columns=args.num_images).save(os.path.join(args.out, "grid.png"))
     return paths
 
@@ -124,8 +100,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 8):
             parser.error(f"--{name} must be a positive multiple of 8")
-    from ppdreambooth.errors import ConfigError
-
     try:
         paths = generate(args)
     except ConfigError as e:

@@ -9,12 +9,12 @@ from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.training.caching import cache_encodings, cache_latents, cache_prompt_embeddings
 from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, collate, load_image_set
 from ppdreambooth.data.images import list_image_files
-from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.modeling.build import build_model
 
 
 def build(tiny_model, photos, flip, prior=True):
     with paddle.utils.unique_name.guard():
-        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model),
+        model = build_model(ModelArguments(pretrained_model_name_or_path=tiny_model),
                                 with_prior_preservation=prior)
     files = list_image_files(photos)
     inst = load_image_set(files, "a photo of sks dog", model.tokenize, lambda h, w: (64, 64))
@@ -74,7 +74,7 @@ def test_encoders_are_released_after_caching(family_model, photos):
 
 def test_a_trained_text_encoder_is_not_cached(tiny_model, photos):
     with paddle.utils.unique_name.guard():
-        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model, train_text_encoder=True))
+        model = build_model(ModelArguments(pretrained_model_name_or_path=tiny_model, train_text_encoder=True))
     _, dataset = build(tiny_model, photos, flip=False, prior=False)
     cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=False)
     assert model.has_component("text_encoder") and dataset.concepts[0].instance.prompt_embeds is None
@@ -95,7 +95,7 @@ def test_latents_of_determined_crops_are_cached_by_default_with_equal_losses(tin
 
     def build_random_crop():
         with paddle.utils.unique_name.guard():
-            model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model),
+            model = build_model(ModelArguments(pretrained_model_name_or_path=tiny_model),
                                     with_prior_preservation=True)
         inst = load_image_set(files, "a photo of sks dog", model.tokenize, lambda h, w: (64, 64))
         cls = load_image_set(files[::-1], "a photo of dog", model.tokenize, lambda h, w: (64, 64))

@@ -15,17 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_module, train_argv, write_photos
-from ppdreambooth.evaluation.dino import (
-    ImagePreprocess,
-    ViTConfig,
-    build_vit,
-    load_dino,
-    load_vit_weights,
-    published_key,
-    read_torch_weights,
-    write_tiny_dino,
-)
-from ppdreambooth.evaluate import PROMPTS_PATH, dreambench, main, resolve_prompts, spread
+from helpers.tiny_metrics import write_tiny_clip, write_tiny_dino
+from ppdreambooth.evaluate import main
+from ppdreambooth.evaluation.dino import load_dino, load_vit_weights, published_key
 from ppdreambooth.evaluation.fidelity import (
     FidelityScorer,
     fidelity_scores,
@@ -33,8 +25,11 @@ from ppdreambooth.evaluation.fidelity import (
     mean_distinct_pairs_cosine,
     mean_paired_cosine,
     mean_pairwise_cosine,
-    write_tiny_clip,
 )
+from ppdreambooth.evaluation.model_files import read_torch_weights
+from ppdreambooth.evaluation.preprocess import ImagePreprocess
+from ppdreambooth.evaluation.prompts import PROMPTS_PATH, dreambench, resolve_prompts, spread
+from ppdreambooth.evaluation.vit import ViTConfig, build_vit
 
 VIT_CLIENT = os.path.join(ROOT, "tests", "helpers", "vit_client.py")
 

@@ -17,12 +17,13 @@ from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set
 from ppdreambooth.families import FAMILIES, detect_family
 from ppdreambooth.data.images import list_image_files
-from ppdreambooth.modeling.model import DreamBoothModel, check_model_folder
+from ppdreambooth.families.loading import check_model_folder
+from ppdreambooth.modeling.build import build_model
 
 
 def make(path, prior=False, **kw):
     with paddle.utils.unique_name.guard():
-        return DreamBoothModel(ModelArguments(pretrained_model_name_or_path=path, **kw), with_prior_preservation=prior)
+        return build_model(ModelArguments(pretrained_model_name_or_path=path, **kw), with_prior_preservation=prior)
 
 
 # ----- detection ---------------------------------------------------------------------------------------
@@ -212,10 +213,10 @@ def test_sdxl_lora_saves_and_loads_in_the_sdxl_pipeline(tiny_sdxl_model, tmp_pat
 
 def test_sdxl_validation_pipeline_generates_from_the_trained_weights(tiny_sdxl_model):
     from ppdreambooth.inference.sampling import generate_images
-    from ppdreambooth.training.validation import validation_pipeline
+    from ppdreambooth.training.sampling_context import validation_pipeline
 
     model = make(tiny_sdxl_model)
-    pipeline = validation_pipeline(model, tiny_sdxl_model)
+    pipeline = validation_pipeline(model)
     assert type(pipeline).__name__ == "StableDiffusionXLPipeline" and pipeline.unet is model.unet
     first = np.asarray(generate_images(pipeline, ["a photo of sks dog"], [3], num_inference_steps=2)[0])
     again = np.asarray(generate_images(pipeline, ["a photo of sks dog"], [3], num_inference_steps=2)[0])
@@ -226,7 +227,7 @@ def test_a_replacement_vae_is_used_for_encoding_and_written_out(tiny_sdxl_model,
     """--pretrained_vae_model_name_or_path (e.g. an fp16-fixed SDXL VAE) replaces the model's own VAE."""
     from ppdiffusers import AutoencoderKL
 
-    from ppdreambooth.runtime.checkpoints import write_pipeline
+    from ppdreambooth.interop.pipeline_folder import write_pipeline
 
     paddle.seed(5)
     other = AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl_model, subfolder="vae"))
@@ -239,7 +240,7 @@ def test_a_replacement_vae_is_used_for_encoding_and_written_out(tiny_sdxl_model,
     np.testing.assert_allclose(mean.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(own.latent_moments(pixels)[0].numpy() - mean.numpy()).max() > 1e-3
     model.release_frozen("vae", keep_on_cpu=False)  # as after --cache_latents: the output re-reads the VAE
-    write_pipeline(model, tiny_sdxl_model, str(tmp_path / "out"))
+    write_pipeline(model, tiny_sdxl_model, str(tmp_path / "out"), vae=str(tmp_path / "fixed-vae"))
     written = AutoencoderKL.from_pretrained(str(tmp_path / "out"), subfolder="vae")
     for (k, a), b in zip(written.state_dict().items(), other.state_dict().values()):
         assert np.array_equal(a.numpy(), b.numpy()), k

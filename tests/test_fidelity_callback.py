@@ -9,11 +9,13 @@ import paddle
 from PIL import Image
 
 from ppdreambooth.config.arguments import ModelArguments
-from ppdreambooth.evaluation.dino import load_dino, write_tiny_dino
-from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip, write_tiny_clip
-from ppdreambooth.training.fidelity_callback import FidelityCallback, subject_words
+from helpers.tiny_metrics import write_tiny_clip, write_tiny_dino
+from ppdreambooth.evaluation.dino import load_dino
+from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
+from ppdreambooth.evaluation.prompts import subject_words
+from ppdreambooth.training.fidelity_callback import FidelityCallback
 from ppdreambooth.data.images import list_image_files
-from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.modeling.build import build_model
 
 
 def test_subject_words_from_the_instance_prompt():
@@ -23,11 +25,11 @@ def test_subject_words_from_the_instance_prompt():
 
 def test_scored_every_k_checkpoints_and_at_the_end(tiny_model, photos, tmp_path):
     with paddle.utils.unique_name.guard():
-        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model))
+        model = build_model(ModelArguments(pretrained_model_name_or_path=tiny_model))
     scorer = FidelityScorer(load_clip(write_tiny_clip(str(tmp_path / "clip"))),
                             load_dino(write_tiny_dino(str(tmp_path / "dino"))),
                             [Image.open(p).convert("RGB") for p in list_image_files(photos)])
-    callback = FidelityCallback(model, tiny_model, scorer, ["a sks dog on a beach", "a sks dog in a bucket"],
+    callback = FidelityCallback(model, scorer, ["a sks dog on a beach", "a sks dog in a bucket"],
                                 num_images=1, every=2, at_end=True, inference_steps=2)
     args = SimpleNamespace(should_save=True, output_dir=str(tmp_path), seed=0, report_to=[])
     model.train()

@@ -25,10 +25,10 @@ from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
 from ppdreambooth.runtime.checkpoints import (
     checkpoints_to_delete,
     complete_checkpoints,
-    latest_checkpoint,
     mark_complete,
     verify_checkpoint,
 )
+from helpers.checkpoints import latest_checkpoint
 from ppdreambooth.training.preflight import resolve_resume
 
 HELPERS = os.path.join(ROOT, "tests", "helpers")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import client, run_module, train_argv
-from ppdreambooth.export import lora_to_kohya
+from ppdreambooth.interop.exports import lora_to_kohya
 
 pytestmark = pytest.mark.slow
 

@@ -122,7 +122,7 @@ def lora_run(tiny_sd3_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_diffusers(sd3_without_t5, tmp_path_factory):
     """The SD3 without T5 exported as a diffusers folder (the base the LoRA files load over)."""
-    from ppdreambooth.export import export
+    from ppdreambooth.interop.exports import export
 
     folder = tmp_path_factory.mktemp("base") / "diffusers"
     export(sd3_without_t5, "diffusers", str(folder))

@@ -12,12 +12,12 @@ from safetensors.numpy import load_file
 from conftest import run_module, train_argv
 from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, lora_parameter_count, save_lora_weights
-from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.modeling.build import build_model
 
 
 def lora_model(path, rank=8, alpha=16.0, text_encoder=True):
     with paddle.utils.unique_name.guard():
-        return DreamBoothModel(ModelArguments(pretrained_model_name_or_path=path, use_lora=True, lora_rank=rank,
+        return build_model(ModelArguments(pretrained_model_name_or_path=path, use_lora=True, lora_rank=rank,
                                               lora_alpha=alpha, train_text_encoder=text_encoder))
 
 
@@ -106,7 +106,8 @@ SEED_LORA = ["--gradient_accumulation_steps=1", "--checkpointing_steps=2", "--le
 def test_seed_lora_command_output_loads_and_reproduces_validation_images(tiny_model, photos, tmp_path):
     from ppdiffusers import StableDiffusionPipeline
 
-    from ppdreambooth.inference.sampling import generate_images, use_dpm_solver
+    from ppdreambooth.families import get_family
+    from ppdreambooth.inference.sampling import generate_images, prepare_for_sampling
 
     out = tmp_path / "path-to-save-model"
     # The seed README's LoRA command with a local tiny model, 64 px and 4 steps (and fewer sampler steps).
@@ -126,7 +127,7 @@ def test_seed_lora_command_output_loads_and_reproduces_validation_images(tiny_mo
     assert final == ["image-0.png", "image-1.png"]
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
-    use_dpm_solver(pipe)
+    prepare_for_sampling(pipe, get_family("sd"))
     pipe.load_lora_weights(str(out))
     images = generate_images(pipe, ["A photo of sks dog in a bucket"] * 2, [0, 1], num_inference_steps=3)
     for i, image in enumerate(images):
@@ -231,7 +232,7 @@ def test_unet_adapters_load_without_ppdreambooth(family, tiny_model, tiny_sdxl_m
             np.testing.assert_allclose(pred, want_pred, rtol=1e-5, atol=1e-5, err_msg=f"{name} {mode} {how}")
             np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5, err_msg=f"{name} {mode} {how}")
         if text_encoder:  # the way without any LoRA loader: adapters folded into a full pipeline folder
-            from ppdreambooth.export import export
+            from ppdreambooth.interop.exports import export
 
             merged = tmp_path / f"merged-{name}"
             export(str(folder), "merged", str(merged), model_family=family, base_model=base)

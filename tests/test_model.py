@@ -4,12 +4,13 @@ import paddle
 import pytest
 
 from ppdreambooth.config.arguments import ModelArguments
-from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.families import get_family
+from ppdreambooth.modeling.build import build_model
 
 
 def make_model(path, **kw):
     with paddle.utils.unique_name.guard():
-        return DreamBoothModel(ModelArguments(pretrained_model_name_or_path=path, **{
+        return build_model(ModelArguments(pretrained_model_name_or_path=path, **{
             k: v for k, v in kw.items() if k in ModelArguments.__dataclass_fields__}),
             with_prior_preservation=kw.get("prior", False))
 
@@ -109,7 +110,7 @@ def test_train_mode_is_set_once_and_restored_after_eval(tiny_model):
 
 def test_recompute_turns_on_gradient_checkpointing(tiny_model):
     with paddle.utils.unique_name.guard():
-        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model, train_text_encoder=True),
+        model = build_model(ModelArguments(pretrained_model_name_or_path=tiny_model, train_text_encoder=True),
                                 recompute=True)
     assert model.unet.is_gradient_checkpointing
     assert model.text_encoder.text_model.encoder.gradient_checkpointing
@@ -141,7 +142,7 @@ def test_prediction_type_and_tokenizer_overrides(tiny_model, tmp_path, monkeypat
     config = json.loads((other / "tokenizer_config.json").read_text())
     (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 16}))
     with paddle.utils.unique_name.guard():
-        custom = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model, tokenizer_name=str(other)))
+        custom = build_model(ModelArguments(pretrained_model_name_or_path=tiny_model, tokenizer_name=str(other)))
     assert custom.tokenizer.model_max_length == 16 and custom.tokenize("a dog")["input_ids"].shape == (16,)
     assert model.tokenize("a dog")["input_ids"].shape == (77,)
 
@@ -155,5 +156,5 @@ def test_prediction_type_and_tokenizer_overrides(tiny_model, tmp_path, monkeypat
     monkeypatch.setattr(CLIPTokenizer, "from_pretrained",
                         classmethod(lambda cls, *a, **kw: seen.update(kw) or original(
                             cls, *a, **{k: v for k, v in kw.items() if k != "revision"})))
-    load_component(tiny_model, "tokenizer", revision="v1")
+    load_component(tiny_model, "tokenizer", get_family("sd"), revision="v1")
     assert seen.get("revision") == "v1"

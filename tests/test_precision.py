@@ -12,14 +12,14 @@ from safetensors.numpy import load_file
 
 from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.config.parsing import parse_args
-from ppdreambooth.modeling.model import DreamBoothModel
-from ppdreambooth.runtime.checkpoints import write_pipeline
+from ppdreambooth.modeling.build import build_model
+from ppdreambooth.interop.pipeline_folder import write_pipeline
 from ppdreambooth.training.trainer import DreamBoothTrainer
 
 
 def make(tiny_model, **kw):
     with paddle.utils.unique_name.guard():
-        return DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model, **kw))
+        return build_model(ModelArguments(pretrained_model_name_or_path=tiny_model, **kw))
 
 
 def test_o2_casts_only_the_trained_layers(family_model):
@@ -90,5 +90,5 @@ def test_memory_efficient_attention_is_wired_to_ppdiffusers(tiny_model, monkeypa
     monkeypatch.setattr(UNet2DConditionModel, "enable_xformers_memory_efficient_attention",
                         lambda self, attention_op=None: calls.append(attention_op))
     with paddle.utils.unique_name.guard():
-        DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model), memory_efficient_attention=True)
+        build_model(ModelArguments(pretrained_model_name_or_path=tiny_model), memory_efficient_attention=True)
     assert calls == [None]

@@ -8,12 +8,12 @@ from ppdreambooth.errors import ConfigError
 from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, collate, load_image_set, mirror_with_prompt
 from ppdreambooth.data.images import list_image_files
-from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.modeling.build import build_model
 
 
 def build(path, photos, **kw):
     with paddle.utils.unique_name.guard():
-        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=path, use_lora=True, **kw),
+        model = build_model(ModelArguments(pretrained_model_name_or_path=path, use_lora=True, **kw),
                                 with_prior_preservation=True, base_prediction_prior=True)
     instance = load_image_set(list_image_files(photos), "a photo of sks dog", model.tokenize, lambda h, w: (64, 64))
     prior = mirror_with_prompt(instance, model.tokenize("a photo of dog"))
@@ -75,7 +75,7 @@ def test_prior_loss_is_zero_with_untrained_adapters_and_matches_the_base_predict
 
 def test_base_prediction_needs_lora(tiny_model):
     with pytest.raises(ConfigError, match="base_prediction needs --with_prior_preservation and --use_lora"):
-        DreamBoothModel(ModelArguments(pretrained_model_name_or_path=tiny_model), with_prior_preservation=True,
+        build_model(ModelArguments(pretrained_model_name_or_path=tiny_model), with_prior_preservation=True,
                         base_prediction_prior=True)
 
 

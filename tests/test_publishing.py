@@ -41,7 +41,7 @@ def test_hub_upload_leaves_checkpoints_logs_and_hidden_files_behind(tmp_path, mo
     pytest.importorskip("huggingface_hub")
     from huggingface_hub.utils import filter_repo_objects
 
-    from ppdreambooth.runtime import checkpoints as saving
+    from ppdreambooth.interop.hub import push_to_hub
 
     out = tmp_path / "out"
     for name in ("model_index.json", "README.md", "unet/diffusion_paddle_model.safetensors",
@@ -63,7 +63,7 @@ def test_hub_upload_leaves_checkpoints_logs_and_hidden_files_behind(tmp_path, mo
             calls.update(kwargs)
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    assert saving.push_to_hub(str(out)) == "me/out"
+    assert push_to_hub(str(out)) == "me/out"
     files = [os.path.relpath(os.path.join(root, f), out) for root, _, names in os.walk(out) for f in names]
     uploaded = set(filter_repo_objects(files, ignore_patterns=calls["ignore_patterns"]))
     assert uploaded == {"model_index.json", "README.md", "unet/diffusion_paddle_model.safetensors",

@@ -16,12 +16,12 @@ from ppdreambooth.modeling.losses import (
     flow_target,
     flow_timestep_density,
 )
-from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.modeling.build import build_model
 
 
 def make(path, prior=False, **kw):
     with paddle.utils.unique_name.guard():
-        return DreamBoothModel(ModelArguments(pretrained_model_name_or_path=path, **kw), with_prior_preservation=prior)
+        return build_model(ModelArguments(pretrained_model_name_or_path=path, **kw), with_prior_preservation=prior)
 
 
 def batch_of(model, prompts):
@@ -211,7 +211,7 @@ def test_sd3_lora_saves_and_loads_in_the_sd3_pipeline(tiny_sd3_model, tmp_path):
     assert np.abs(loaded - base).max() > 1e-3
 
     # folded into the weights (`export --format merged`): a plain pipeline folder, no LoRA loader needed
-    from ppdreambooth.export import export
+    from ppdreambooth.interop.exports import export
 
     export(str(tmp_path), "merged", str(tmp_path / "merged"), model_family="sd3", base_model=tiny_sd3_model)
     merged = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "merged"))
@@ -277,7 +277,7 @@ def test_not_validation_final_skips_only_the_closing_images(tiny_sd3_model, tmp_
     args = SimpleNamespace(should_save=True, output_dir=str(tmp_path), seed=0, num_validation_images=1,
                            validation_prompt="a photo of sks dog", validation_inference_steps=2, report_to=[],
                            not_validation_final=True, validation_steps=3, validation_epochs=None)
-    callback = ValidationCallback(model, tiny_sd3_model)
+    callback = ValidationCallback(model)
     callback.on_train_end(args, SimpleNamespace(global_step=5), None)
     assert not (tmp_path / "validation").exists()
     callback.on_step_end(args, SimpleNamespace(global_step=3), None)

@@ -117,10 +117,10 @@ def velocity_error(model_dir, photos):
 
     from ppdreambooth.config.arguments import ModelArguments
     from ppdreambooth.data.images import list_image_files, load_rgb, prepare_image
-    from ppdreambooth.modeling.model import DreamBoothModel
+    from ppdreambooth.modeling.build import build_model
 
     with paddle.utils.unique_name.guard():
-        model = DreamBoothModel(ModelArguments(pretrained_model_name_or_path=model_dir))
+        model = build_model(ModelArguments(pretrained_model_name_or_path=model_dir))
     model.eval()
     pixels = np.stack([prepare_image(load_rgb(p), (64, 64), True, False) for p in list_image_files(photos)])
     tokens = model.tokenize("a photo of sks dog")

@@ -44,12 +44,13 @@ def test_paddlemix_sdxl_lora_command_runs_unchanged(tiny_sdxl_model, photos, tmp
     import paddle
     from ppdiffusers import DiffusionPipeline
 
-    from ppdreambooth.inference.sampling import generate_images, use_dpm_solver
+    from ppdreambooth.families import get_family
+    from ppdreambooth.inference.sampling import generate_images, prepare_for_sampling
 
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_model)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     pipe.load_lora_weights(str(out))
-    use_dpm_solver(pipe)
+    prepare_for_sampling(pipe, get_family("sdxl"))
     pipe.set_progress_bar_config(disable=True)
     image = generate_images(pipe, ["A photo of sks dog in a bucket"], [0], num_inference_steps=2)[0]
     validation = Image.open(out / "validation" / "step-3" / "image-0.png")

@@ -21,7 +21,22 @@ from ppdreambooth.errors import ConfigError
 # SD3 (flow matching): timestep densities logit_normal / mode / uniform, or uniform timesteps with the loss
 # weights sigma_sqrt / cosmap / none (see ppdreambooth.modeling.losses)
 FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
+EXPORT_FORMATS = ("diffusers", "single-file", "kohya", "merged")  # --export_formats, `export --format`
 LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
+
+
+def base_prediction_prior_problem(use_lora: bool, train_text_encoder: bool,
+                                  with_prior_preservation: bool = True) -> Optional[str]:
+    """Why `--prior_preservation_mode base_prediction` cannot run with these settings (None: it can). Its prior
+    target is the base model's prediction, which is the denoiser with its LoRA adapters switched off."""
+    if not (use_lora and with_prior_preservation):
+        return ("--prior_preservation_mode base_prediction needs --with_prior_preservation and --use_lora: it takes "
+                "the base model's prediction with the LoRA adapters switched off; add --use_lora, or use the default "
+                "class_images mode.")
+    if train_text_encoder:
+        return ("--prior_preservation_mode base_prediction switches off the denoiser's adapters only; with "
+                "--train_text_encoder the prior target would not be the base model's. Drop one.")
+    return None
 
 
 @dataclass
@@ -311,6 +326,11 @@ class DreamBoothTrainingArguments(TrainingArguments):
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository (default: output_dir's name)."})
 
+    @property
+    def export_format_list(self) -> List[str]:
+        """--export_formats as a list (empty when unset)."""
+        return [f for f in (self.export_formats or "").split(",") if f]
+
     def __post_init__(self):
         if self.logging_dir and not os.path.isabs(self.logging_dir):
             self.logging_dir = os.path.join(self.output_dir, self.logging_dir)
@@ -328,8 +348,7 @@ class DreamBoothTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {value}.")
-        formats = [f for f in (self.export_formats or "").split(",") if f]
-        unknown = [f for f in formats if f not in ("diffusers", "single-file", "kohya", "merged")]
+        unknown = [f for f in self.export_format_list if f not in EXPORT_FORMATS]
         if unknown:
             raise ConfigError(f"--export_formats: unknown format {unknown[0]!r}; use diffusers, single-file, kohya, "
                               "merged.")

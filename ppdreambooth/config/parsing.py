@@ -146,7 +146,7 @@ def parse_args(
     if (training_args.text_encoder_learning_rate is not None or training_args.stop_text_encoder_training
             is not None) and not model_args.train_text_encoder:
         raise ConfigError("--text_encoder_learning_rate and --stop_text_encoder_training need --train_text_encoder.")
-    formats = (training_args.export_formats or "").split(",")
+    formats = training_args.export_format_list
     if "kohya" in formats and not model_args.use_lora:
         raise ConfigError("--export_formats kohya exports LoRA adapters; it needs --use_lora.")
     if "single-file" in formats and model_args.use_lora:

@@ -12,10 +12,8 @@ import logging
 import os
 from typing import List, Optional
 
-import paddle
-
 from ppdreambooth.data.images import list_image_files
-from ppdreambooth.inference.sampling import generate_images, use_sampling_scheduler
+from ppdreambooth.inference.sampling import generate_images, sampling_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +58,16 @@ def generate_class_images(
         return 0
     from tqdm.auto import tqdm
 
-    from ppdreambooth.families import detect_family
-
-    family = family or detect_family(model_path, revision=revision)
     logger.info("generating %d class images for %r in %s", len(mine), class_prompt, class_dir)
-    with paddle.utils.unique_name.guard():  # keep the training model's parameter names unaffected
-        pipeline = family.load_pipeline(model_path, revision)
-    use_sampling_scheduler(pipeline, family)  # deterministic: an image depends on its slot's seed only
-    pipeline.set_progress_bar_config(disable=True)
+    # the family's deterministic sampler: an image depends on its slot's seed only
+    family, pipeline = sampling_pipeline(model_path, family, revision=revision)
     height, width = image_size or (None, None)
     with tqdm(total=len(mine), desc="class images", disable=not show_progress) as progress:
         for start in range(0, len(mine), sample_batch_size):
             slots = mine[start : start + sample_batch_size]
             images = generate_images(pipeline, [class_prompt] * len(slots), [seed + k for k in slots],
-                                     num_inference_steps=num_inference_steps, height=height, width=width)
+                                     num_inference_steps=num_inference_steps, height=height, width=width,
+                                     batch_size=len(slots))
             for k, image in zip(slots, images):
                 final = os.path.join(class_dir, SLOT_NAME.format(k))
                 tmp = os.path.join(class_dir, f".{SLOT_NAME.format(k)}.tmp")

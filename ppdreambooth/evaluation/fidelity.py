@@ -13,7 +13,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ppdreambooth.evaluation.dino import ImagePreprocess, read_json, read_torch_weights, resolve_model_folder
+from ppdreambooth.evaluation.model_files import read_json, read_torch_weights, resolve_model_folder
+from ppdreambooth.evaluation.preprocess import ImagePreprocess
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -123,30 +124,6 @@ def load_clip(name_or_path: str = DEFAULT_CLIP_MODEL, batch_size: int = 16) -> C
     defaults = ImagePreprocess(shortest_edge=size, crop=(size, size), resample=3, mean=CLIP_MEAN, std=CLIP_STD)
     preprocess = ImagePreprocess.from_config(read_json(os.path.join(folder, "preprocessor_config.json")), defaults)
     return ClipEncoder(model, tokenizer, preprocess, batch_size)
-
-
-def write_tiny_clip(folder: str, seed: int = 0, image_size: int = 32) -> str:
-    """A tiny random CLIP folder (Paddle weights, character-level tokenizer): for tests, no download."""
-    import paddle
-    from ppdiffusers.transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from ppdreambooth.families.tiny import write_tiny_tokenizer
-
-    os.makedirs(folder, exist_ok=True)
-    vocab_size = write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                              model_max_length=77)
-    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                  image_size=image_size, patch_size=8)
-    paddle.seed(seed)
-    with paddle.utils.unique_name.guard():
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 class FidelityScorer:

@@ -13,10 +13,6 @@ from typing import Optional
 
 from ppdreambooth.errors import ConfigError
 
-PADDLE_WEIGHT_FILES = ("diffusion_paddle_model.safetensors", "diffusion_paddle_model.pdparams",
-                       "model.safetensors", "model_state.pdparams")
-
-
 def is_diffusers_folder(path: str, denoiser: str = "unet") -> bool:
     """True for a local folder whose denoiser is stored in PyTorch's format only."""
     unet = os.path.join(path, denoiser)
@@ -51,14 +47,14 @@ def load_torch_text_encoder(path: str, name: str, class_name: str):
     return model
 
 
-def load_component(path: str, name: str, revision: Optional[str] = None, family=None):
-    """One component of a `family` model (default: SD 1.x/2.x) by its subfolder name: a tokenizer, a text
+def load_component(path: str, name: str, family, revision: Optional[str] = None):
+    """One component of a `family` model by its subfolder name: a tokenizer, a text
     encoder, the vae, the denoiser, or the scheduler (loaded as the DDPM noise scheduler for training).
     A damaged or unreadable file stops with a ConfigError naming the component, not a library traceback."""
     from safetensors import SafetensorError
 
     try:
-        return _load_component(path, name, revision, family)
+        return _load_component(path, name, family, revision)
     except ConfigError:
         raise
     except (SafetensorError, OSError, EOFError, UnicodeDecodeError, ValueError) as e:
@@ -66,13 +62,10 @@ def load_component(path: str, name: str, revision: Optional[str] = None, family=
                           "incomplete (an interrupted download or copy): fetch the model again.") from None
 
 
-def _load_component(path: str, name: str, revision: Optional[str] = None, family=None):
+def _load_component(path: str, name: str, family, revision: Optional[str] = None):
     import ppdiffusers
     import ppdiffusers.transformers as transformers
 
-    from ppdreambooth.families import FAMILIES
-
-    family = family or FAMILIES["sd"]
     torch_format = os.path.isdir(path) and is_diffusers_folder(path, family.denoiser)
     options = {"revision": revision, **({"from_diffusers": True} if torch_format else {})}
     if name in family.tokenizers:
@@ -111,11 +104,45 @@ def load_components(path: str, family, revision: Optional[str] = None, vae_path:
     `skip`); `vae_path` replaces the model's VAE (a folder or hub id holding the VAE itself, e.g. an
     fp16-fixed SDXL VAE)."""
     names = [n for n in present_components(path, family, revision) if n != "vae" and n not in skip]
-    components = {name: load_component(path, name, revision, family) for name in names}
+    components = {name: load_component(path, name, family, revision) for name in names}
     if vae_path:
         import ppdiffusers
 
         components["vae"] = ppdiffusers.AutoencoderKL.from_pretrained(vae_path)
     else:
-        components["vae"] = load_component(path, "vae", revision, family)
+        components["vae"] = load_component(path, "vae", family, revision)
     return components
+
+
+def check_model_path(path: str, single_file_config: Optional[str] = None) -> str:
+    """Check the shape of --pretrained_model_name_or_path before anything is loaded; returns the folder or hub
+    id whose configs describe the model (the model itself, or --single_file_config for a single file)."""
+    if path.endswith((".safetensors", ".ckpt")):
+        if not os.path.isfile(path):
+            raise ConfigError(f"--pretrained_model_name_or_path {path} does not exist.")
+        if not path.endswith(".safetensors"):
+            raise ConfigError(f"{path}: only .safetensors single-file checkpoints are read (not pickled .ckpt).")
+        if not single_file_config:
+            raise ConfigError(
+                f"{path} is a single-file checkpoint, which carries no configuration, tokenizer or scheduler: pass "
+                "--single_file_config with a model folder or hub id of the same architecture "
+                "(e.g. runwayml/stable-diffusion-v1-5)."
+            )
+        return check_model_path(single_file_config)
+    if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1):
+        raise ConfigError(
+            f"--pretrained_model_name_or_path {path!r} is neither a model folder nor a hub id like 'org/name'."
+        )
+    return path
+
+
+def check_model_folder(path: str, family: ModelFamily) -> None:
+    """For a local model folder, name any component of `family` that it lacks (a hub id is not checked)."""
+    if not os.path.isdir(path):
+        return  # a hub id: ppdiffusers downloads it
+    missing = [c for c in family.required_components if not os.path.isdir(os.path.join(path, c))]
+    if missing:
+        raise ConfigError(
+            f"model folder {path} lacks {', '.join(c + '/' for c in missing)}; a {family.pipeline_class} folder has "
+            f"{', '.join(c + '/' for c in family.components)}."
+        )

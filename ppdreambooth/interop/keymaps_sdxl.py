@@ -21,10 +21,8 @@ from typing import Dict
 
 import numpy as np
 
-from ppdreambooth.interop.single_file import unet_key_to_ldm, vae_to_ldm
+from ppdreambooth.interop.keymaps_ldm import UNET_PREFIX, VAE_PREFIX, unet_key_to_ldm, vae_to_ldm
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "conditioner.embedders.0.transformer."
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 

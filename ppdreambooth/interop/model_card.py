@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+import re
+from typing import Dict, List, Optional
 
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
 from ppdreambooth.runtime.checkpoints import complete_checkpoints
@@ -113,7 +114,7 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
         f"  model card:  {os.path.join(output_dir, 'README.md')}",
         f"  checkpoints: {', '.join(os.path.basename(c) for c in checkpoints) or 'none'} in {output_dir}",
         f"  validation:  {os.path.dirname(os.path.join(output_dir, images[0])) if images else 'none (--validation_prompt)'}",
-        f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in (args.export_formats or '').split(',') if f) or 'none (--export_formats)'}",
+        f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in args.export_format_list) or 'none (--export_formats)'}",
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
         *([f"  caching:     {cached}"] if cached else []),
         *([f"  loading:     needs ppdiffusers' peft backend (import ppdreambooth first); or {merged_command(output_dir)}"]
@@ -122,3 +123,20 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
         f"  generate:    {usage(model_args, output_dir)}",
     ]
     return "\n".join(lines)
+
+
+def read_model_card(output_dir: str) -> Dict[str, str]:
+    """What a run's model card records: `base_model` and `model_family` (each absent when not found)."""
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    found = {}
+    base = re.search(r"^base_model: (.+)$", text, re.MULTILINE)
+    if base:
+        found["base_model"] = base.group(1).strip()
+    family = re.search(r"\(model family `([\w-]+)`", text)
+    if family:
+        found["model_family"] = family.group(1)
+    return found

@@ -14,7 +14,6 @@ import os
 from typing import Dict
 
 import paddle
-from paddlenlp.trainer import TrainerCallback
 
 EMA_STATE_NAME = "ema_state.pdparams"
 
@@ -67,11 +66,3 @@ class WeightEMA:
             with paddle.no_grad():
                 for name, param in self.model.trainable_named_parameters():
                     param.set_value(saved[name])
-
-
-class EMACallback(TrainerCallback):
-    def __init__(self, ema: WeightEMA):
-        self.ema = ema
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ema.update()

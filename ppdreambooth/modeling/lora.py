@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Dict, Sequence
+from dataclasses import dataclass
+from typing import Dict, Sequence, Tuple
 
 import paddle
 
 
 LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapters of a LoRA run: rank, alpha (adapters are scaled by alpha/rank) and the denoiser modules they go
+    on (empty: the family's default targets)."""
+
+    rank: int
+    alpha: float
+    denoiser_targets: Tuple[str, ...] = ()
 
 
 def lora_config(rank: int, alpha: float, targets):

@@ -11,54 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Dict, List, Optional, Tuple
 
 import paddle
 
-from ppdreambooth.errors import ConfigError
-from ppdreambooth.config.arguments import ModelArguments
-from ppdreambooth.families import ModelFamily, detect_family
-from ppdreambooth.families.loading import load_components
-from ppdreambooth.modeling.lora import add_lora
+from ppdreambooth.families import ModelFamily
+from ppdreambooth.modeling.lora import LoraSpec, add_lora
 from ppdreambooth.modeling.losses import dreambooth_loss
-from ppdreambooth.modeling.objectives import build_objective
 
 logger = logging.getLogger(__name__)
-
-
-def check_model_path(path: str, single_file_config: Optional[str] = None) -> str:
-    """Check the shape of --pretrained_model_name_or_path before anything is loaded; returns the folder or hub
-    id whose configs describe the model (the model itself, or --single_file_config for a single file)."""
-    if path.endswith((".safetensors", ".ckpt")):
-        if not os.path.isfile(path):
-            raise ConfigError(f"--pretrained_model_name_or_path {path} does not exist.")
-        if not path.endswith(".safetensors"):
-            raise ConfigError(f"{path}: only .safetensors single-file checkpoints are read (not pickled .ckpt).")
-        if not single_file_config:
-            raise ConfigError(
-                f"{path} is a single-file checkpoint, which carries no configuration, tokenizer or scheduler: pass "
-                "--single_file_config with a model folder or hub id of the same architecture "
-                "(e.g. runwayml/stable-diffusion-v1-5)."
-            )
-        return check_model_path(single_file_config)
-    if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1):
-        raise ConfigError(
-            f"--pretrained_model_name_or_path {path!r} is neither a model folder nor a hub id like 'org/name'."
-        )
-    return path
-
-
-def check_model_folder(path: str, family: ModelFamily) -> None:
-    """For a local model folder, name any component of `family` that it lacks (a hub id is not checked)."""
-    if not os.path.isdir(path):
-        return  # a hub id: ppdiffusers downloads it
-    missing = [c for c in family.required_components if not os.path.isdir(os.path.join(path, c))]
-    if missing:
-        raise ConfigError(
-            f"model folder {path} lacks {', '.join(c + '/' for c in missing)}; a {family.pipeline_class} folder has "
-            f"{', '.join(c + '/' for c in family.components)}."
-        )
 
 
 def freeze(layer: paddle.nn.Layer) -> None:
@@ -68,67 +29,52 @@ def freeze(layer: paddle.nn.Layer) -> None:
 
 
 class DreamBoothModel(paddle.nn.Layer):
+    """The trained network and what it needs around it, built from loaded `components` (subfolder name -> component,
+    see `modeling.build.build_model`). `lora` adds adapters (None: full fine-tuning); `objective` is the family's
+    noise/target/weighting (`modeling.objectives`); `with_prior_preservation`: batches are [instance; class] halves;
+    `base_prediction_prior`: the class half repeats the instance latents under the class prompt and its target is
+    the base model's own prediction (adapters off)."""
+
     def __init__(
         self,
-        model_args: ModelArguments,
+        family: ModelFamily,
+        components: Dict[str, object],
+        objective,
+        lora: Optional[LoraSpec] = None,
+        train_text_encoder: bool = False,
+        prior_loss_weight: float = 1.0,
         with_prior_preservation: bool = False,
+        base_prediction_prior: bool = False,
         recompute: bool = False,
         memory_efficient_attention: bool = False,
-        family: Optional[ModelFamily] = None,
-        base_prediction_prior: bool = False,
     ):
         super().__init__()
         self._whole_model_training = False  # see train()
-        self.with_prior_preservation = with_prior_preservation  # batches are [instance; class] halves
-        # the class half repeats the instance latents under the class prompt; its target is the base model's
-        # own prediction (adapters off): prior preservation without class images (LoRA only)
+        self.family, self.objective, self.lora = family, objective, lora
+        self.prior_loss_weight = prior_loss_weight
+        self.with_prior_preservation = with_prior_preservation
         self.base_prediction_prior = base_prediction_prior
-        if base_prediction_prior and not (with_prior_preservation and model_args.use_lora):
-            raise ConfigError("--prior_preservation_mode base_prediction needs --with_prior_preservation and "
-                              "--use_lora (the base model is the adapters switched off).")
-        path, revision = model_args.pretrained_model_name_or_path, model_args.revision
-        self.model_args = model_args
-        self.family = family or detect_family(path, model_args.model_family, revision)
-        skip = ("text_encoder_3", "tokenizer_3") if model_args.drop_t5 else ()
-        parts = load_components(path, self.family, revision, model_args.pretrained_vae_model_name_or_path, skip)
-        self.tokenizers = {name: parts[name] for name in self.family.tokenizers if name in parts}
-        if model_args.tokenizer_name:
-            from ppdiffusers.transformers import CLIPTokenizer
-
-            self.tokenizers[self.family.tokenizers[0]] = CLIPTokenizer.from_pretrained(model_args.tokenizer_name)
-        for name, encoder in zip(self.family.tokenizers, self.family.text_encoders):
-            if name not in self.tokenizers:
-                continue
-            tokenizer = self.tokenizers[name]
-            # Prompts are padded to the tokenizer's length; some saved tokenizers say "unlimited" (1e30).
-            limit = getattr(parts[encoder].config, "max_position_embeddings", None)
-            if limit:  # CLIP: its position table
-                tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
-            else:  # T5 has relative positions: the length is --max_sequence_length
-                tokenizer.model_max_length = model_args.max_sequence_length
-        denoiser = parts[self.family.denoiser]
-        if model_args.use_lora:
-            targets = model_args.lora_layers.split(",") if model_args.lora_layers else self.family.denoiser_lora_targets
-            add_lora(denoiser, targets, model_args.lora_rank, model_args.lora_alpha)
-        self.family.freeze_unused(denoiser)
-        self.add_sublayer(self.family.denoiser, denoiser)
+        self.tokenizers = {name: components[name] for name in family.tokenizers if name in components}
+        denoiser = components[family.denoiser]
+        if lora is not None:
+            add_lora(denoiser, lora.denoiser_targets or family.denoiser_lora_targets, lora.rank, lora.alpha)
+        family.freeze_unused(denoiser)
+        self.add_sublayer(family.denoiser, denoiser)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
         # leaves them in float32, and state_dict()/checkpoints never contain them.
-        self._frozen: Dict[str, paddle.nn.Layer] = {"vae": parts["vae"]}
+        self._frozen: Dict[str, paddle.nn.Layer] = {"vae": components["vae"]}
         self._parked: set = set()  # frozen components moved to the CPU after caching their outputs
-        freeze(parts["vae"])
-        for name in [n for n in self.family.text_encoders if n in parts]:
-            encoder = parts[name]
-            if model_args.train_text_encoder and self.family.is_trainable_text_encoder(name):
-                if model_args.use_lora:
-                    add_lora(encoder, self.family.text_encoder_lora_targets, model_args.lora_rank,
-                             model_args.lora_alpha)
+        freeze(components["vae"])
+        for name in [n for n in family.text_encoders if n in components]:
+            encoder = components[name]
+            if train_text_encoder and family.is_trainable_text_encoder(name):
+                if lora is not None:
+                    add_lora(encoder, family.text_encoder_lora_targets, lora.rank, lora.alpha)
                 self.add_sublayer(name, encoder)
             else:
                 freeze(encoder)
                 self._frozen[name] = encoder
-        self.objective = build_objective(self.family.objective, parts["scheduler"], model_args)
-        vae_config = parts["vae"].config
+        vae_config = components["vae"].config
         self.scaling_factor = vae_config.scaling_factor
         self.shift_factor = vae_config.get("shift_factor", None) or 0.0  # SD3's VAE; SD/SDXL have none
         if recompute:
@@ -342,4 +288,4 @@ class DreamBoothModel(paddle.nn.Layer):
             weights = self.objective.loss_weights(timesteps)
             batch = latents.shape[0]
             num_instance = batch // 2 if self.with_prior_preservation else batch
-            return dreambooth_loss(model_pred, target, num_instance, self.model_args.prior_loss_weight, weights)
+            return dreambooth_loss(model_pred, target, num_instance, self.prior_loss_weight, weights)

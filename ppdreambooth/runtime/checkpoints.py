@@ -1,4 +1,5 @@
-"""Where weights are written: trained-only checkpoints, and the final ppdiffusers pipeline folder.
+"""Checkpoints that can be trusted: trained-only weights written atomically, completion markers with checksums,
+verification before resume, and rotation that never touches an incomplete folder.
 
 A checkpoint `checkpoint-N/` holds `model_state.pdparams` with only the trained weights (the
 Trainer's resume path reads it back into the model) and is marked complete by a `.complete` file
@@ -7,8 +8,7 @@ records the size and a checksum of every 64 MiB block of every file in the folde
 `xxhash` package, which the pinned stack installs through paddlenlp -> datasets, or else zlib's CRC-32;
 blocks are hashed in parallel threads), so that a checkpoint damaged after it was written (bit rot, a
 full disk, a copy cut short) is recognised before it is loaded (`verify_checkpoint`); a marker from an
-older ppdreambooth holds only the step and still counts as complete, unverified. The final pipeline is
-written to a staging folder first and then moved into place, component by component.
+older ppdreambooth holds only the step and still counts as complete, unverified.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from typing import Dict, List, Optional, Tuple
 
 import paddle
 
-from ppdreambooth.families.loading import is_diffusers_folder, load_component
 
 logger = logging.getLogger(__name__)
 
@@ -245,18 +244,6 @@ def newest_good_checkpoint(output_dir: str) -> Tuple[Optional[CheckpointCheck], 
     return None, damaged
 
 
-def latest_checkpoint(output_dir: str, verify: bool = True) -> Optional[str]:
-    """The newest complete checkpoint; with `verify`, the newest that also matches its checksums (each damaged
-    one skipped is logged by name)."""
-    if not verify:
-        checkpoints = complete_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    found, damaged = newest_good_checkpoint(output_dir)
-    for check in damaged:
-        logger.warning("%s: skipped", check.describe())
-    return found.path if found else None
-
-
 def checkpoints_to_delete(output_dir: str, limit: Optional[int], keep: Optional[str] = None) -> List[str]:
     """Rotation: the complete checkpoints beyond the newest `limit`, never `keep` (the one just written), which
     counts as one of the `limit` kept even when older complete checkpoints carry higher step numbers."""
@@ -266,57 +253,3 @@ def checkpoints_to_delete(output_dir: str, limit: Optional[int], keep: Optional[
     others = [c for c in complete_checkpoints(output_dir) if os.path.normpath(c) != keep_path]
     room = limit - (1 if keep_path and is_complete(keep_path) else 0)
     return others[: max(len(others) - room, 0)]
-
-
-def write_pipeline(model, base_model: str, out_dir: str, revision: Optional[str] = None) -> None:
-    """Save the trained model as a ppdiffusers pipeline folder that `from_pretrained(out_dir)` loads.
-
-    The trained denoiser (and text encoders) come from `model`; the scheduler and any other component
-    (feature extractor, safety checker) come from the base model unchanged.
-    """
-    from ppdiffusers import AutoencoderKL, DiffusionPipeline
-
-    # Under AMP O2 the trained layers are float16/bfloat16; training is over, so cast them back in place:
-    # the shared weights are float32 like the base model's.
-    for layer in model.children():
-        layer.to(dtype="float32")
-    # Components the model no longer holds (released after caching) are read again from the base model.
-    family = model.family
-    held = {}
-    for name in (family.denoiser, "vae", *family.text_encoders, *family.tokenizers):
-        if model.has_component(name):
-            held[name] = getattr(model, name)
-        elif name == "vae" and model.model_args.pretrained_vae_model_name_or_path:  # the replacement VAE trained with
-            held[name] = AutoencoderKL.from_pretrained(model.model_args.pretrained_vae_model_name_or_path)
-        else:
-            held[name] = load_component(base_model, name, revision, family)
-    options = {"from_diffusers": True} if os.path.isdir(base_model) and is_diffusers_folder(base_model,
-                                                                                            family.denoiser) else {}
-    pipeline = DiffusionPipeline.from_pretrained(base_model, revision=revision, **options, **held)
-    staging = os.path.join(out_dir, ".pipeline-staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipeline.save_pretrained(staging)
-    for name in sorted(os.listdir(staging), key=lambda n: n == "model_index.json"):  # the index goes last
-        target, old = os.path.join(out_dir, name), os.path.join(staging, name + ".old")
-        if os.path.isdir(target):
-            os.replace(target, old)  # a folder cannot be replaced in one step: move the old one aside first
-        os.replace(os.path.join(staging, name), target)
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging)
-    logger.info("pipeline written to %s", out_dir)
-
-
-def push_to_hub(output_dir: str, repo_id: Optional[str] = None, token: Optional[str] = None) -> str:
-    """Upload the final pipeline (not checkpoints or logs) to a Hugging Face hub model repository."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    repo_id = repo_id or os.path.basename(os.path.abspath(output_dir))
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        ignore_patterns=[f"{CHECKPOINT_PREFIX}-*", "logs/*", ".*"],
-        commit_message="ppdreambooth: upload fine-tuned model",
-    )
-    return repo_id

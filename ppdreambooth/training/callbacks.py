@@ -26,3 +26,11 @@ class StopTextEncoderCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._maybe_stop(state.global_step)
+
+
+class EMACallback(TrainerCallback):
+    def __init__(self, ema: WeightEMA):
+        self.ema = ema
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.update()

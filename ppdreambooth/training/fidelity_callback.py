@@ -17,7 +17,8 @@ from typing import List, Optional, Sequence
 from paddlenlp.trainer import TrainerCallback
 
 from ppdreambooth.inference.sampling import generate_images
-from ppdreambooth.training.validation import sampling_from
+from ppdreambooth.evaluation.prompts import resolve_prompts, subject_words
+from ppdreambooth.training.sampling_context import sampling_from
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME, PLOT_NAME = "fidelity.json", "fidelity.png"
@@ -46,11 +47,11 @@ def plot_fidelity(records: Sequence[dict], path: str) -> str:
 
 
 class FidelityCallback(TrainerCallback):
-    def __init__(self, model, base_model: str, scorer, prompts: Sequence[str], num_images: int, every: Optional[int],
-                 at_end: bool, inference_steps: int, revision=None, ema=None):
-        self.model, self.base_model, self.scorer, self.prompts = model, base_model, scorer, list(prompts)
+    def __init__(self, model, scorer, prompts: Sequence[str], num_images: int, every: Optional[int],
+                 at_end: bool, inference_steps: int, ema=None):
+        self.model, self.scorer, self.prompts = model, scorer, list(prompts)
         self.num_images, self.every, self.at_end, self.steps = num_images, every, at_end, inference_steps
-        self.revision, self.ema = revision, ema
+        self.ema = ema
         self.saves = 0
         self.records: List[dict] = []
         self._writer = None
@@ -69,7 +70,7 @@ class FidelityCallback(TrainerCallback):
     def evaluate(self, args, step: int) -> Optional[dict]:
         if not args.should_save:
             return None
-        with sampling_from(self.model, self.base_model, self.revision, self.ema) as pipeline:
+        with sampling_from(self.model, self.ema) as pipeline:
             seeds = [args.seed + i for i in range(self.num_images)]
             groups = [generate_images(pipeline, [p] * len(seeds), seeds, num_inference_steps=self.steps)
                       for p in self.prompts]
@@ -95,23 +96,13 @@ class FidelityCallback(TrainerCallback):
             self._writer.add_scalar(tag=f"fidelity/{key}", value=record[key], step=record["step"])
 
 
-def subject_words(instance_prompt: str, class_name: Optional[str]) -> tuple:
-    """(identifier, class) for the DreamBench templates: the class is `class_name` or the prompt's last word,
-    the identifier the word before the class ("a photo of sks dog" -> sks, dog)."""
-    words = instance_prompt.replace(",", " ").split()
-    class_name = class_name or (words[-1] if words else None)
-    before = [w for i, w in enumerate(words[:-1]) if words[i + 1] == class_name]
-    return (before[-1] if before else ""), class_name
-
-
-def fidelity_callback_for(model, base_model: str, data_args, args, instance_files: List[str], revision=None,
+def fidelity_callback_for(model, data_args, args, instance_files: List[str],
                           ema=None) -> Optional[FidelityCallback]:
     """The callback `--evaluate_every_n_checkpoints` / `--evaluate_at_end` ask for (None when neither does):
     metric models loaded, the first concept's photos embedded once."""
     if not (args.evaluate_every_n_checkpoints or args.evaluate_at_end):
         return None
     from ppdreambooth.evaluation.dino import load_dino
-    from ppdreambooth.evaluate import resolve_prompts
     from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
     from ppdreambooth.data.images import load_rgb
 
@@ -120,6 +111,6 @@ def fidelity_callback_for(model, base_model: str, data_args, args, instance_file
     prompts, _ = resolve_prompts("auto", args.eval_prompts_file, identifier, class_name, args.eval_num_prompts)
     scorer = FidelityScorer(load_clip(args.eval_clip_model), load_dino(args.eval_dino_model),
                             [load_rgb(path) for path in instance_files])
-    return FidelityCallback(model, base_model, scorer, prompts, args.eval_images_per_prompt,
+    return FidelityCallback(model, scorer, prompts, args.eval_images_per_prompt,
                             args.evaluate_every_n_checkpoints, args.evaluate_at_end, args.validation_inference_steps,
-                            revision, ema)
+                            ema)

@@ -10,11 +10,16 @@ from typing import Optional
 
 from ppdreambooth.runtime import ranks, run_lock
 from ppdreambooth.errors import ConfigError
-from ppdreambooth.config.arguments import DataArguments, DreamBoothTrainingArguments, ModelArguments
+from ppdreambooth.config.arguments import (
+    DataArguments,
+    DreamBoothTrainingArguments,
+    ModelArguments,
+    base_prediction_prior_problem,
+)
 from ppdreambooth.data.dataset import collect_images, read_caption
 from ppdreambooth.families import ModelFamily, detect_family
+from ppdreambooth.families.loading import check_model_folder, check_model_path
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
-from ppdreambooth.modeling.model import check_model_folder, check_model_path
 from ppdreambooth.runtime.checkpoints import is_complete, newest_good_checkpoint, verify_checkpoint
 
 logger = logging.getLogger("ppdreambooth")
@@ -155,15 +160,13 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
     unsupported = dict(family.unsupported_options)
     if model_args.pretrained_model_name_or_path.endswith(".safetensors") and "single_file" in unsupported:
         raise ConfigError(f"training from a single-file checkpoint: {unsupported['single_file']}")
-    for fmt in [f for f in (args.export_formats or "").split(",") if f]:
+    for fmt in args.export_format_list:
         if f"export_{fmt}" in unsupported:
             raise ConfigError(f"--export_formats {fmt}: {unsupported[f'export_{fmt}']}")
-    if data_args.prior_preservation_mode == "base_prediction" and not model_args.use_lora:
-        raise ConfigError("--prior_preservation_mode base_prediction takes the base model's prediction with the LoRA "
-                          "adapters switched off: add --use_lora, or use the default class_images mode.")
-    if data_args.prior_preservation_mode == "base_prediction" and model_args.train_text_encoder:
-        raise ConfigError("--prior_preservation_mode base_prediction switches off the denoiser's adapters only; "
-                          "with --train_text_encoder the prior target would not be the base model's. Drop one.")
+    if data_args.prior_preservation_mode == "base_prediction":
+        problem = base_prediction_prior_problem(model_args.use_lora, model_args.train_text_encoder)
+        if problem:
+            raise ConfigError(problem)
     if model_args.use_lora and model_args.train_text_encoder and "lora_text_encoder" in unsupported:
         raise ConfigError(f"--use_lora with --train_text_encoder: {unsupported['lora_text_encoder']}")
     flow = family.objective == "flow"

@@ -43,17 +43,19 @@ from ppdreambooth.runtime.checkpoints import (
     mark_complete,
     mark_incomplete,
     save_trainable_weights,
-    write_pipeline,
 )
+from ppdreambooth.interop.pipeline_folder import write_pipeline
 
 logger = logging.getLogger(__name__)
 LOSS_PARTS = ("loss_instance", "loss_prior")
 
 
 class DreamBoothTrainer(Trainer):
-    def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, ema=None, stop=None, **kwargs):
+    def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, base_vae: Optional[str] = None,
+                 ema=None, stop=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.base_model, self.base_revision = base_model, base_revision
+        # where the final pipeline takes the components the model does not hold (the VAE: --pretrained_vae_...)
+        self.base_model, self.base_revision, self.base_vae = base_model, base_revision, base_vae
         self.ema = ema  # ppdreambooth.modeling.ema.WeightEMA or None
         # ppdreambooth.runtime.signals.GracefulStop (default: the handlers of the run in progress, if any)
         self.stop = stop if stop is not None else signals.current()
@@ -154,12 +156,11 @@ class DreamBoothTrainer(Trainer):
             return
         if self.ema is not None:  # the output is the average
             self.ema.copy_to_model()
-        if self.model.model_args.use_lora:  # the final adapters
-            model_args = self.model.model_args
-            save_lora_weights(output_dir, self.model.family, self.model.trained_layers(), model_args.lora_rank,
-                              model_args.lora_alpha)
+        lora = self.model.lora
+        if lora is not None:  # the final adapters
+            save_lora_weights(output_dir, self.model.family, self.model.trained_layers(), lora.rank, lora.alpha)
         else:  # the final model
-            write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision)
+            write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision, vae=self.base_vae)
 
     def _load_from_checkpoint(self, resume_from_checkpoint=None):
         super()._load_from_checkpoint(resume_from_checkpoint)

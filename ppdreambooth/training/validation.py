@@ -9,65 +9,22 @@ model's weights, its train/eval mode and every RNG state are restored.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
 from typing import List
 
 import numpy as np
-import paddle
 from paddlenlp.trainer import TrainerCallback
 
 from ppdreambooth.inference.sampling import generate_images
+from ppdreambooth.training.sampling_context import sampling_from
 
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def preserved_rng_state():
-    states = (paddle.get_rng_state(), np.random.get_state(), random.getstate())
-    try:
-        yield
-    finally:
-        paddle.set_rng_state(states[0])
-        np.random.set_state(states[1])
-        random.setstate(states[2])
-
-
-@contextlib.contextmanager
-def sampling_from(model, base_model: str, revision=None, ema=None):
-    """The pipeline over the weights being trained (the EMA average with --use_ema), in eval mode; afterwards
-    training is as it was: train/eval mode, parked encoders, weights and every RNG state restored."""
-    was_training = model.denoiser.training
-    averaged = ema.swapped_in() if ema is not None else contextlib.nullcontext()
-    with preserved_rng_state(), model.parked_on_device(), averaged:
-        model.eval()
-        try:
-            yield validation_pipeline(model, base_model, revision)
-        finally:
-            if was_training:
-                model.train()
-
-
-def validation_pipeline(model, base_model: str, revision=None):
-    """The family's pipeline over the model's current denoiser, text encoders and VAE, with the family's
-    deterministic sampler (DPM-Solver; SD3: flow-matching Euler)."""
-    import ppdiffusers
-
-    family = model.family
-    scheduler_class = getattr(ppdiffusers, family.sampling_scheduler)
-    scheduler = scheduler_class.from_pretrained(base_model, subfolder="scheduler", revision=revision)
-    names = (family.denoiser, "vae", *family.text_encoders, *family.tokenizers)
-    components = {name: getattr(model, name) if model.has_component(name) else None for name in names}
-    pipeline = family.build_pipeline(components, scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 class ValidationCallback(TrainerCallback):
-    def __init__(self, model, base_model: str, revision=None, ema=None):
-        self.model, self.base_model, self.revision, self.ema = model, base_model, revision, ema
+    def __init__(self, model, ema=None):
+        self.model, self.ema = model, ema
         self._done_steps = set()
         self._writer = None
 
@@ -97,7 +54,7 @@ class ValidationCallback(TrainerCallback):
         self._done_steps.add(step)
         folder = os.path.join(args.output_dir, "validation", f"step-{step}")
         os.makedirs(folder, exist_ok=True)
-        with sampling_from(self.model, self.base_model, self.revision, self.ema) as pipeline:
+        with sampling_from(self.model, self.ema) as pipeline:
             seeds = [args.seed + i for i in range(args.num_validation_images)]
             images = generate_images(pipeline, [args.validation_prompt] * len(seeds), seeds,
                                      num_inference_steps=args.validation_inference_steps)

@@ -16,7 +16,7 @@ import sys
 import paddle
 
 from ppdreambooth.data import class_images
-from ppdreambooth.runtime import checkpoints as saving
+from ppdreambooth.interop import pipeline_folder
 from ppdreambooth import train
 from ppdreambooth.modeling.model import DreamBoothModel
 
@@ -65,7 +65,7 @@ elif point == "kill_in_final_save":
             die()
         return result
 
-    saving.os.replace = replace
+    pipeline_folder.os.replace = replace
 elif point == "kill_in_class_image":
     original_replace = os.replace
 

@@ -1,0 +1,148 @@
+"""Writing a finished run in the formats of other tools (see `python -m ppdreambooth.export --help` for each format and
+who reads it). Formats a family cannot write are refused with its `unsupported_options["export_<format>"]`."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from ppdreambooth.config.arguments import EXPORT_FORMATS as FORMATS
+from ppdreambooth.errors import ConfigError, ExportError
+from ppdreambooth.families import detect_family, get_family
+from ppdreambooth.interop.family_formats import formats_of
+from ppdreambooth.interop.keymaps_ldm import sd_kohya_name
+from ppdreambooth.interop.merge import write_merged
+from ppdreambooth.interop.model_card import read_model_card
+from ppdreambooth.interop.single_file import write_single_file
+from ppdreambooth.interop.weights import lora_state_in_torch_layout
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, to_peft_keys
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _load_lora(output_dir: str) -> Dict[str, np.ndarray]:
+    """A run's adapters with peft names (`...lora_A.weight`), however they were written (UNets: `lora.down`)."""
+    from safetensors.numpy import load_file
+
+    return to_peft_keys(load_file(os.path.join(output_dir, LORA_WEIGHTS_NAME)))
+
+
+def lora_to_kohya(state: Dict[str, np.ndarray],
+                  name_of: Callable[[str, str], str] = sd_kohya_name) -> Dict[str, np.ndarray]:
+    """`unet.<module>.lora_A.weight` -> `<name_of(unet, module)>.lora_down.weight` (+ `.alpha`).
+
+    `name_of(component, module)` gives the kohya name of a module (default: SD 1.x/2.x names)."""
+    out = {}
+    for key, value in lora_state_in_torch_layout(state).items():
+        component, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".lora_", 1)
+        name = name_of(component, module)
+        out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+        if kind.startswith("A"):
+            out[f"{name}.alpha"] = np.asarray(value.shape[0], dtype=np.float32)  # rank: scale 1
+    return out
+
+
+def lora_family(output_dir: str, model_family: Optional[str] = None, base_model: Optional[str] = None):
+    """The model family of a LoRA run: `model_family` if given, else the model card's record of it, else the
+    family of the base model (`base_model`, else the card's)."""
+    card = read_model_card(output_dir)
+    base_model = base_model or card.get("base_model")
+    try:
+        if model_family or card.get("model_family"):
+            return get_family(model_family or card["model_family"])
+        if base_model:
+            return detect_family(base_model)
+    except ConfigError as e:
+        raise ExportError(f"{e} (for the LoRA run in {output_dir}: pass --model_family sd|sdxl|sd3)") from e
+    raise ExportError(f"cannot tell which model family the LoRA run in {output_dir} was trained on (no model "
+                      "card); pass --model_family sd|sdxl|sd3.")
+
+
+def base_unet_config(output_dir: str, base_model: Optional[str] = None) -> dict:
+    """The UNet config of a LoRA run's base model: `base_model` if given, else the model card's."""
+    from ppdiffusers import UNet2DConditionModel
+
+    base_model = base_model or read_model_card(output_dir).get("base_model")
+    if not base_model:
+        raise ExportError(f"the LoRA run in {output_dir} names no base model (no model card); pass --base_model.")
+    try:
+        return dict(UNet2DConditionModel.load_config(base_model, subfolder="unet"))
+    except Exception as e:  # missing folder, offline hub id: say which and what to do
+        raise ExportError(f"cannot read the UNet config of the base model {base_model} ({e}); pass --base_model "
+                          "with a local copy of it.") from e
+
+
+def kohya_names(output_dir: str, model_family: Optional[str] = None,
+                base_model: Optional[str] = None) -> Callable[[str, str], str]:
+    """The kohya LoRA naming of a LoRA run's family (SDXL's depends on the base model's UNet config)."""
+    family = lora_family(output_dir, model_family, base_model)
+    refuse_unsupported(family, "kohya")
+    name = formats_of(family).kohya_name
+    if name is None:
+        raise ExportError(f"--format kohya has no naming for model family {family.name}.")
+    config = base_unet_config(output_dir, base_model) if family.name != "sd" else {}
+    return lambda component, module: name(component, module, config)
+
+
+def refuse_unsupported(family, fmt: str) -> None:
+    """Raise the family's own message when it cannot be exported in `fmt` (e.g. SD3 single files)."""
+    message = family.unsupported_options.get(f"export_{fmt}")
+    if message:
+        raise ExportError(f"--format {fmt}: {message}")
+
+
+def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = None,
+           base_model: Optional[str] = None) -> List[str]:
+    """Write `output_dir` (a finished full or LoRA run) in `fmt` to `out`; returns the files written.
+
+    `model_family` and `base_model` override what a LoRA run's model card says (used by `kohya` only)."""
+    from safetensors.numpy import save_file
+
+    is_lora = os.path.isfile(os.path.join(output_dir, LORA_WEIGHTS_NAME))
+    is_full = os.path.isfile(os.path.join(output_dir, "model_index.json"))
+    if not (is_lora or is_full):
+        raise ExportError(f"{output_dir} holds no finished run (no model_index.json or {LORA_WEIGHTS_NAME}).")
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    if fmt == "single-file":
+        if not is_full:
+            raise ExportError("--format single-file writes a full model; this run trained LoRA adapters "
+                              "(use kohya or diffusers).")
+        family = detect_family(output_dir)
+        refuse_unsupported(family, fmt)
+        path = out if out.endswith(".safetensors") else os.path.join(out, "model.safetensors")
+        return [write_single_file(output_dir, path, family)]
+    if fmt == "merged":
+        if not is_lora:
+            raise ExportError("--format merged folds LoRA adapters into the base model; this run is a full "
+                              "fine-tune already (its output folder loads as it is).")
+        family = lora_family(output_dir, model_family, base_model)
+        base = base_model or read_model_card(output_dir).get("base_model")
+        if not base:
+            raise ExportError(f"{output_dir} has no model card naming its base model; pass --base_model.")
+        return write_merged(_load_lora(output_dir), base, family, out)
+    if fmt == "kohya":
+        if not is_lora:
+            raise ExportError("--format kohya writes LoRA adapters; this run is a full fine-tune (use diffusers).")
+        names = kohya_names(output_dir, model_family, base_model)  # refuses families without a kohya layout
+        path = out if out.endswith(".safetensors") else os.path.join(out, "lora_kohya.safetensors")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file(lora_to_kohya(_load_lora(output_dir), names), path + ".tmp", metadata={"format": "pt"})
+        os.replace(path + ".tmp", path)
+        return [path]
+    os.makedirs(out, exist_ok=True)
+    if is_lora:
+        path = os.path.join(out, DIFFUSERS_LORA_NAME)
+        save_file(lora_state_in_torch_layout(_load_lora(output_dir)), path + ".tmp", metadata={"format": "pt"})
+        os.replace(path + ".tmp", path)
+        return [path]
+    # The family's loader, not DiffusionPipeline's: it passes the components a folder may lack (SD3's T5).
+    family = detect_family(output_dir)
+    pipeline = family.load_pipeline(output_dir)
+    prepare = formats_of(family).prepare_for_diffusers
+    if prepare is not None:
+        prepare(pipeline)
+    pipeline.save_pretrained(out, to_diffusers=True)
+    return [os.path.join(out, name) for name in sorted(os.listdir(out))]

@@ -1,0 +1,1 @@
+"""Test helpers: scripts run in subprocesses (`*_entry.py`, the PyTorch clients) and modules the tests import."""
