@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_module, train_argv, write_photos
+from helpers.photos import write_photos
+from helpers.runs import run_module, train_argv
 from ppdreambooth import train
-from ppdreambooth.modeling.model import DreamBoothModel
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(DreamBoothModel, "__init__", refuse)
 
 
 def replace(argv, flag, value):

@@ -85,7 +85,7 @@ def test_latents_of_determined_crops_are_cached_by_default_with_equal_losses(tin
     """Without --center_crop, a photo resized exactly to the training size has no crop freedom: its latents
     are cached (both orientations); photos that need a random crop are encoded at each step. Losses equal
     encoding everything on the fly, in batches that mix both kinds too."""
-    from conftest import write_photos
+    from helpers.photos import write_photos
 
     sizes = {"square": [(64, 64)] * 4, "random_crops": [(96, 80)] * 4, "mixed": [(64, 64), (96, 80)] * 2}[shapes]
     folder = tmp_path / "photos"

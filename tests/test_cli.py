@@ -8,17 +8,8 @@ import subprocess
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_module, train_argv
+from helpers.runs import ROOT, run_module, train_argv
 from ppdreambooth import train
-from ppdreambooth.modeling.model import DreamBoothModel
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(DreamBoothModel, "__init__", refuse)
 
 
 def error_of(argv, capsys):

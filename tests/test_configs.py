@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ROOT
+from helpers.runs import ROOT
 from ppdreambooth.config.parsing import parse_args
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_unet_weights, run_module, train_argv, write_photos
+from helpers.models import load_unet_weights
+from helpers.photos import write_photos
+from helpers.runs import run_module, train_argv
 from ppdreambooth.data.buckets import make_buckets, nearest_bucket
 from ppdreambooth.config.parsing import parse_args
 from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, SeededBatchSampler, collate, load_image_set

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_unet_weights, run_module, train_argv
+from helpers.models import load_unet_weights
+from helpers.runs import ROOT, run_module, train_argv
 
 pytestmark = pytest.mark.slow
 

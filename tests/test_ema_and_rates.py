@@ -6,15 +6,10 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import load_unet_weights, run_module, train_argv
-from ppdreambooth.config.arguments import ModelArguments
+from helpers.models import load_unet_weights
+from helpers.runs import run_module, train_argv
+from helpers.models import make_model as make
 from ppdreambooth.modeling.ema import EMA_STATE_NAME, WeightEMA
-from ppdreambooth.modeling.build import build_model
-
-
-def make(tiny_model, **kw):
-    with paddle.utils.unique_name.guard():
-        return build_model(ModelArguments(pretrained_model_name_or_path=tiny_model, **kw))
 
 
 def test_ema_equals_its_formula(tiny_model):

@@ -14,7 +14,8 @@ import paddle
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_module, train_argv, write_photos
+from helpers.photos import write_photos
+from helpers.runs import ROOT, run_module, train_argv
 from helpers.tiny_metrics import write_tiny_clip, write_tiny_dino
 from ppdreambooth.evaluate import main
 from ppdreambooth.evaluation.dino import load_dino, load_vit_weights, published_key

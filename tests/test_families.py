@@ -12,18 +12,12 @@ import paddle
 import pytest
 from PIL import Image
 
+from helpers.models import make_model as make
 from ppdreambooth.errors import ConfigError
-from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set
 from ppdreambooth.families import FAMILIES, detect_family
 from ppdreambooth.data.images import list_image_files
 from ppdreambooth.families.loading import check_model_folder
-from ppdreambooth.modeling.build import build_model
-
-
-def make(path, prior=False, **kw):
-    with paddle.utils.unique_name.guard():
-        return build_model(ModelArguments(pretrained_model_name_or_path=path, **kw), with_prior_preservation=prior)
 
 
 # ----- detection ---------------------------------------------------------------------------------------

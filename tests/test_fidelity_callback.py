@@ -49,7 +49,7 @@ def test_scored_every_k_checkpoints_and_at_the_end(tiny_model, photos, tmp_path)
 
 @pytest.mark.slow
 def test_training_with_fidelity_checkpoints(tiny_model, photos, tmp_path):
-    from conftest import run_module, train_argv
+    from helpers.runs import run_module, train_argv
 
     out = tmp_path / "out"
     extra = ["--checkpointing_steps", "2", "--evaluate_every_n_checkpoints", "1", "--evaluate_at_end",

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ROOT, load_unet_weights, run_module, train_argv
+from helpers.models import load_unet_weights
+from helpers.models import assert_same_weights
+from helpers.runs import ROOT, run_module, train_argv
 from ppdreambooth.runtime import run_lock, checkpoints as saving, signals
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
@@ -48,12 +50,6 @@ def random_step(low: int = 1) -> int:
 
 def final_weights(out, lora: bool):
     return load_file(str(out / LORA_WEIGHTS_NAME)) if lora else load_unet_weights(str(out))
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
 
 
 def write_checkpoint(folder, step, sizes=(300_000, 1000), seed=0):
@@ -270,7 +266,7 @@ def signal_mid_step(argv, step, sig, tmp_path):
 @pytest.fixture(scope="module")
 def references(tiny_model, tmp_path_factory):
     """The final weights of uninterrupted runs, full fine-tuning and LoRA (made when first asked for)."""
-    from conftest import write_photos
+    from helpers.photos import write_photos
 
     tmp = tmp_path_factory.mktemp("uninterrupted")
     photos = write_photos(tmp / "instance")

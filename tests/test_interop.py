@@ -11,7 +11,7 @@ import paddle
 import pytest
 from PIL import Image
 
-from conftest import client, run_module, train_argv
+from helpers.runs import client, run_module, train_argv
 from ppdreambooth.interop.exports import lora_to_kohya
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,8 @@ import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import client, run_module, train_argv, write_photos
+from helpers.photos import write_photos
+from helpers.runs import client, run_module, train_argv
 
 pytestmark = pytest.mark.slow
 # The adapted modules of each joint block; ComfyUI maps each one onto its MMDiT weights (comfy/utils.py,

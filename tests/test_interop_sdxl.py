@@ -19,7 +19,8 @@ import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import client, run_module, train_argv, write_photos
+from helpers.photos import write_photos
+from helpers.runs import client, run_module, train_argv
 
 pytestmark = pytest.mark.slow
 COMPONENT_FILES = {"unet": "diffusion_paddle_model.safetensors", "vae": "diffusion_paddle_model.safetensors",

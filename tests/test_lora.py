@@ -9,16 +9,13 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from conftest import run_module, train_argv
-from ppdreambooth.config.arguments import ModelArguments
+from helpers.runs import run_module, train_argv
+from helpers.models import make_model
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, lora_parameter_count, save_lora_weights
-from ppdreambooth.modeling.build import build_model
 
 
 def lora_model(path, rank=8, alpha=16.0, text_encoder=True):
-    with paddle.utils.unique_name.guard():
-        return build_model(ModelArguments(pretrained_model_name_or_path=path, use_lora=True, lora_rank=rank,
-                                              lora_alpha=alpha, train_text_encoder=text_encoder))
+    return make_model(path, use_lora=True, lora_rank=rank, lora_alpha=alpha, train_text_encoder=text_encoder)
 
 
 def train_steps(model, steps=3, lr=5e-2):
@@ -186,7 +183,7 @@ def test_unet_adapters_load_without_ppdreambooth(family, tiny_model, tiny_sdxl_m
     """In a fresh session that never imports ppdreambooth: the plain ppdiffusers loaders (load_lora_weights,
     and the seed README's unet.load_attn_procs) and the peft backend all reproduce the trained UNet;
     text-encoder adapters load under the peft backend."""
-    from conftest import ROOT
+    from helpers.runs import ROOT
 
     base = tiny_model if family == "sd" else tiny_sdxl_model
     rng = np.random.RandomState(0)

@@ -3,16 +3,10 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers.models import make_model
 from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.families import get_family
 from ppdreambooth.modeling.build import build_model
-
-
-def make_model(path, **kw):
-    with paddle.utils.unique_name.guard():
-        return build_model(ModelArguments(pretrained_model_name_or_path=path, **{
-            k: v for k, v in kw.items() if k in ModelArguments.__dataclass_fields__}),
-            with_prior_preservation=kw.get("prior", False))
 
 
 def expected_losses(model, pixels, ids, noise, timesteps, prior, snr_gamma=None, prior_weight=1.0, seed=11):

@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import train_argv
+from helpers.runs import train_argv
 from ppdreambooth.config.parsing import parse_args
 from ppdreambooth.modeling.model import DreamBoothModel
 from ppdreambooth.runtime.nonfinite import NonFiniteGuard, NonFiniteLossError

@@ -10,16 +10,12 @@ import numpy as np
 import paddle
 from safetensors.numpy import load_file
 
+from helpers.models import make_model as make
 from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.config.parsing import parse_args
 from ppdreambooth.modeling.build import build_model
 from ppdreambooth.interop.pipeline_folder import write_pipeline
 from ppdreambooth.training.trainer import DreamBoothTrainer
-
-
-def make(tiny_model, **kw):
-    with paddle.utils.unique_name.guard():
-        return build_model(ModelArguments(pretrained_model_name_or_path=tiny_model, **kw))
 
 
 def test_o2_casts_only_the_trained_layers(family_model):

@@ -83,7 +83,7 @@ def test_base_prediction_needs_lora(tiny_model):
 def test_base_prediction_trains_without_class_images_and_resumes_exactly(tiny_model, photos, tmp_path):
     from safetensors.numpy import load_file
 
-    from conftest import run_module, train_argv, truncate_run_to
+    from helpers.runs import run_module, train_argv, truncate_run_to
 
     extra = ["--use_lora", "--with_prior_preservation", "--prior_preservation_mode", "base_prediction",
              "--class_prompt", "a photo of dog", "--random_flip", "--checkpointing_steps", "2"]

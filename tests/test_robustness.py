@@ -7,7 +7,10 @@ import paddle
 import pytest
 from PIL import Image
 
-from conftest import ROOT, load_unet_weights, run_module, train_argv, write_photos
+from helpers.models import load_unet_weights
+from helpers.photos import write_photos
+from helpers.models import assert_same_weights
+from helpers.runs import ROOT, run_module, train_argv
 from ppdreambooth.data.dataset import collect_images
 from ppdreambooth.data.images import ImageError, load_rgb
 from ppdreambooth.runtime.checkpoints import complete_checkpoints
@@ -21,12 +24,6 @@ EXTRA = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num
 
 def argv(model, photos, out, class_dir):
     return train_argv(model, photos, out, steps=6, extra=EXTRA + ["--class_data_dir", str(class_dir)])
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")

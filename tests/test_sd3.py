@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppdreambooth.config.arguments import ModelArguments
+from helpers.models import make_model as make
 from ppdreambooth.families import FAMILIES
 from ppdreambooth.modeling.losses import (
     flow_loss_weights,
@@ -16,12 +16,6 @@ from ppdreambooth.modeling.losses import (
     flow_target,
     flow_timestep_density,
 )
-from ppdreambooth.modeling.build import build_model
-
-
-def make(path, prior=False, **kw):
-    with paddle.utils.unique_name.guard():
-        return build_model(ModelArguments(pretrained_model_name_or_path=path, **kw), with_prior_preservation=prior)
 
 
 def batch_of(model, prompts):
@@ -250,7 +244,7 @@ def test_timestep_density_options_reach_the_objective(tiny_sd3_model):
 
 # ----- options refused before any weights load ------------------------------------------------------------
 def test_options_of_the_other_objective_are_refused(tiny_model, tiny_sd3_model, photos, tmp_path, capsys):
-    from conftest import train_argv
+    from helpers.runs import train_argv
     from ppdreambooth import train
 
     def error(model, extra):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import run_module, train_argv, truncate_run_to, two_concepts
+from helpers.photos import two_concepts
+from helpers.runs import run_module, train_argv, truncate_run_to
 
 pytestmark = pytest.mark.slow
 TRANSFORMER = os.path.join("transformer", "diffusion_paddle_model.safetensors")

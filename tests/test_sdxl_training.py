@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from conftest import load_unet_weights, run_module, train_argv, truncate_run_to, two_concepts
+from helpers.models import load_unet_weights
+from helpers.photos import two_concepts
+from helpers.runs import run_module, train_argv, truncate_run_to
 
 pytestmark = pytest.mark.slow
 

@@ -47,7 +47,7 @@ def test_sd2_open_clip_layout_is_refused_both_ways(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_training_from_a_single_file_records_the_file_the_user_named(tiny_model, photos, tmp_path):
-    from conftest import run_module, train_argv
+    from helpers.runs import run_module, train_argv
 
     path = write_single_file(tiny_model, str(tmp_path / "model.safetensors"))
     out = tmp_path / "out"

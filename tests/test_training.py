@@ -6,7 +6,8 @@ import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import load_unet_weights, run_module, train_argv, truncate_run_to
+from helpers.models import load_unet_weights
+from helpers.runs import run_module, train_argv, truncate_run_to
 
 pytestmark = pytest.mark.slow
 

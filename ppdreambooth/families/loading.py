@@ -136,7 +136,7 @@ def check_model_path(path: str, single_file_config: Optional[str] = None) -> str
     return path
 
 
-def check_model_folder(path: str, family: ModelFamily) -> None:
+def check_model_folder(path: str, family) -> None:
     """For a local model folder, name any component of `family` that it lacks (a hub id is not checked)."""
     if not os.path.isdir(path):
         return  # a hub id: ppdiffusers downloads it

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from paddlenlp.trainer import TrainerCallback
 
+from ppdreambooth.modeling.ema import WeightEMA
+
 
 class StopTextEncoderCallback(TrainerCallback):
     """Freeze the text encoder from `--stop_text_encoder_training` steps on (also after a resume).

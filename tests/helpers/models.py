@@ -1,0 +1,28 @@
+"""Building models and comparing weights in tests."""
+import os
+
+import numpy as np
+import paddle
+
+from ppdreambooth.config.arguments import ModelArguments
+from ppdreambooth.modeling.build import build_model
+
+
+def make_model(path, prior=False, **kw):
+    """A DreamBoothModel of the model folder `path` (ModelArguments from `kw`), parameter names from zero: two
+    models built in one test get the same names."""
+    with paddle.utils.unique_name.guard():
+        return build_model(ModelArguments(pretrained_model_name_or_path=path, **kw), with_prior_preservation=prior)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def load_unet_weights(folder):
+    """UNet weights of a saved pipeline folder, as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(folder, "unet", "diffusion_paddle_model.safetensors"))
