@@ -34,6 +34,7 @@ PHASES = ["interpreter + imports", "input checks", "model loading", "reading pho
 def worker(launched: float, argv: list) -> dict:
     """Run the training CLI with clocks around its phases; returns {phase: seconds}."""
     import ppdreambooth.train as train_module  # noqa: the imports phase ends here
+    import ppdreambooth.training.run as run_module
     from paddlenlp.trainer import TrainerCallback
 
     marks = {"imported": time.time()}
@@ -50,13 +51,13 @@ def worker(launched: float, argv: list) -> dict:
                 spans[label] = spans.get(label, 0.0) + time.time() - start
         setattr(owner, name, wrapper)
 
-    clocked(train_module, "check_inputs", "input checks")
-    clocked(train_module, "DreamBoothModel", "model loading")
-    clocked(train_module, "build_dataset", "reading photos")
-    clocked(train_module, "cache_encodings", "caching")
-    clocked(train_module.DreamBoothTrainer, "save_model", "final save")
-    clocked(train_module, "write_model_card", "model card")
-    clocked(train_module, "closing_summary", "summary")
+    clocked(run_module, "check_inputs", "input checks")
+    clocked(run_module, "build_model", "model loading")
+    clocked(run_module, "build_dataset", "reading photos")
+    clocked(run_module, "cache_encodings", "caching")
+    clocked(run_module.DreamBoothTrainer, "save_model", "final save")
+    clocked(run_module, "write_model_card", "model card")
+    clocked(run_module, "closing_summary", "summary")
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -69,13 +70,13 @@ def worker(launched: float, argv: list) -> dict:
             marks.setdefault("first_step_end", time.time())
             marks["last_step_end"] = time.time()
 
-    trainer_init = train_module.DreamBoothTrainer.__init__
+    trainer_init = run_module.DreamBoothTrainer.__init__
 
     def with_clock(self, *args, callbacks=None, **kwargs):
         marks.setdefault("trainer_built", time.time())
         trainer_init(self, *args, callbacks=[StepClock(), *(callbacks or [])], **kwargs)
 
-    train_module.DreamBoothTrainer.__init__ = with_clock
+    run_module.DreamBoothTrainer.__init__ = with_clock
     status = train_module.main(argv)
     if status != 0:
         raise SystemExit(f"training exited with {status}")

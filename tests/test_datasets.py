@@ -11,7 +11,8 @@ from helpers.photos import write_photos
 from helpers.runs import run_module, train_argv
 from ppdreambooth.data.buckets import make_buckets, nearest_bucket
 from ppdreambooth.config.parsing import parse_args
-from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, SeededBatchSampler, collate, load_image_set
+from helpers.models import collate
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, SeededBatchSampler, load_image_set
 from ppdreambooth.families import FAMILIES
 from ppdreambooth.data.images import list_image_files
 

@@ -11,7 +11,7 @@ from helpers.models import load_unet_weights
 from helpers.photos import write_photos
 from helpers.models import assert_same_weights
 from helpers.runs import ROOT, run_module, train_argv
-from ppdreambooth.data.dataset import collect_images
+from ppdreambooth.data.dataset import collect_photos
 from ppdreambooth.data.images import ImageError, load_rgb
 from ppdreambooth.runtime.checkpoints import complete_checkpoints
 
@@ -90,9 +90,9 @@ def test_real_world_folder(tmp_path, caplog):
     (folder / ".DS_Store").write_bytes(b"\0\1")
     (folder / "notes.txt").write_text("shot on my phone")
     (folder / "zero.jpg").write_bytes(b"")
-    files = collect_images(str(folder), "instance_data_dir")
-    assert [os.path.basename(f) for f in files] == ["a.png", "b.jpg", "c.gif", "d.png", "e.webp"]
-    assert all(load_rgb(f).mode == "RGB" for f in files)
+    photos = collect_photos(str(folder), "instance_data_dir")
+    assert [os.path.basename(p.path) for p in photos] == ["a.png", "b.jpg", "c.gif", "d.png", "e.webp"]
+    assert all(p.image.mode == "RGB" and load_rgb(p.path).mode == "RGB" for p in photos)
     assert "zero.jpg is empty" in caplog.text
 
 

@@ -8,7 +8,6 @@ and are folded into the Trainer's field by `ppdreambooth.config.parsing.parse_ar
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -205,20 +204,8 @@ class DataArguments:
                                   "and --max_bucket_reso.")
             if not 0 < self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
                 raise ConfigError("buckets need --min_bucket_reso <= --resolution <= --max_bucket_reso.")
-        from ppdreambooth.config.concepts import resolve_concepts  # here: concepts.py imports ConfigError from this module
 
-        self.concept_list = resolve_concepts(self)
-        if self.with_prior_preservation:
-            needed = ("class_prompt",) if self.prior_preservation_mode == "base_prediction" else ("class_data_dir",
-                                                                                                  "class_prompt")
-            for i, concept in enumerate(self.concept_list):
-                missing = [n for n in needed if not getattr(concept, n)]
-                if missing:
-                    where = "" if i == 0 and self.instance_data_dir else f" (concepts entry {concept.instance_data_dir})"
-                    raise ConfigError(
-                        "--with_prior_preservation needs " + " and ".join(f"--{m}" for m in missing) + where
-                        + " (a folder for class images and a prompt such as 'a photo of dog')."
-                    )
+    concept_list = ()  # every subject of the run (`config.concepts.resolve_concepts`), set by `parse_args`
 
     @property
     def image_size(self) -> tuple:
@@ -339,10 +326,6 @@ class DreamBoothTrainingArguments(TrainingArguments):
         unknown = [r for r in self.report_to if r not in ("visualdl", "tensorboard", "wandb")]
         if unknown:
             raise ConfigError(f"--report_to {unknown[0]!r} is not supported; use visualdl, tensorboard, wandb or none.")
-        for logger_name, module, package in (("tensorboard", "tensorboardX", "tensorboardX"), ("wandb", "wandb", "wandb")):
-            if logger_name in self.report_to and importlib.util.find_spec(module) is None:
-                raise ConfigError(f"--report_to {logger_name} needs the {package} package: pip install {package} "
-                                  "(or use --report_to visualdl, the default, or none).")
         for name in ("num_validation_images", "validation_epochs", "validation_steps", "validation_inference_steps",
                      "evaluate_every_n_checkpoints", "eval_num_prompts", "eval_images_per_prompt"):
             value = getattr(self, name)

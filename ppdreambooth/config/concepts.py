@@ -68,7 +68,8 @@ def parse_concepts(text: Optional[str]) -> List[Concept]:
 
 
 def resolve_concepts(data_args) -> List[Concept]:
-    """All concepts of a run (the single-subject flags first), checked for prior preservation."""
+    """All concepts of a run (the single-subject flags first; `--concepts` read from its JSON text or file), each
+    checked for what prior preservation needs."""
     concepts = []
     if data_args.instance_data_dir or data_args.instance_prompt:
         concepts.append(Concept(data_args.instance_data_dir, data_args.instance_prompt, data_args.class_data_dir,
@@ -77,4 +78,21 @@ def resolve_concepts(data_args) -> List[Concept]:
     for concept in concepts:
         if concept.num_class_images is None:
             concept.num_class_images = data_args.num_class_images
+    if data_args.with_prior_preservation:
+        check_prior_preservation(data_args, concepts)
     return concepts
+
+
+def check_prior_preservation(data_args, concepts: List[Concept]) -> None:
+    """Prior preservation needs a class prompt per concept, and a class folder unless the prior is the base
+    model's own prediction."""
+    needed = ("class_prompt",) if data_args.prior_preservation_mode == "base_prediction" else ("class_data_dir",
+                                                                                              "class_prompt")
+    for i, concept in enumerate(concepts):
+        missing = [n for n in needed if not getattr(concept, n)]
+        if missing:
+            where = "" if i == 0 and data_args.instance_data_dir else f" (concepts entry {concept.instance_data_dir})"
+            raise ConfigError(
+                "--with_prior_preservation needs " + " and ".join(f"--{m}" for m in missing) + where
+                + " (a folder for class images and a prompt such as 'a photo of dog')."
+            )

@@ -8,6 +8,7 @@ folded into the Trainer's fields (`SeedFlagAliases`) with conflicting values ref
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import difflib
 import json
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -21,6 +22,7 @@ from ppdreambooth.config.arguments import (
     ModelArguments,
     SeedFlagAliases,
 )
+from ppdreambooth.config.concepts import resolve_concepts
 from ppdreambooth.errors import ConfigError
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DreamBoothTrainingArguments, SeedFlagAliases)
@@ -113,6 +115,14 @@ def _fold_aliases(given: Dict[str, object]) -> None:
             given[name] = wanted
 
 
+def check_report_to(report_to) -> None:
+    """The loggers other than VisualDL need their packages: say which to install before anything runs."""
+    for logger_name, module, package in (("tensorboard", "tensorboardX", "tensorboardX"), ("wandb", "wandb", "wandb")):
+        if logger_name in report_to and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--report_to {logger_name} needs the {package} package: pip install {package} "
+                              "(or use --report_to visualdl, the default, or none).")
+
+
 LORA_DEFAULT_LEARNING_RATE = 1e-4  # the seed LoRA README's rate; 5e-6 barely moves rank-4 adapters
 
 
@@ -141,6 +151,8 @@ def parse_args(
         except ValueError as e:  # checks inside PaddleNLP's TrainingArguments
             raise ConfigError(str(e)) from None
     model_args, data_args, training_args = outputs
+    data_args.concept_list = resolve_concepts(data_args)
+    check_report_to(training_args.report_to)
     if not model_args.pretrained_model_name_or_path:
         raise ConfigError("--pretrained_model_name_or_path is required (a ppdiffusers model folder or hub id).")
     if (training_args.text_encoder_learning_rate is not None or training_args.stop_text_encoder_training

@@ -9,9 +9,10 @@ subject. The batch sampler keeps every batch within one bucket.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List
 
-Size = Tuple[int, int]  # (height, width)
+from ppdreambooth.batch import Size
+
 
 
 def make_buckets(resolution: int, min_reso: int, max_reso: int, step: int) -> List[Size]:

@@ -14,11 +14,12 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
 
+from ppdreambooth.batch import CLASS, INSTANCE, LATENT_CACHED, LATENT_MEAN, LATENT_STD, PIXEL_VALUES, Size
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.data.images import (
     ImageError,
@@ -31,11 +32,19 @@ from ppdreambooth.data.images import (
 )
 
 logger = logging.getLogger(__name__)
-Size = Tuple[int, int]  # (height, width)
 
 
-def collect_images(folder: Optional[str], flag: str, allow_empty: bool = False) -> List[str]:
-    """Usable image files of `folder`; unreadable ones are skipped with a warning naming them.
+@dataclass(frozen=True)
+class Photo:
+    """An image file and its decoded picture: checked once when the folder is read, then used from memory."""
+
+    path: str
+    image: object  # PIL image, RGB
+
+
+def collect_photos(folder: Optional[str], flag: str, allow_empty: bool = False) -> List[Photo]:
+    """The usable images of `folder`, decoded (each file is read once per run); unreadable ones are skipped with a
+    warning naming them.
 
     Raises ConfigError (naming `flag` and the folder) when the folder is missing or has no usable image.
     """
@@ -44,8 +53,7 @@ def collect_images(folder: Optional[str], flag: str, allow_empty: bool = False) 
     files, bad = [], []
     for path in list_image_files(folder):
         try:
-            load_rgb(path)
-            files.append(path)
+            files.append(Photo(path, load_rgb(path)))
         except ImageError as e:
             bad.append(str(e))
     for message in bad:
@@ -87,18 +95,19 @@ def read_caption(image_path: str, extension: str, instance_prompt: str) -> Optio
 
 
 def load_image_set(
-    paths: Sequence[str],
+    photos: Sequence[Union[Photo, str]],
     prompt: str,
     tokenize: Callable[[str], Dict[str, np.ndarray]],
     size_of: Callable[[int, int], Size],
     caption_extension: Optional[str] = None,
 ) -> ImageSet:
-    """Open and resize images; `size_of(h, w)` gives each one's training size; captions override `prompt`.
+    """Resize photos (or open and resize image files); `size_of(h, w)` gives each one's training size; captions
+    override `prompt`.
 
     `tokenize(text)` gives the token ids of every tokenizer of the model (`DreamBoothModel.tokenize`)."""
     images, sizes, originals, tokens, cache = [], [], [], [], {}
-    for path in paths:
-        image = load_rgb(path)
+    for photo in photos:
+        path, image = (photo.path, photo.image) if isinstance(photo, Photo) else (photo, load_rgb(photo))
         size = size_of(image.height, image.width)
         if image.height < size[0] or image.width < size[1]:
             logger.warning("%s is %dx%d, smaller than %dx%d: it is upscaled", path, image.width, image.height, size[1], size[0])
@@ -180,9 +189,9 @@ class DreamBoothDataset(paddle.io.Dataset):
         example = {}
         cached = images.latents.get((i, *size, flip)) if images.latents else None
         if cached is not None:
-            example["latent_mean"], example["latent_std"] = cached
+            example[LATENT_MEAN], example[LATENT_STD] = cached
         else:
-            example["pixel_values"] = crop_and_scale(image, size, corner, flip)
+            example[PIXEL_VALUES] = crop_and_scale(image, size, corner, flip)
         if self.size_conditioning is not None:
             # The corner as seen in the picture trained on: a flip mirrors the left edge (as kohya does).
             left = image.width - corner[1] - size[1] if flip else corner[1]
@@ -198,7 +207,7 @@ class DreamBoothDataset(paddle.io.Dataset):
         for images, i, size in self.parts(index):
             # a mirrored prior half replays the instance's draws: the same crop and flip
             examples.append(self._example(images, i, size, random.Random(seed) if examples and mirrored else rng))
-        return {"instance": examples[0], **({"class": examples[1]} if len(examples) > 1 else {})}
+        return {INSTANCE: examples[0], **({CLASS: examples[1]} if len(examples) > 1 else {})}
 
 
 def collate_arrays(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:
@@ -208,23 +217,18 @@ def collate_arrays(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str
     thread, through pinned memory with an asynchronous copy on a GPU, so the step does not wait for them.
     A batch that mixes cached latents with images still to encode carries both, with `latent_cached`
     saying which rows hold which (the other's entries are zeros); the model encodes only the latter."""
-    rows = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
-    cached = ["latent_mean" in row for row in rows]
+    rows = [e[INSTANCE] for e in examples] + [e[CLASS] for e in examples if CLASS in e]
+    cached = [LATENT_MEAN in row for row in rows]
     if any(cached) and not all(cached):
-        pixels_shape = next(row["pixel_values"].shape for row in rows if "pixel_values" in row)
-        latent_shape = next(row["latent_mean"].shape for row in rows if "latent_mean" in row)
-        filler = {"pixel_values": np.zeros(pixels_shape, np.float32), "latent_mean": np.zeros(latent_shape, np.float32),
-                  "latent_std": np.zeros(latent_shape, np.float32)}
+        pixels_shape = next(row[PIXEL_VALUES].shape for row in rows if PIXEL_VALUES in row)
+        latent_shape = next(row[LATENT_MEAN].shape for row in rows if LATENT_MEAN in row)
+        filler = {PIXEL_VALUES: np.zeros(pixels_shape, np.float32), LATENT_MEAN: np.zeros(latent_shape, np.float32),
+                  LATENT_STD: np.zeros(latent_shape, np.float32)}
         rows = [{**filler, **row} for row in rows]
         batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-        batch["latent_cached"] = np.asarray(cached)
+        batch[LATENT_CACHED] = np.asarray(cached)
         return batch
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-
-
-def collate(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, paddle.Tensor]:
-    """`collate_arrays` as tensors, ready for `DreamBoothModel(**batch)`."""
-    return {key: paddle.to_tensor(value) for key, value in collate_arrays(examples).items()}
 
 
 class SeededBatchSampler(paddle.io.DistributedBatchSampler):

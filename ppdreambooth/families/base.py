@@ -6,7 +6,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-Size = Tuple[int, int]  # (height, width)
+from ppdreambooth.batch import Size, token_key
+
 
 
 class ModelFamily:
@@ -114,9 +115,4 @@ class ModelFamily:
         return f"<model family {self.name}>"
 
 
-def token_key(n: int) -> str:
-    """Batch key of the n-th tokenizer's ids: input_ids, input_ids_2, input_ids_3."""
-    return "input_ids" if n == 0 else f"input_ids_{n + 1}"
-
-
-__all__: List[str] = ["ModelFamily", "Size", "token_key"]
+__all__: List[str] = ["ModelFamily"]

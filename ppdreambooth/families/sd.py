@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+from ppdreambooth.batch import PROMPT_EMBEDS, token_key
 from ppdreambooth.families.base import ModelFamily
 
 
@@ -17,7 +18,7 @@ class StableDiffusion(ModelFamily):
 
     def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object],
                       denoiser_config=None) -> Dict[str, object]:
-        return {"prompt_embeds": text_encoders["text_encoder"](tokens["input_ids"])[0]}
+        return {PROMPT_EMBEDS: text_encoders["text_encoder"](tokens[token_key(0)])[0]}
 
     def predict(self, denoiser, noisy_latents, timesteps, conditioning: Dict[str, object]):
-        return denoiser(noisy_latents, timesteps, conditioning["prompt_embeds"]).sample
+        return denoiser(noisy_latents, timesteps, conditioning[PROMPT_EMBEDS]).sample

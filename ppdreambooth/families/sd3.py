@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Dict
 
-from ppdreambooth.families.base import ModelFamily, token_key
+from ppdreambooth.batch import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, token_key
+from ppdreambooth.families.base import ModelFamily
 
 
 class StableDiffusion3(ModelFamily):
@@ -71,11 +72,11 @@ class StableDiffusion3(ModelFamily):
             width = denoiser_config["joint_attention_dim"]
             t5 = paddle.zeros([clip.shape[0], clip.shape[1], width], dtype=clip.dtype)
         clip = paddle.nn.functional.pad(clip, [0, t5.shape[-1] - clip.shape[-1]], data_format="NCL")
-        return {"prompt_embeds": paddle.concat([clip, t5], axis=-2), "pooled_prompt_embeds": paddle.concat(pooled, -1)}
+        return {PROMPT_EMBEDS: paddle.concat([clip, t5], axis=-2), POOLED_PROMPT_EMBEDS: paddle.concat(pooled, -1)}
 
     def predict(self, denoiser, noisy_latents, timesteps, conditioning: Dict[str, object]):
-        return denoiser(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=conditioning["prompt_embeds"],
-                        pooled_projections=conditioning["pooled_prompt_embeds"]).sample
+        return denoiser(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=conditioning[PROMPT_EMBEDS],
+                        pooled_projections=conditioning[POOLED_PROMPT_EMBEDS]).sample
 
     def enable_recompute(self, denoiser) -> None:
         """Recompute each joint block in the backward pass (ppdiffusers 0.29's switch assigns the block's tuple

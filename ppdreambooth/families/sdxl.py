@@ -12,7 +12,8 @@ from typing import Dict
 
 import numpy as np
 
-from ppdreambooth.families.base import ModelFamily, Size, token_key
+from ppdreambooth.batch import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, Size, token_key
+from ppdreambooth.families.base import ModelFamily
 
 
 class StableDiffusionXL(ModelFamily):
@@ -33,11 +34,11 @@ class StableDiffusionXL(ModelFamily):
             output = text_encoders[name](tokens[token_key(n)], output_hidden_states=True)
             states.append(output.hidden_states[-2])
             pooled = output[0]  # the last encoder's projected pooled output
-        return {"prompt_embeds": paddle.concat(states, axis=-1), "pooled_prompt_embeds": pooled}
+        return {PROMPT_EMBEDS: paddle.concat(states, axis=-1), POOLED_PROMPT_EMBEDS: pooled}
 
     def size_conditioning(self, original: Size, corner: Size, target: Size) -> Dict[str, np.ndarray]:
-        return {"time_ids": np.asarray([*original, *corner, *target], dtype=np.float32)}
+        return {TIME_IDS: np.asarray([*original, *corner, *target], dtype=np.float32)}
 
     def predict(self, denoiser, noisy_latents, timesteps, conditioning: Dict[str, object]):
-        added = {"text_embeds": conditioning["pooled_prompt_embeds"], "time_ids": conditioning["time_ids"]}
-        return denoiser(noisy_latents, timesteps, conditioning["prompt_embeds"], added_cond_kwargs=added).sample
+        added = {"text_embeds": conditioning[POOLED_PROMPT_EMBEDS], "time_ids": conditioning[TIME_IDS]}
+        return denoiser(noisy_latents, timesteps, conditioning[PROMPT_EMBEDS], added_cond_kwargs=added).sample

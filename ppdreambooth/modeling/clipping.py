@@ -2,12 +2,11 @@
 of its per-step cost.
 
 Why by hand: Paddle 3.3's dygraph clip scales every gradient through the public `paddle.multiply` (plus a
-`getattr`/dtype/mesh check per parameter) into a new tensor. On the tiny SD UNet (304 trained tensors) that
-is 6-9 ms of a 47 ms step on CPU, about a sixth of the step, and it grows with the number of tensors
-(SDXL's UNet has ~2,500). This class computes the same norm the same way (per-tensor squared L2 norms,
+`getattr`/dtype/mesh check per parameter) into a new tensor, a cost that grows with the number of trained
+tensors (SDXL's UNet has ~2,500; the measured share of a step is in the README's speed section). This class computes the same norm the same way (per-tensor squared L2 norms,
 summed per dtype group in the same order, then sqrt) and multiplies each gradient in place by the same
-factor `max_norm / max(norm, max_norm)`, so the clipped gradients are bit-identical (tested), in under half
-the time (`benchmarks/bench_clipping.py`).
+factor `max_norm / max(norm, max_norm)`, so the clipped gradients are bit-identical (tested), in less time
+(`benchmarks/bench_clipping.py` prints both).
 
 Anything outside the plain case (distributed tensors with a process mesh, sharding/model-parallel norm
 groups, sparse gradients) is handed to Paddle's own implementation unchanged.

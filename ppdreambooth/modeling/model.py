@@ -15,6 +15,16 @@ from typing import Dict, List, Optional, Tuple
 
 import paddle
 
+from ppdreambooth.batch import (
+    LATENT_CACHED,
+    LATENT_MEAN,
+    LATENT_STD,
+    NOISE,
+    PROMPT_EMBEDS,
+    TIMESTEPS,
+    is_token_key,
+    token_key,
+)
 from ppdreambooth.families import ModelFamily
 from ppdreambooth.modeling.lora import LoraSpec, add_lora
 from ppdreambooth.modeling.losses import dreambooth_loss
@@ -226,8 +236,8 @@ class DreamBoothModel(paddle.nn.Layer):
         """Training (or eval) mode for every sublayer; a no-op when the whole model is already in training mode.
 
         PaddleNLP's Trainer calls `model.train()` before every step, which walks all ~1,000 sublayers of even
-        the tiny SD model each time (about 2 ms a step on CPU); the mode changes only around sampling, which
-        goes through `eval()`/`train()` here."""
+        the tiny SD model each time; the mode changes only around sampling, which goes through `eval()`/`train()`
+        here."""
         if mode and self._whole_model_training:
             return self
         result = super().train(mode)
@@ -238,22 +248,18 @@ class DreamBoothModel(paddle.nn.Layer):
         self._whole_model_training = False
         return super().eval()
 
-    def forward(
-        self,
-        pixel_values: Optional[paddle.Tensor] = None,
-        input_ids: Optional[paddle.Tensor] = None,
-        latent_mean: Optional[paddle.Tensor] = None,
-        latent_std: Optional[paddle.Tensor] = None,
-        prompt_embeds: Optional[paddle.Tensor] = None,
-        noise: Optional[paddle.Tensor] = None,
-        timesteps: Optional[paddle.Tensor] = None,
-        latent_cached: Optional[paddle.Tensor] = None,
-        **conditioning: paddle.Tensor,
-    ) -> Dict[str, paddle.Tensor]:
-        """Loss for a batch of [instance; class] examples, given as pixels or cached latent moments, and as
-        token ids (`input_ids`, `input_ids_2`) or cached encodings (`prompt_embeds`, `pooled_prompt_embeds`),
-        plus the family's per-sample conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests).
-        With `latent_cached` (a row mask) only the rows without cached moments are encoded."""
+    def forward(self, pixel_values: Optional[paddle.Tensor] = None, input_ids: Optional[paddle.Tensor] = None,
+                **batch: paddle.Tensor) -> Dict[str, paddle.Tensor]:
+        """Loss for a batch of [instance; class] examples (`ppdreambooth.batch` defines its keys): images as pixels
+        or cached latent moments, prompts as token ids or cached encodings, plus the family's per-sample
+        conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests). With `latent_cached` (a row
+        mask) only the rows without cached moments are encoded."""
+        if input_ids is not None:
+            batch[token_key(0)] = input_ids
+        latent_mean, latent_std, latent_cached, prompt_embeds, noise, timesteps = (
+            batch.pop(key, None) for key in (LATENT_MEAN, LATENT_STD, LATENT_CACHED, PROMPT_EMBEDS, NOISE, TIMESTEPS))
+        tokens = {k: batch.pop(k) for k in [k for k in batch if is_token_key(k)]}
+        conditioning = batch  # what remains: pooled embeddings, the family's geometry conditioning
         if self.base_prediction_prior:  # the class half repeats the instance half: encode and noise that once
             half = lambda x: None if x is None else x[: x.shape[0] // 2]  # noqa: E731
             pixel_values, latent_mean, latent_std, latent_cached = map(
@@ -274,12 +280,11 @@ class DreamBoothModel(paddle.nn.Layer):
             noisy_latents = self.objective.noisy_latents(latents, noise, timesteps)
             target = self.objective.target(latents, noise, timesteps)
         if prompt_embeds is None:
-            tokens = {k: v for k, v in conditioning.items() if k.startswith("input_ids")}
-            conditioning.update(self.encode_prompts({"input_ids": input_ids, **tokens}))
+            conditioning.update(self.encode_prompts(tokens))
         else:
-            conditioning["prompt_embeds"] = prompt_embeds
+            conditioning[PROMPT_EMBEDS] = prompt_embeds
         dtype = self.denoiser.dtype
-        conditioning = {k: v.astype(dtype) for k, v in conditioning.items() if not k.startswith("input_ids")}
+        conditioning = {k: v.astype(dtype) for k, v in conditioning.items()}
         raw = self.family.predict(self.denoiser, noisy_latents.astype(dtype), timesteps, conditioning)
         if self.base_prediction_prior:
             target = self.base_prediction_target(target, noisy_latents, timesteps, conditioning)

@@ -66,7 +66,8 @@ def _new_hash(algorithm: str):
 
 
 def default_checksum() -> str:
-    """XXH3-64 (about 8 GB/s here, as fast as the page cache) when `xxhash` is installed, else CRC-32 (~3 GB/s)."""
+    """XXH3-64 (as fast as the page cache) when `xxhash` is installed, else CRC-32 (slower; see
+    `benchmarks/bench_checkpoint_verify.py`)."""
     try:
         import xxhash  # noqa: F401
     except ImportError:

@@ -10,13 +10,13 @@ from typing import NoReturn
 def exit_process(status: int) -> NoReturn:
     """`sys.exit(status)`, minus the garbage collection Python runs over all objects as it shuts down.
 
-    After Paddle and PaddleNLP are imported that sweep takes about 1 s on this project's machine
-    (`benchmarks/bench_startup.py` prints it) and frees nothing the operating system would not reclaim at
+    After Paddle and PaddleNLP are imported that sweep takes a noticeable time (`benchmarks/bench_startup.py`
+    prints it; the README's speed section has the figure) and frees nothing the operating system would not reclaim at
     once. Freezing the objects first leaves them out of it; output streams, logging handlers and `atexit`
     functions are flushed and run as usual.
 
     Not in a process of a multi-process job: there Paddle's communication objects need the sweep to be torn
-    down in order (skipping it aborted a `--sharding stage1` rank at exit on this machine)."""
+    down in order (skipping it aborted a `--sharding stage1` rank at exit)."""
     if not _in_distributed_job():
         gc.freeze()
     sys.exit(status)

@@ -96,21 +96,20 @@ class FidelityCallback(TrainerCallback):
             self._writer.add_scalar(tag=f"fidelity/{key}", value=record[key], step=record["step"])
 
 
-def fidelity_callback_for(model, data_args, args, instance_files: List[str],
+def fidelity_callback_for(model, data_args, args, instance_photos: List,
                           ema=None) -> Optional[FidelityCallback]:
     """The callback `--evaluate_every_n_checkpoints` / `--evaluate_at_end` ask for (None when neither does):
-    metric models loaded, the first concept's photos embedded once."""
+    metric models loaded, the first concept's photos (PIL images) embedded once."""
     if not (args.evaluate_every_n_checkpoints or args.evaluate_at_end):
         return None
     from ppdreambooth.evaluation.dino import load_dino
     from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
-    from ppdreambooth.data.images import load_rgb
 
     concept = data_args.concept_list[0]
     identifier, class_name = subject_words(concept.instance_prompt, args.eval_class_name)
     prompts, _ = resolve_prompts("auto", args.eval_prompts_file, identifier, class_name, args.eval_num_prompts)
     scorer = FidelityScorer(load_clip(args.eval_clip_model), load_dino(args.eval_dino_model),
-                            [load_rgb(path) for path in instance_files])
+                            instance_photos)
     return FidelityCallback(model, scorer, prompts, args.eval_images_per_prompt,
                             args.evaluate_every_n_checkpoints, args.evaluate_at_end, args.validation_inference_steps,
                             ema)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 from ppdreambooth.runtime import ranks, run_lock
 from ppdreambooth.errors import ConfigError
@@ -16,7 +17,7 @@ from ppdreambooth.config.arguments import (
     ModelArguments,
     base_prediction_prior_problem,
 )
-from ppdreambooth.data.dataset import collect_images, read_caption
+from ppdreambooth.data.dataset import Photo, collect_photos, read_caption
 from ppdreambooth.families import ModelFamily, detect_family
 from ppdreambooth.families.loading import check_model_folder, check_model_path
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
@@ -127,14 +128,28 @@ def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -
         )
 
 
-def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments):
-    """Every check that needs no model; returns (model family, instance image files per concept, checkpoint
-    or None)."""
+@dataclass
+class CheckedInputs:
+    """What the checks found: the model family, the checkpoint to resume from (or None) and each concept's photos,
+    decoded once here (`take_photos` hands them over, so that nothing else keeps the full-size images alive)."""
+
+    family: ModelFamily
+    resume: Optional[str]
+    instance_photos: Optional[List[List[Photo]]]
+
+    def take_photos(self) -> List[List[Photo]]:
+        photos, self.instance_photos = self.instance_photos, None
+        return photos
+
+
+def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments
+                 ) -> CheckedInputs:
+    """Every check that needs no model."""
     config_source = check_model_path(model_args.pretrained_model_name_or_path, model_args.single_file_config)
     family = detect_family(config_source, model_args.model_family, model_args.revision)
     check_model_folder(config_source, family)
     check_family_options(family, model_args, data_args, args)
-    instance_files = [collect_images(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
+    instance_photos = [collect_photos(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
     if args.enable_xformers_memory_efficient_attention:
         from ppdiffusers.utils import is_ppxformers_available
 
@@ -143,15 +158,15 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
                 "--enable_xformers_memory_efficient_attention needs a GPU build of PaddlePaddle with "
                 "memory-efficient attention; this installation has none. Drop the flag."
             )
-    for concept, files in zip(data_args.concept_list, instance_files):  # captions are read later: check now
-        for path in files:
-            read_caption(path, data_args.caption_extension, concept.instance_prompt)
+    for concept, files in zip(data_args.concept_list, instance_photos):  # captions are read later: check now
+        for photo in files:
+            read_caption(photo.path, data_args.caption_extension, concept.instance_prompt)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ConfigError(f"--output_dir {args.output_dir} is a file, not a folder: choose another --output_dir.")
     claim_output_dir(args)  # one run per output folder (the lock is dropped when `run` ends)
     resume = resolve_resume(args)
     check_output_dir(args, resume)
-    return family, instance_files, resume
+    return CheckedInputs(family, resume, instance_photos)
 
 
 def check_family_options(family: ModelFamily, model_args: ModelArguments, data_args: DataArguments,

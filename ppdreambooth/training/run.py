@@ -9,7 +9,7 @@ import gc
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 import paddle
 
@@ -20,7 +20,7 @@ from ppdreambooth.data.dataset import (
     ConceptData,
     DreamBoothDataset,
     collate_arrays,
-    collect_images,
+    collect_photos,
     load_image_set,
     mirror_with_prompt,
 )
@@ -40,7 +40,7 @@ from ppdreambooth.training.caching import cache_encodings
 from ppdreambooth.training.callbacks import EMACallback, StopTextEncoderCallback
 from ppdreambooth.training.console import ConsoleCallback, header, quiet_console
 from ppdreambooth.training.fidelity_callback import fidelity_callback_for
-from ppdreambooth.training.preflight import check_inputs, release_output_dir
+from ppdreambooth.training.preflight import CheckedInputs, check_inputs, release_output_dir
 from ppdreambooth.training.trainer import DreamBoothTrainer
 from ppdreambooth.training.validation import ValidationCallback
 
@@ -67,7 +67,7 @@ def prepare_class_images(family: ModelFamily, model_args: ModelArguments, data_a
                          args: DreamBoothTrainingArguments):
     """Generate each concept's missing class images, split across ranks; every rank waits for all.
 
-    Returns the class image files of each concept."""
+    Returns the class images of each concept."""
     concepts = data_args.concept_list
     slots = [free_slots(c.class_data_dir, c.num_class_images) for c in concepts]
     if args.world_size > 1:
@@ -88,10 +88,10 @@ def prepare_class_images(family: ModelFamily, model_args: ModelArguments, data_a
         )
     if args.world_size > 1:
         paddle.distributed.barrier()
-    return [collect_images(c.class_data_dir, "class_data_dir") for c in concepts]
+    return [collect_photos(c.class_data_dir, "class_data_dir") for c in concepts]
 
 
-def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_files, class_files):
+def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_photos, class_photos):
     """One ConceptData per concept; sizes are the training size or, with buckets, each image's bucket."""
     if data_args.enable_bucket:
         buckets = make_buckets(data_args.resolution, data_args.min_bucket_reso, data_args.max_bucket_reso,
@@ -105,13 +105,13 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_fil
 
     concepts = []
     for n, concept in enumerate(data_args.concept_list):
-        instance = load_image_set(instance_files[n], concept.instance_prompt, model.tokenize, size_of,
+        instance = load_image_set(instance_photos[n], concept.instance_prompt, model.tokenize, size_of,
                                   data_args.caption_extension)
         prior, mirrored = None, model.base_prediction_prior
         if mirrored:  # the instance examples again, under the class prompt
             prior = mirror_with_prompt(instance, model.tokenize(concept.class_prompt))
-        elif class_files is not None:
-            prior = load_image_set(class_files[n], concept.class_prompt, model.tokenize, size_of)
+        elif class_photos is not None:
+            prior = load_image_set(class_photos[n], concept.class_prompt, model.tokenize, size_of)
         concepts.append(ConceptData(instance, prior, concept.repeats, prior_mirrors_instance=mirrored))
     return DreamBoothDataset(concepts, center_crop=data_args.center_crop or data_args.enable_bucket,
                              random_flip=data_args.random_flip, size_conditioning=model.family.size_conditioning)
@@ -122,9 +122,9 @@ def import_time_objects_frozen():
     """Exempt the objects that exist now (the ~340k the imports of Paddle, PaddleNLP and ppdiffusers created)
     from garbage-collection scans for the run, and hand them back to the collector afterwards.
 
-    ppdiffusers calls `gc.collect()` after loading each model; each call scanned all of them, 0.16 s on this
-    machine, three times for SD and once more per component of a class-image pipeline. Garbage made during the
-    run is collected as before."""
+    ppdiffusers calls `gc.collect()` after loading each model; each call scanned all of them (three times for SD
+    and once more per component of a class-image pipeline; `benchmarks/bench_startup.py` measures it). Garbage
+    made during the run is collected as before."""
     gc.freeze()
     try:
         yield
@@ -145,13 +145,13 @@ def run(
     with graceful_stop() as stop, import_time_objects_frozen():
         watch, ranks.progress["step"] = None, None
         try:
-            family, instance_files, resume = check_inputs(model_args, data_args, args)
+            checked = check_inputs(model_args, data_args, args)
             if stop is not None:
                 stop.before_exit.append(run_lock.release_all)  # a second signal exits at once
             if args.world_size > 1:
                 watch = ranks.PeerWatch(args.output_dir, max(args.process_index, 0), args.world_size,
                                         before_exit=run_lock.release_all).start()
-            return _train(model_args, data_args, args, callbacks, family, instance_files, resume, stop)
+            return _train(model_args, data_args, args, callbacks, checked, stop)
         except BaseException as e:
             if stop is not None:
                 stop.enter(ENDING)
@@ -178,15 +178,17 @@ def run(
 
 
 def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoothTrainingArguments, callbacks,
-           family: ModelFamily, instance_files, resume: Optional[str], stop) -> DreamBoothTrainer:
+           checked: CheckedInputs, stop) -> DreamBoothTrainer:
+    family, resume = checked.family, checked.resume
+    instance_photos = checked.take_photos()  # held here only, until the dataset has resized them
     rank = max(args.process_index, 0)
     log_path = quiet_console(args.output_dir, args.log_level, rank)  # after the checks: nothing written before
     source = model_args.pretrained_model_name_or_path  # what the user named (a single file is converted next)
     base_from_single_file(model_args, args)
     base_prediction = data_args.with_prior_preservation and data_args.prior_preservation_mode == "base_prediction"
-    class_files = None
+    class_photos = None
     if data_args.with_prior_preservation and not base_prediction:
-        class_files = prepare_class_images(family, model_args, data_args, args)
+        class_photos = prepare_class_images(family, model_args, data_args, args)
     paddle.seed(args.seed)  # LoRA layers are initialised at random: the same seed gives the same start
     with paddle.utils.unique_name.guard():  # parameter names (and so optimizer state keys) start from zero
         model = build_model(
@@ -197,7 +199,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
             family=family,
             base_prediction_prior=base_prediction,
         )
-    dataset = build_dataset(model, data_args, instance_files, class_files)
+    dataset = build_dataset(model, data_args, instance_photos, class_photos)
     if rank == 0:
         print(header(family, model_args, data_args, args, dataset, log_path), flush=True)
     if resume is not None:
@@ -214,7 +216,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
         callbacks.append(StopTextEncoderCallback(model, args.stop_text_encoder_training))
     if validating:
         callbacks.append(ValidationCallback(model, ema))
-    fidelity = fidelity_callback_for(model, data_args, args, instance_files[0], ema)
+    fidelity = fidelity_callback_for(model, data_args, args, [p.image for p in instance_photos[0]], ema)
+    del instance_photos, class_photos  # the dataset holds the resized images; drop the full-size ones
     if fidelity is not None:
         callbacks.append(fidelity)
     callbacks.append(ConsoleCallback())

@@ -26,3 +26,10 @@ def load_unet_weights(folder):
     from safetensors.numpy import load_file
 
     return load_file(os.path.join(folder, "unet", "diffusion_paddle_model.safetensors"))
+
+
+def collate(examples):
+    """A batch of dataset items as tensors, ready for `model(**batch)` (the trainer's collate gives NumPy arrays)."""
+    from ppdreambooth.data.dataset import collate_arrays
+
+    return {key: paddle.to_tensor(value) for key, value in collate_arrays(examples).items()}
