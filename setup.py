@@ -36,7 +36,7 @@ setup(
     package_data={"ppdreambooth": ["resources/*.json"]},  # DreamBench prompts for ppdreambooth.evaluate
     python_requires=">=3.8",
     install_requires=CORE,
-    extras_require={"cpu": CPU, "test": ["pytest>=7"]},
+    extras_require={"cpu": CPU, "test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={
         "console_scripts": [
             "ppdreambooth-train=ppdreambooth.train:cli",

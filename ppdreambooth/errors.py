@@ -7,3 +7,8 @@ class ConfigError(ValueError):
 
 class ExportError(ValueError):
     """A run cannot be written in the format asked for (and why, and what to use instead)."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or the final model could not be written (full disk, read-only folder, no permission); the
+    message says what is intact and how to continue. Entry points exit with status 1."""

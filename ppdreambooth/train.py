@@ -25,7 +25,7 @@ import sys
 from typing import Optional, Sequence
 
 from ppdreambooth.config.parsing import parse_args
-from ppdreambooth.errors import ConfigError
+from ppdreambooth.errors import ConfigError, SaveError
 from ppdreambooth.runtime.exiting import exit_process
 from ppdreambooth.runtime.nonfinite import NonFiniteLossError
 from ppdreambooth.runtime.signals import TrainingInterrupted, graceful_stop
@@ -33,8 +33,9 @@ from ppdreambooth.training.run import run  # noqa: F401  (the API: ppdreambooth.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Exit status: 0 done, 2 an input error (nothing loaded), 3 a NaN/Inf loss, 128 + N stopped by signal N
-    (130 Ctrl-C/SIGINT, 143 SIGTERM) after writing a checkpoint."""
+    """Exit status: 0 done, 1 a checkpoint or the final model could not be written (the message says what is
+    intact), 2 an input error (nothing loaded), 3 a NaN/Inf loss, 128 + N stopped by signal N (130 Ctrl-C/SIGINT,
+    143 SIGTERM) after writing a checkpoint."""
     with graceful_stop():
         try:
             run(*parse_args(argv))
@@ -44,6 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except NonFiniteLossError as e:
             print(f"ppdreambooth: error: {e}", file=sys.stderr)
             return 3
+        except SaveError as e:
+            print(f"ppdreambooth: error: {e}", file=sys.stderr)
+            return 1
         except TrainingInterrupted as e:
             print(f"ppdreambooth: {e}", file=sys.stderr, flush=True)
             return e.exit_status

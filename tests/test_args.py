@@ -172,9 +172,9 @@ def test_lora_flags(tmp_path, monkeypatch):
     assert model.lora_rank == 16 and model.lora_alpha == 8.0 and args.learning_rate == 3e-4
     with pytest.raises(ConfigError, match="--rank 16 and --lora_rank 8"):
         parse_args(REQUIRED + ["--rank", "16", "--lora_rank", "8"])
-    with pytest.raises(ConfigError, match="--lora_rank must be a positive integer"):
+    with pytest.raises(ConfigError, match="--lora_rank 0 is out of range: it must be an integer >= 1"):
         parse_args(REQUIRED + ["--use_lora", "--lora_rank", "0"])
-    with pytest.raises(ConfigError, match="--validation_epochs must be a positive integer"):
+    with pytest.raises(ConfigError, match="--validation_epochs 0 is out of range"):
         parse_args(REQUIRED + ["--validation_epochs", "0"])
     _, _, args = parse_args(REQUIRED + ["--validation_prompt", "a photo of sks dog", "--validation_epochs", "50"])
     assert args.num_validation_images == 4 and args.validation_epochs == 50

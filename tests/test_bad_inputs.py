@@ -40,10 +40,10 @@ CASES = [
     ("non-numeric value", lambda a, t, m: replace(a, "--max_train_steps", "many"), "invalid int value"),
     ("misspelt flag", lambda a, t, m: a + ["--learnig_rate", "1e-4"], "Did you mean 'learning_rate'"),
     ("resolution not a multiple of 8", lambda a, t, m: replace(a, "--resolution", "60"), "multiple of 8"),
-    ("LoRA rank 0", lambda a, t, m: a + ["--lora_rank", "0"], "--lora_rank must be a positive integer"),
-    ("negative noise offset", lambda a, t, m: a + ["--noise_offset", "-1"], "--noise_offset must be >= 0"),
-    ("EMA decay above 1", lambda a, t, m: a + ["--use_ema", "--ema_decay", "1.5"], "--ema_decay must be between"),
-    ("zero validation steps", lambda a, t, m: a + ["--validation_steps", "0"], "--validation_steps must be"),
+    ("LoRA rank 0", lambda a, t, m: a + ["--lora_rank", "0"], "--lora_rank 0 is out of range: it must be an integer >= 1 and <= 4,096"),
+    ("negative noise offset", lambda a, t, m: a + ["--noise_offset", "-1"], "--noise_offset -1.0 is out of range: it must be a number >= 0 and <= 1"),
+    ("EMA decay above 1", lambda a, t, m: a + ["--use_ema", "--ema_decay", "1.5"], "--ema_decay 1.5 is out of range"),
+    ("zero validation steps", lambda a, t, m: a + ["--validation_steps", "0"], "--validation_steps 0 is out of range"),
     ("unknown export format", lambda a, t, m: a + ["--export_formats", "onnx"], "unknown format 'onnx'"),
     ("unknown logger", lambda a, t, m: a + ["--report_to", "mlflow"], "--report_to 'mlflow' is not supported"),
     ("fp16 and bf16", lambda a, t, m: a + ["--fp16", "--bf16"], "--fp16 and --bf16 are exclusive"),
@@ -65,7 +65,7 @@ CASES = [
     ("missing JSON config", lambda a, t, m: [str(t / "none.json")] + a, "does not exist"),
     ("flow option on SD", lambda a, t, m: a + ["--weighting_scheme", "mode"], "flow-matching (SD3) option"),
     ("T5 length out of range", lambda a, t, m: a + ["--max_sequence_length", "1000"],
-     "--max_sequence_length must be between 1 and 512"),
+     "--max_sequence_length 1000 is out of range: it must be an integer >= 1 and <= 512"),
     ("base prediction without LoRA", lambda a, t, m: a + ["--with_prior_preservation", "--class_prompt", "a dog",
                                                          "--prior_preservation_mode", "base_prediction"],
      "add --use_lora"),
@@ -86,10 +86,84 @@ def _output_dir_is_a_file(args, tmp_path):
     return replace(args, "--output_dir", str(tmp_path / "a-file"))
 
 
+def _damaged_model(tiny_model, tmp_path, damage):
+    """A copy of the tiny model with one file damaged by `damage(folder)`."""
+    folder = tmp_path / "damaged-model"
+    shutil.copytree(tiny_model, folder)
+    damage(folder)
+    return str(folder)
+
+
+def _cut_short(path):
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def _photos_of(args):
+    return args[args.index("--instance_data_dir") + 1]
+
+
+def _two_concepts_one_class_folder(args, tmp_path):
+    photos = _photos_of(args)
+    concepts = [{"instance_data_dir": photos, "instance_prompt": "a photo of sks dog",
+                 "class_data_dir": str(tmp_path / "cls"), "class_prompt": "a photo of dog"},
+                {"instance_data_dir": photos, "instance_prompt": "a photo of zwx cat",
+                 "class_data_dir": str(tmp_path / "cls"), "class_prompt": "a photo of cat"}]
+    argv = list(args)
+    for flag in ("--instance_data_dir", "--instance_prompt"):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    return argv + ["--concepts", json.dumps(concepts), "--with_prior_preservation"]
+
+
 CASES += [
     ("caption file not UTF-8", lambda a, t, m: _non_utf8_caption(a, t), "is not UTF-8 text"),
     ("output folder is a file", lambda a, t, m: _output_dir_is_a_file(a, t), "is a file, not a folder"),
+    # numbers (every numeric flag: tests/test_ranges.py)
+    ("batch size 0", lambda a, t, m: replace(a, "--train_batch_size", "0"),
+     "--train_batch_size 0 is out of range: it must be an integer >= 1"),
+    ("negative learning rate", lambda a, t, m: replace(a, "--learning_rate", "-1"),
+     "--learning_rate -1.0 is out of range: it must be a number > 0 and <= 10"),
+    ("learning rate not a number", lambda a, t, m: replace(a, "--learning_rate", "nan"),
+     "--learning_rate nan is out of range"),
+    ("a step count beyond reason", lambda a, t, m: replace(a, "--max_train_steps", str(10**12)),
+     "--max_train_steps 1000000000000 is out of range"),
+    # folders that overlap
+    ("output folder inside the photo folder", lambda a, t, m: replace(a, "--output_dir", _photos_of(a) + "/out"),
+     "is inside the photo folder"),
+    ("output folder is the photo folder", lambda a, t, m: replace(a, "--output_dir", _photos_of(a)),
+     "is the photo folder"),
+    ("class folder is the photo folder", lambda a, t, m: a + ["--with_prior_preservation", "--class_prompt", "a dog",
+                                                             "--class_data_dir", _photos_of(a)],
+     "class images would be generated among the subject's photos"),
+    ("output folder inside the class folder", lambda a, t, m: replace(a, "--output_dir", str(t / "cls" / "out")) + [
+        "--with_prior_preservation", "--class_prompt", "a dog", "--class_data_dir", str(t / "cls")],
+     "is inside the class folder"),
+    ("one class folder, two class prompts", lambda a, t, m: _two_concepts_one_class_folder(a, t),
+     "share the class folder"),
+    # a damaged base model
+    ("model_index.json not JSON", lambda a, t, m: replace(a, "--pretrained_model_name_or_path", _damaged_model(
+        m, t, lambda f: (f / "model_index.json").write_text("{"))), "model_index.json is not valid JSON"),
+    ("a component's config not JSON", lambda a, t, m: replace(a, "--pretrained_model_name_or_path", _damaged_model(
+        m, t, lambda f: (f / "unet" / "config.json").write_text("{'"))), "unet/config.json is not valid JSON"),
+    ("tokenizer folder missing", lambda a, t, m: replace(a, "--pretrained_model_name_or_path", _damaged_model(
+        m, t, lambda f: shutil.rmtree(f / "tokenizer"))), "lacks tokenizer/"),
+    ("weight file missing", lambda a, t, m: replace(a, "--pretrained_model_name_or_path", _damaged_model(
+        m, t, lambda f: os.remove(f / "vae" / "diffusion_paddle_model.safetensors"))), "vae/ of"),
+    ("weight file cut short", lambda a, t, m: replace(a, "--pretrained_model_name_or_path", _damaged_model(
+        m, t, lambda f: _cut_short(f / "unet" / "diffusion_paddle_model.safetensors"))),
+     "unet/diffusion_paddle_model.safetensors of"),
+    # prompts
+    ("empty instance prompt", lambda a, t, m: replace(a, "--instance_prompt", "   "), "--instance_prompt is empty"),
+    ("empty class prompt", lambda a, t, m: a + ["--with_prior_preservation", "--class_prompt", " ",
+                                               "--class_data_dir", str(t / "cls")],
+     "--with_prior_preservation needs --class_prompt"),
 ]
+
+
+def snapshot(folder):
+    """Every file under `folder` with its size and modification time."""
+    return {os.path.join(root, name): (os.path.getsize(os.path.join(root, name)),
+                                       os.path.getmtime(os.path.join(root, name)))
+            for root, _, names in os.walk(folder) for name in names}
 
 
 def _touch(path):
@@ -102,21 +176,38 @@ def test_each_bad_input_stops_early_naming_the_culprit(make, message, tiny_model
                                                        no_model_loading):
     out = tmp_path / "out"
     argv = make(train_argv(tiny_model, photos, out), tmp_path, tiny_model)
+    before = snapshot(tmp_path)
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
-    assert not out.exists()  # nothing written
+    assert snapshot(tmp_path) == before  # nothing written, in the photo folder or anywhere else
 
 
-def test_damaged_model_weights_are_named_not_a_traceback(tiny_model, photos, tmp_path, capsys):
-    """Only loading can find a truncated weight file: the message names the component and what to do."""
+def test_a_truncated_weight_file_is_named_before_any_model_loads(tiny_model, photos, tmp_path, capsys,
+                                                                   no_model_loading):
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_model, damaged)
     weights = damaged / "unet" / "diffusion_paddle_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:size // 2])
     assert train.main(train_argv(str(damaged), photos, tmp_path / "out")) == 2
     err = capsys.readouterr().err
-    assert "cannot load unet/ of" in err and "fetch the model again" in err and "Traceback" not in err
+    assert (f"unet/diffusion_paddle_model.safetensors of {damaged} is cut short: {size // 2:,} of {size:,} bytes"
+            in err
+            and "fetch the model again" in err and "Traceback" not in err), err
+
+
+def test_loading_names_the_damaged_file_too(tiny_model, tmp_path):
+    """Where only loading meets the damage (a hub snapshot in the cache), the message still names the file."""
+    from ppdreambooth.errors import ConfigError
+    from ppdreambooth.families import get_family
+    from ppdreambooth.families.loading import load_component
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model, damaged)
+    _cut_short(damaged / "vae" / "diffusion_paddle_model.safetensors")
+    with pytest.raises(ConfigError, match="vae/diffusion_paddle_model.safetensors is cut short"):
+        load_component(str(damaged), "vae", get_family("sd"))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from ppdreambooth.errors import ConfigError
 from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set
 from ppdreambooth.families import FAMILIES, detect_family
 from ppdreambooth.data.images import list_image_files
-from ppdreambooth.families.loading import check_model_folder
+from ppdreambooth.families.checks import check_model_folder
 
 
 # ----- detection ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from paddlenlp.trainer import TrainingArguments
 
+from ppdreambooth.config.ranges import check_fields
 from ppdreambooth.errors import ConfigError
 
 
@@ -113,20 +114,9 @@ class ModelArguments:
     FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 
     def __post_init__(self):
-        if not 1 <= self.max_sequence_length <= 512:
-            raise ConfigError(f"--max_sequence_length must be between 1 and 512, got {self.max_sequence_length}.")
-        if self.lora_rank <= 0:
-            raise ConfigError(f"--lora_rank must be a positive integer, got {self.lora_rank}.")
+        check_fields(self)
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
-        elif self.lora_alpha <= 0:
-            raise ConfigError(f"--lora_alpha must be > 0, got {self.lora_alpha}.")
-        if self.noise_offset < 0:
-            raise ConfigError(f"--noise_offset must be >= 0, got {self.noise_offset}.")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise ConfigError(f"--snr_gamma must be > 0 (typically 5.0), got {self.snr_gamma}.")
-        if self.prior_loss_weight < 0:
-            raise ConfigError(f"--prior_loss_weight must be >= 0, got {self.prior_loss_weight}.")
 
 
 @dataclass
@@ -189,8 +179,7 @@ class DataArguments:
                 raise ConfigError(
                     f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}."
                 )
-        if self.num_class_images < 0 or self.sample_batch_size <= 0 or self.class_image_inference_steps <= 0:
-            raise ConfigError("--num_class_images must be >= 0; --sample_batch_size and --class_image_inference_steps > 0.")
+        check_fields(self)
         if self.cache_latents and self.no_cache_latents:
             raise ConfigError("--cache_latents and --no_cache_latents contradict each other; give one.")
         if self.cache_latents and not (self.center_crop or self.enable_bucket):
@@ -326,21 +315,11 @@ class DreamBoothTrainingArguments(TrainingArguments):
         unknown = [r for r in self.report_to if r not in ("visualdl", "tensorboard", "wandb")]
         if unknown:
             raise ConfigError(f"--report_to {unknown[0]!r} is not supported; use visualdl, tensorboard, wandb or none.")
-        for name in ("num_validation_images", "validation_epochs", "validation_steps", "validation_inference_steps",
-                     "evaluate_every_n_checkpoints", "eval_num_prompts", "eval_images_per_prompt"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{name} must be a positive integer, got {value}.")
+        check_fields(self)
         unknown = [f for f in self.export_format_list if f not in EXPORT_FORMATS]
         if unknown:
             raise ConfigError(f"--export_formats: unknown format {unknown[0]!r}; use diffusers, single-file, kohya, "
                               "merged.")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"--ema_decay must be between 0 and 1, got {self.ema_decay}.")
-        if self.text_encoder_learning_rate is not None and self.text_encoder_learning_rate < 0:
-            raise ConfigError("--text_encoder_learning_rate must be >= 0.")
-        if self.stop_text_encoder_training is not None and self.stop_text_encoder_training < 0:
-            raise ConfigError("--stop_text_encoder_training must be a step number >= 0.")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are exclusive; choose one.")
         console_level = self.log_level

@@ -75,7 +75,11 @@ def resolve_concepts(data_args) -> List[Concept]:
         concepts.append(Concept(data_args.instance_data_dir, data_args.instance_prompt, data_args.class_data_dir,
                                 data_args.class_prompt))
     concepts += parse_concepts(data_args.concepts)
-    for concept in concepts:
+    for n, concept in enumerate(concepts):
+        where = "--instance_prompt" if n == 0 and data_args.instance_prompt else f"concepts[{n}].instance_prompt"
+        if isinstance(concept.instance_prompt, str) and not concept.instance_prompt.strip():
+            raise ConfigError(f"{where} is empty: give the subject's prompt with its identifier, e.g. "
+                              "'a photo of sks dog'.")
         if concept.num_class_images is None:
             concept.num_class_images = data_args.num_class_images
     if data_args.with_prior_preservation:
@@ -89,7 +93,7 @@ def check_prior_preservation(data_args, concepts: List[Concept]) -> None:
     needed = ("class_prompt",) if data_args.prior_preservation_mode == "base_prediction" else ("class_data_dir",
                                                                                               "class_prompt")
     for i, concept in enumerate(concepts):
-        missing = [n for n in needed if not getattr(concept, n)]
+        missing = [n for n in needed if not (getattr(concept, n) or "").strip()]
         if missing:
             where = "" if i == 0 and data_args.instance_data_dir else f" (concepts entry {concept.instance_data_dir})"
             raise ConfigError(

@@ -23,6 +23,7 @@ from ppdreambooth.config.arguments import (
     SeedFlagAliases,
 )
 from ppdreambooth.config.concepts import resolve_concepts
+from ppdreambooth.config.ranges import check_given
 from ppdreambooth.errors import ConfigError
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DreamBoothTrainingArguments, SeedFlagAliases)
@@ -138,6 +139,7 @@ def parse_args(
     if argv and argv[0].endswith(".json"):
         argv = json_to_argv(argv[0], known) + argv[1:]
     given = _given_values(parser, argv)
+    check_given(given, set(ALIAS_TARGETS))  # the seed script's names, before they become the Trainer's
     _fold_aliases(given)
     if given.get("use_lora") and "learning_rate" not in given:
         given["learning_rate"] = LORA_DEFAULT_LEARNING_RATE

@@ -16,11 +16,11 @@ The family of a model is read from its `model_index.json` (`_class_name`); `--mo
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional
 
 from ppdreambooth.errors import ConfigError
+from ppdreambooth.families.checks import read_json_file
 from ppdreambooth.families.base import ModelFamily
 from ppdreambooth.families.sd import StableDiffusion
 from ppdreambooth.families.sd3 import StableDiffusion3
@@ -48,8 +48,7 @@ def read_pipeline_class(path: str, revision: Optional[str] = None) -> Optional[s
     if os.path.isdir(path):
         if not os.path.isfile(index):
             return None
-        with open(index, encoding="utf-8") as f:
-            return json.load(f).get("_class_name")
+        return read_json_file(index).get("_class_name")
     try:  # a hub id: ppdiffusers fetches model_index.json alone
         from ppdiffusers import DiffusionPipeline
 

@@ -1,6 +1,7 @@
 """`ModelFamily`: the values and the few methods in which model families differ (see `families/__init__`)."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -8,6 +9,19 @@ import numpy as np
 
 from ppdreambooth.batch import Size, token_key
 
+
+
+logger = logging.getLogger("ppdreambooth")
+_warned = set()  # (tokenizer, prompt) pairs already reported
+
+
+def warn_if_cut(tokenizer, name: str, prompt: str) -> None:
+    """Say once when a prompt is longer than a tokenizer's window: the encoder sees only its beginning."""
+    length = len(tokenizer(prompt).input_ids)
+    if length > tokenizer.model_max_length and (name, prompt) not in _warned:
+        _warned.add((name, prompt))
+        logger.warning("the prompt %r is %d tokens long; %s reads %d, so its end is cut off", prompt, length, name,
+                       tokenizer.model_max_length)
 
 
 class ModelFamily:
@@ -59,6 +73,7 @@ class ModelFamily:
                 continue
             ids = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                             return_tensors="np").input_ids
+            warn_if_cut(tokenizer, name, prompt)
             out[token_key(n)] = np.asarray(ids[0], dtype=np.int64)
         return out
 

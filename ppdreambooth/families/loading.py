@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from ppdreambooth.errors import ConfigError
+from ppdreambooth.families.checks import damaged_file
 
 def is_diffusers_folder(path: str, denoiser: str = "unet") -> bool:
     """True for a local folder whose denoiser is stored in PyTorch's format only."""
@@ -58,8 +59,10 @@ def load_component(path: str, name: str, family, revision: Optional[str] = None)
     except ConfigError:
         raise
     except (SafetensorError, OSError, EOFError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"cannot load {name}/ of {path}: {type(e).__name__}: {e}. Its files may be damaged or "
-                          "incomplete (an interrupted download or copy): fetch the model again.") from None
+        damaged = damaged_file(os.path.join(path, name)) if os.path.isdir(os.path.join(path, name)) else None
+        what = damaged or f"{type(e).__name__}: {e}"
+        raise ConfigError(f"cannot load {name}/ of {path}: {what}. Its files may be damaged or incomplete (an "
+                          "interrupted download or copy): fetch the model again.") from None
 
 
 def _load_component(path: str, name: str, family, revision: Optional[str] = None):
@@ -112,37 +115,3 @@ def load_components(path: str, family, revision: Optional[str] = None, vae_path:
     else:
         components["vae"] = load_component(path, "vae", family, revision)
     return components
-
-
-def check_model_path(path: str, single_file_config: Optional[str] = None) -> str:
-    """Check the shape of --pretrained_model_name_or_path before anything is loaded; returns the folder or hub
-    id whose configs describe the model (the model itself, or --single_file_config for a single file)."""
-    if path.endswith((".safetensors", ".ckpt")):
-        if not os.path.isfile(path):
-            raise ConfigError(f"--pretrained_model_name_or_path {path} does not exist.")
-        if not path.endswith(".safetensors"):
-            raise ConfigError(f"{path}: only .safetensors single-file checkpoints are read (not pickled .ckpt).")
-        if not single_file_config:
-            raise ConfigError(
-                f"{path} is a single-file checkpoint, which carries no configuration, tokenizer or scheduler: pass "
-                "--single_file_config with a model folder or hub id of the same architecture "
-                "(e.g. runwayml/stable-diffusion-v1-5)."
-            )
-        return check_model_path(single_file_config)
-    if not os.path.isdir(path) and (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1):
-        raise ConfigError(
-            f"--pretrained_model_name_or_path {path!r} is neither a model folder nor a hub id like 'org/name'."
-        )
-    return path
-
-
-def check_model_folder(path: str, family) -> None:
-    """For a local model folder, name any component of `family` that it lacks (a hub id is not checked)."""
-    if not os.path.isdir(path):
-        return  # a hub id: ppdiffusers downloads it
-    missing = [c for c in family.required_components if not os.path.isdir(os.path.join(path, c))]
-    if missing:
-        raise ConfigError(
-            f"model folder {path} lacks {', '.join(c + '/' for c in missing)}; a {family.pipeline_class} folder has "
-            f"{', '.join(c + '/' for c in family.components)}."
-        )

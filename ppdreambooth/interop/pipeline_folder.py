@@ -11,6 +11,7 @@ from typing import Optional
 from ppdreambooth.families.loading import is_diffusers_folder, load_component
 
 logger = logging.getLogger(__name__)
+STAGING_NAME = ".pipeline-staging"
 
 
 def write_pipeline(model, base_model: str, out_dir: str, revision: Optional[str] = None,
@@ -39,7 +40,7 @@ def write_pipeline(model, base_model: str, out_dir: str, revision: Optional[str]
     options = {"from_diffusers": True} if os.path.isdir(base_model) and is_diffusers_folder(base_model,
                                                                                             family.denoiser) else {}
     pipeline = DiffusionPipeline.from_pretrained(base_model, revision=revision, **options, **held)
-    staging = os.path.join(out_dir, ".pipeline-staging")
+    staging = os.path.join(out_dir, STAGING_NAME)
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)
     for name in sorted(os.listdir(staging), key=lambda n: n == "model_index.json"):  # the index goes last

@@ -20,6 +20,7 @@ import paddle
 
 
 LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
+LORA_STAGING_NAME = ".lora-staging"  # written there first, then moved into place
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], 
     `unet.load_attn_procs`) and under the peft backend, where peft names crash the plain loader. Text
     encoders and SD3's transformer keep peft names: ppdiffusers 0.29 loads them only under its peft backend.
     """
-    staging = os.path.join(out_dir, ".lora-staging")
+    staging = os.path.join(out_dir, LORA_STAGING_NAME)
     shutil.rmtree(staging, ignore_errors=True)
     states = {name: adapter_state_dict(layer, rank, alpha) for name, layer in layers.items()}
     if family.legacy_lora_keys:

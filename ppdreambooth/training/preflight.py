@@ -19,8 +19,10 @@ from ppdreambooth.config.arguments import (
 )
 from ppdreambooth.data.dataset import Photo, collect_photos, read_caption
 from ppdreambooth.families import ModelFamily, detect_family
-from ppdreambooth.families.loading import check_model_folder, check_model_path
+from ppdreambooth.families.checks import check_model_files, check_model_folder, check_model_path, check_single_file
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.training.folders import check_folders_apart, check_writable
+from ppdreambooth.training.resume_settings import check_resume, class_files_now, current_settings
 from ppdreambooth.runtime.checkpoints import is_complete, newest_good_checkpoint, verify_checkpoint
 
 logger = logging.getLogger("ppdreambooth")
@@ -146,9 +148,14 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
                  ) -> CheckedInputs:
     """Every check that needs no model."""
     config_source = check_model_path(model_args.pretrained_model_name_or_path, model_args.single_file_config)
+    if config_source != model_args.pretrained_model_name_or_path:
+        check_single_file(model_args.pretrained_model_name_or_path)
     family = detect_family(config_source, model_args.model_family, model_args.revision)
     check_model_folder(config_source, family)
+    check_model_files(config_source, family)
     check_family_options(family, model_args, data_args, args)
+    class_images = data_args.with_prior_preservation and data_args.prior_preservation_mode == "class_images"
+    check_folders_apart(data_args.concept_list, args.output_dir, class_images)
     instance_photos = [collect_photos(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
     if args.enable_xformers_memory_efficient_attention:
         from ppdiffusers.utils import is_ppxformers_available
@@ -163,9 +170,15 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
             read_caption(photo.path, data_args.caption_extension, concept.instance_prompt)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ConfigError(f"--output_dir {args.output_dir} is a file, not a folder: choose another --output_dir.")
+    if args.process_index <= 0:
+        check_writable(args.output_dir)
     claim_output_dir(args)  # one run per output folder (the lock is dropped when `run` ends)
     resume = resolve_resume(args)
     check_output_dir(args, resume)
+    if resume is not None:
+        check_resume(resume, current_settings(model_args, args, family, [[p.path for p in photos] for photos in
+                                                                           instance_photos],
+                                              class_files_now(data_args.concept_list, class_images)))
     return CheckedInputs(family, resume, instance_photos)
 
 

@@ -41,6 +41,7 @@ from ppdreambooth.training.callbacks import EMACallback, StopTextEncoderCallback
 from ppdreambooth.training.console import ConsoleCallback, header, quiet_console
 from ppdreambooth.training.fidelity_callback import fidelity_callback_for
 from ppdreambooth.training.preflight import CheckedInputs, check_inputs, release_output_dir
+from ppdreambooth.training.resume_settings import class_files_now, current_settings
 from ppdreambooth.training.trainer import DreamBoothTrainer
 from ppdreambooth.training.validation import ValidationCallback
 
@@ -217,6 +218,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     if validating:
         callbacks.append(ValidationCallback(model, ema))
     fidelity = fidelity_callback_for(model, data_args, args, [p.image for p in instance_photos[0]], ema)
+    settings = current_settings(model_args, args, family, [[p.path for p in photos] for photos in instance_photos],
+                                class_files_now(data_args.concept_list, class_photos is not None))
     del instance_photos, class_photos  # the dataset holds the resized images; drop the full-size ones
     if fidelity is not None:
         callbacks.append(fidelity)
@@ -230,6 +233,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
         base_model=model_args.pretrained_model_name_or_path,
         base_revision=model_args.revision,
         base_vae=model_args.pretrained_vae_model_name_or_path,
+        run_settings=settings,
         ema=ema,
         stop=stop,
     )

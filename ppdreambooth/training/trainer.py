@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Dict, Optional
 
 import paddle
@@ -33,18 +34,22 @@ from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, OptimizerName
 from ppdreambooth.runtime import ranks, signals
 from ppdreambooth.modeling.clipping import faster_clip
 from ppdreambooth.data.dataset import SeededBatchSampler
-from ppdreambooth.modeling.lora import save_lora_weights
+from ppdreambooth.modeling.lora import LORA_STAGING_NAME, save_lora_weights
 from ppdreambooth.runtime.nonfinite import NonFiniteGuard, innermost_optimizer
 from ppdreambooth.modeling.optimizers import Adafactor
 from ppdreambooth.runtime.checkpoints import (
     checkpoints_to_delete,
+    complete_checkpoints,
     delete_checkpoint,
     is_complete,
     mark_complete,
     mark_incomplete,
     save_trainable_weights,
 )
-from ppdreambooth.interop.pipeline_folder import write_pipeline
+from ppdreambooth.errors import SaveError
+from ppdreambooth.interop.pipeline_folder import STAGING_NAME, write_pipeline
+from ppdreambooth.training.folders import describe_os_error
+from ppdreambooth.training.resume_settings import write_settings
 
 logger = logging.getLogger(__name__)
 LOSS_PARTS = ("loss_instance", "loss_prior")
@@ -52,8 +57,9 @@ LOSS_PARTS = ("loss_instance", "loss_prior")
 
 class DreamBoothTrainer(Trainer):
     def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, base_vae: Optional[str] = None,
-                 ema=None, stop=None, **kwargs):
+                 ema=None, stop=None, run_settings: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run_settings = run_settings  # recorded in each checkpoint (`training.resume_settings`)
         # where the final pipeline takes the components the model does not hold (the VAE: --pretrained_vae_...)
         self.base_model, self.base_revision, self.base_vae = base_model, base_revision, base_vae
         self.ema = ema  # ppdreambooth.modeling.ema.WeightEMA or None
@@ -157,10 +163,16 @@ class DreamBoothTrainer(Trainer):
         if self.ema is not None:  # the output is the average
             self.ema.copy_to_model()
         lora = self.model.lora
-        if lora is not None:  # the final adapters
-            save_lora_weights(output_dir, self.model.family, self.model.trained_layers(), lora.rank, lora.alpha)
-        else:  # the final model
-            write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision, vae=self.base_vae)
+        try:
+            if lora is not None:  # the final adapters
+                save_lora_weights(output_dir, self.model.family, self.model.trained_layers(), lora.rank, lora.alpha)
+            else:  # the final model
+                write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision,
+                               vae=self.base_vae)
+        except OSError as e:
+            for staging in (STAGING_NAME, LORA_STAGING_NAME):  # half-written files go; the space comes back
+                shutil.rmtree(os.path.join(output_dir, staging), ignore_errors=True)
+            raise self._write_failed(e, f"the final model in {output_dir}") from None
 
     def _load_from_checkpoint(self, resume_from_checkpoint=None):
         super()._load_from_checkpoint(resume_from_checkpoint)
@@ -172,14 +184,32 @@ class DreamBoothTrainer(Trainer):
 
     def _save_checkpoint(self, model, metrics=None):
         folder = self._checkpoint_folder()
-        if self.args.should_save:
-            mark_incomplete(folder)  # it may exist from an earlier attempt at this step
-        super()._save_checkpoint(model, metrics=metrics)  # its collectives: every rank's files are written after it
+        try:
+            if self.args.should_save:
+                mark_incomplete(folder)  # it may exist from an earlier attempt at this step
+            super()._save_checkpoint(model, metrics=metrics)  # its collectives: every rank's files are written after
+            if self.args.should_save:
+                if self.run_settings is not None:
+                    write_settings(folder, self.run_settings)  # before the marker: checksummed with the rest
+                mark_complete(folder, self.state.global_step)
+        except OSError as e:
+            if self.args.should_save:
+                delete_checkpoint(folder)  # never complete; deleting it gives back the space it took
+            raise self._write_failed(e, os.path.basename(folder)) from None
         self._checkpoint_step = self.state.global_step
         if self.args.should_save:
-            mark_complete(folder, self.state.global_step)
             self._just_written = folder
             self._rotate_checkpoints(output_dir=self.args.output_dir)
+
+    def _write_failed(self, error: OSError, what: str) -> SaveError:
+        """The error that ends a run whose checkpoint or final model could not be written: the reason, what is
+        intact, and how to continue once the disk or folder is fixed."""
+        intact = complete_checkpoints(self.args.output_dir)
+        kept = (f"{os.path.basename(intact[-1])} is intact: free some space (or fix the folder) and continue with "
+                "--resume_from_checkpoint latest" if intact else
+                "no earlier checkpoint exists: free some space (or fix the folder) and start again")
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        return SaveError(f"{describe_os_error(error)} while writing {what}{where}; {kept}.")
 
     def _rotate_checkpoints(self, use_mtime=False, output_dir=None) -> None:
         """Keep the newest `save_total_limit` complete checkpoints, the one just written always among them;
