@@ -326,13 +326,14 @@ def test_ctrl_c_then_resume_latest_skips_a_damaged_checkpoint_and_equals_uninter
 
 
 # ----- 3. a sick rank stops the whole job ---------------------------------------------------------------------
-def launch_two_ranks(tiny_model, photos, tmp_path, fault, steps=STEPS):
+def launch_two_ranks(tiny_model, photos, tmp_path, fault, steps=STEPS, env=None):
     out, logs, outcomes = tmp_path / "dp", tmp_path / "launch_logs", tmp_path / "outcomes"
     argv = ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(logs),
             os.path.join(HELPERS, "rank_fault_entry.py"),
             *train_argv(tiny_model, photos, out, steps=steps, extra=["--checkpointing_steps", "2"])]
     started = time.monotonic()
-    result = run_module(argv, env={"FAULT": fault, "FAULT_RANK": "1", "OUTCOME_DIR": str(outcomes)}, timeout=300)
+    result = run_module(argv, env={"FAULT": fault, "FAULT_RANK": "1", "OUTCOME_DIR": str(outcomes), **(env or {})},
+                        timeout=300)
     elapsed = time.monotonic() - started
     # each rank's console, and its log file in the output folder where the run keeps one
     rank_logs = ["".join(path.read_text(errors="replace") for path in (
@@ -357,6 +358,18 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tiny_model, photos, tmp
     assert [os.path.basename(c) for c in complete_checkpoints(str(out))] == ["checkpoint-2"]
     assert verify_checkpoint(str(out / "checkpoint-2")).verified
     assert not (out / "model_index.json").exists() and not (out / run_lock.LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_rank_still_shutting_down_when_the_launcher_stops_the_job_exits_cleanly(tiny_model, photos, tmp_path):
+    """The launcher SIGTERMs every rank still running once one has exited with a non-zero status; a rank that is
+    already shutting down (here made 2 s slower at it) must not die of that signal (Paddle's handler aborts it:
+    exit -6, launcher status 250) but end with its own status."""
+    out, result, rank_logs, status, ended, elapsed = launch_two_ranks(tiny_model, photos, tmp_path, "nan_in_step:3",
+                                                                      env={"SLOW_EXIT_RANK": "0"})
+    assert status == {0: 3, 1: 3} and result.returncode == 3, (result.returncode, rank_logs[0][-3000:])
+    for log in rank_logs:
+        assert "Termination signal" not in log and "Aborted" not in log, log[-3000:]
 
 
 @pytest.mark.slow

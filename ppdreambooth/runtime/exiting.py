@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -16,8 +17,15 @@ def exit_process(status: int) -> NoReturn:
     functions are flushed and run as usual.
 
     Not in a process of a multi-process job: there Paddle's communication objects need the sweep to be torn
-    down in order (skipping it aborted a `--sharding stage1` rank at exit)."""
-    if not _in_distributed_job():
+    down in order (skipping it aborted a `--sharding stage1` rank at exit). There, instead, the rank ignores
+    SIGTERM while it shuts down: `paddle.distributed.launch` sends SIGTERM to every rank still running as soon as
+    one rank has exited with a non-zero status, so a rank that ended the same way (the same NaN stop, the same
+    input error) but was a moment slower to tear down used to die of that signal (Paddle's handler aborts it:
+    exit -6, the launcher reporting 250) instead of ending with its own status. This rank has nothing left to
+    save; it finishes exiting. SIGINT and SIGKILL still end it."""
+    if _in_distributed_job():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
         gc.freeze()
     sys.exit(status)
 

@@ -5,13 +5,18 @@
 Points (each fires on the n-th forward pass of rank r only):
   nan_in_step    the loss becomes NaN
   raise_in_step  the forward pass raises RuntimeError("injected fault")
-Each rank writes <OUTCOME_DIR>/rank-<rank>.exit holding its exit status, just before it exits.
+Each rank writes <OUTCOME_DIR>/rank-<rank>.exit holding its exit status, just before it exits, and exits the way
+the command-line entry points do (`exit_process`). SLOW_EXIT_RANK=<r> makes rank r take 2 s longer to shut down
+(an `atexit` pause), long enough for the launcher to notice another rank's non-zero exit and SIGTERM this one.
 """
-import os
+import atexit
 import sys
+import os
+import time
 
 from ppdreambooth import train
 from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.runtime.exiting import exit_process
 
 point, _, nth = os.environ["FAULT"].partition(":")
 nth = int(nth or 1)
@@ -43,10 +48,12 @@ def record(status: int) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("SLOW_EXIT_RANK") == str(rank):
+        atexit.register(time.sleep, 2.0)
     try:
         status = train.main(sys.argv[1:])
     except BaseException:
         record(1)
         raise
     record(status)
-    sys.exit(status)
+    exit_process(status)
