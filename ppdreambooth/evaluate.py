@@ -16,6 +16,11 @@ Prompts: the paper's 25 DreamBench templates for objects or for live subjects (`
 filled with `--identifier` and `--class_name`, e.g. "a sks dog in the jungle"), or `--prompts_file`.
 Writes `metrics.json`, `grid.png` (the real photos on top, then per prompt the model's images and the
 base model's), the images under `images/`, and prints a table with the paper's numbers beside yours.
+
+`--world` scores a model trained in the toy world (`ppdreambooth.toyworld`) exactly instead: subject fidelity,
+prompt fidelity, language drift and background leakage over the world's subject and class prompts:
+
+    python -m ppdreambooth.evaluate --world --model ./demo_outputs/sks-star --instance_data_dir ./photos
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from ppdreambooth.errors import ConfigError
 from ppdreambooth.evaluation.dino import DEFAULT_DINO_MODEL
 from ppdreambooth.evaluation.fidelity import DEFAULT_CLIP_MODEL
 from ppdreambooth.evaluation.report import format_table
+from ppdreambooth.evaluation.world import format_world_table
 from ppdreambooth.evaluation.runs import evaluate
 from ppdreambooth.inference.sampling import SCHEDULERS
 from ppdreambooth.runtime.exiting import exit_process
@@ -45,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_base", action="store_true", help="skip the base model's images and numbers")
     parser.add_argument("--model_family", choices=["sd", "sdxl", "sd3"], default=None)
     parser.add_argument("--instance_data_dir", required=True, help="the real photos of the subject")
+    parser.add_argument("--world", action="store_true",
+                        help="score in the toy world (ppdreambooth.toyworld): subject fidelity, prompt fidelity, "
+                             "language drift and background leakage, read exactly from the pixels, instead of "
+                             "DINO/CLIP on DreamBench prompts (--class_name: a world shape, default star)")
     parser.add_argument("--prompt_set", choices=["auto", "object", "live"], default="auto",
                         help="DreamBench's 25 prompts for objects or live subjects (auto: live for dog and cat)")
     parser.add_argument("--prompts_file", help="your own prompts, one a line; '{}' becomes 'identifier class'")
@@ -84,7 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = evaluate(args)
     except (ConfigError, ImageError) as e:
         parser.error(str(e))
-    print(format_table(results))
+    if args.world:
+        settings = results["settings"]
+        print(format_world_table(results["metrics"], settings["num_images"], len(settings["prompts"])))
+    else:
+        print(format_table(results))
     print(f"metrics.json, grid.png and the images written to {args.out}")
     return 0
 

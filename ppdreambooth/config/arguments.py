@@ -269,6 +269,10 @@ class DreamBoothTrainingArguments(TrainingArguments):
                                         "(VisualDL, fidelity.json, fidelity.png)."}
     )
     evaluate_at_end: bool = field(default=False, metadata={"help": "Score the fidelity metrics when training ends."})
+    eval_world: bool = field(
+        default=False, metadata={"help": "Score the toy world's exact personalisation metrics (subject and prompt "
+                                         "fidelity, language drift, background leakage) instead of DINO/CLIP."}
+    )
     eval_class_name: Optional[str] = field(
         default=None, metadata={"help": "The subject's class for the evaluation prompts (default: the instance "
                                         "prompt's last word)."}

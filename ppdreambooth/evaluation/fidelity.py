@@ -130,6 +130,8 @@ class FidelityScorer:
     """The metric models plus the embeddings of the real photos, computed once; `score` takes generated
     images grouped by prompt. Usable on its own (e.g. at checkpoints during training)."""
 
+    metrics = (("dino", "DINO (subject)"), ("clip_i", "CLIP-I (subject)"), ("clip_t", "CLIP-T (prompt)"))
+
     def __init__(self, clip: ClipEncoder, dino, photos: Sequence):
         self.clip, (self.dino_model, self.dino_preprocess) = clip, dino
         self.real_dino = self.dino_features(photos)

@@ -12,6 +12,7 @@ from ppdreambooth.evaluation.dino import load_dino
 from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
 from ppdreambooth.evaluation.prompts import resolve_prompts
 from ppdreambooth.evaluation.report import PAPER, contact_sheet
+from ppdreambooth.evaluation.world import WORLD_METRICS, WorldScorer, world_prompts, world_subject
 from ppdreambooth.inference.sampling import generate_images, lora_scale_options, sampling_pipeline
 from ppdreambooth.interop.model_card import read_model_card
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
@@ -75,8 +76,13 @@ def generate_runs(args, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[st
 
 def evaluate(args) -> dict:
     """Generate, score and write metrics.json, grid.png and the images; returns the metrics dict."""
-    prompts, prompt_description = resolve_prompts(args.prompt_set, args.prompts_file, args.identifier,
-                                                  args.class_name, args.num_prompts)
+    if args.world:
+        subject = world_subject(args.identifier, args.class_name or "star")
+        prompts = [p for group in world_prompts(subject) for p in group]
+        prompt_description = f"toy-world prompts ({len(prompts)})"
+    else:
+        prompts, prompt_description = resolve_prompts(args.prompt_set, args.prompts_file, args.identifier,
+                                                      args.class_name, args.num_prompts)
     files = list_image_files(args.instance_data_dir) if os.path.isdir(args.instance_data_dir) else []
     if not files:
         raise ConfigError(f"no photos of the subject in {args.instance_data_dir}")
@@ -93,11 +99,15 @@ def evaluate(args) -> dict:
             for i, image in enumerate(group):
                 image.save(os.path.join(folder, f"{p:02d}-{i:02d}-seed{seeds[i]}.png"))
 
-    scorer = FidelityScorer(load_clip(args.clip_model), load_dino(args.dino_model), photos)
+    if args.world:
+        scorer = WorldScorer(photos, subject)
+    else:
+        scorer = FidelityScorer(load_clip(args.clip_model), load_dino(args.dino_model), photos)
     scores = {name: scorer.score(groups, prompts) for name, groups in runs.items()}
     results = {
-        "metrics": {**{name: s["overall"] for name, s in scores.items()}, "your_photos": scorer.photo_reference()},
-        "paper": PAPER,
+        "metrics": {**{name: s["overall"] for name, s in scores.items()},
+                    **({} if args.world else {"your_photos": scorer.photo_reference()})},
+        **({"world": {"instance_backgrounds": scorer.instance_backgrounds}} if args.world else {"paper": PAPER}),
         "per_prompt": [{"prompt": prompt, **{name: {k: v for k, v in scores[name]["per_prompt"][p].items()
                                                      if k != "prompt"} for name in scores}}
                        for p, prompt in enumerate(prompts)],
@@ -109,7 +119,7 @@ def evaluate(args) -> dict:
             "negative_prompt": args.negative_prompt, "height": runs["trained"][0][0].size[1],
             "width": runs["trained"][0][0].size[0], "clip_model": args.clip_model, "dino_model": args.dino_model,
         },
-        "definitions": {
+        "definitions": {key: what for key, _, what in WORLD_METRICS} if args.world else {
             "dino": "mean cosine similarity of L2-normalised DINO ViT-S/16 CLS embeddings over all generated x real "
                     "pairs",
             "clip_i": "mean cosine similarity of L2-normalised CLIP image embeddings over all generated x real pairs",

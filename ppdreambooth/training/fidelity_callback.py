@@ -5,7 +5,10 @@ DreamBench prompts with fixed seeds (the family's deterministic sampler, as vali
 `ppdreambooth.evaluation.fidelity` against the instance photos: DINO, CLIP-I, CLIP-T. The figures go to VisualDL
 (`fidelity/dino`, ...), to `<output_dir>/fidelity.json` (one record per step) and to a plot
 `<output_dir>/fidelity.png` (metric vs step), so the step where subject fidelity is high before prompt
-fidelity falls can be picked. Evaluation leaves training unchanged (RNG states and train/eval mode restored).
+fidelity falls can be picked. With `--eval_world` (a subject of the toy world, `ppdreambooth.toyworld`) the
+images are of the world's subject and class prompts and the figures are its exact scores: subject fidelity,
+prompt fidelity, language drift and background leakage. Evaluation leaves training unchanged (RNG states and
+train/eval mode restored).
 """
 from __future__ import annotations
 
@@ -17,14 +20,18 @@ from typing import List, Optional, Sequence
 from paddlenlp.trainer import TrainerCallback
 
 from ppdreambooth.inference.sampling import generate_images
+from ppdreambooth.evaluation.dino import load_dino
+from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
 from ppdreambooth.evaluation.prompts import resolve_prompts, subject_words
+from ppdreambooth.evaluation.world import WorldScorer, world_prompts, world_subject
 from ppdreambooth.training.sampling_context import sampling_from
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME, PLOT_NAME = "fidelity.json", "fidelity.png"
+FIDELITY_METRICS = FidelityScorer.metrics
 
 
-def plot_fidelity(records: Sequence[dict], path: str) -> str:
+def plot_fidelity(records: Sequence[dict], path: str, metrics: Sequence = FIDELITY_METRICS) -> str:
     """Metric vs step, one line per metric, written atomically."""
     import matplotlib
 
@@ -33,10 +40,10 @@ def plot_fidelity(records: Sequence[dict], path: str) -> str:
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     steps = [r["step"] for r in records]
-    for key, label in (("dino", "DINO (subject)"), ("clip_i", "CLIP-I (subject)"), ("clip_t", "CLIP-T (prompt)")):
+    for key, label in metrics:
         axis.plot(steps, [r[key] for r in records], marker="o", label=label)
     axis.set_xlabel("step")
-    axis.set_ylabel("cosine similarity")
+    axis.set_ylabel("cosine similarity" if tuple(metrics) == FIDELITY_METRICS else "share of images")
     axis.legend()
     figure.tight_layout()
     tmp = path + ".tmp.png"
@@ -79,10 +86,10 @@ class FidelityCallback(TrainerCallback):
         with open(os.path.join(args.output_dir, RESULTS_NAME), "w") as f:
             json.dump({"prompts": self.prompts, "images_per_prompt": self.num_images, "records": self.records}, f,
                       indent=2)
-        plot_fidelity(self.records, os.path.join(args.output_dir, PLOT_NAME))
+        plot_fidelity(self.records, os.path.join(args.output_dir, PLOT_NAME), self.scorer.metrics)
         self._log(args, record)
-        logger.info("fidelity at step %d: DINO %.3f, CLIP-I %.3f, CLIP-T %.3f", step, record["dino"],
-                    record["clip_i"], record["clip_t"])
+        logger.info("fidelity at step %d: %s", step,
+                    ", ".join(f"{label} {record[key]:.3f}" for key, label in self.scorer.metrics))
         return record
 
     def _log(self, args, record: dict) -> None:
@@ -92,7 +99,7 @@ class FidelityCallback(TrainerCallback):
             from visualdl import LogWriter
 
             self._writer = LogWriter(logdir=args.logging_dir, file_name="vdlrecords.fidelity.log")
-        for key in ("dino", "clip_i", "clip_t"):
+        for key, _ in self.scorer.metrics:
             self._writer.add_scalar(tag=f"fidelity/{key}", value=record[key], step=record["step"])
 
 
@@ -102,14 +109,15 @@ def fidelity_callback_for(model, data_args, args, instance_photos: List,
     metric models loaded, the first concept's photos (PIL images) embedded once."""
     if not (args.evaluate_every_n_checkpoints or args.evaluate_at_end):
         return None
-    from ppdreambooth.evaluation.dino import load_dino
-    from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
-
     concept = data_args.concept_list[0]
     identifier, class_name = subject_words(concept.instance_prompt, args.eval_class_name)
-    prompts, _ = resolve_prompts("auto", args.eval_prompts_file, identifier, class_name, args.eval_num_prompts)
-    scorer = FidelityScorer(load_clip(args.eval_clip_model), load_dino(args.eval_dino_model),
-                            instance_photos)
+    if args.eval_world:
+        subject = world_subject(identifier, class_name)
+        prompts = [p for group in world_prompts(subject) for p in group]
+        scorer = WorldScorer(instance_photos, subject)
+    else:
+        prompts, _ = resolve_prompts("auto", args.eval_prompts_file, identifier, class_name, args.eval_num_prompts)
+        scorer = FidelityScorer(load_clip(args.eval_clip_model), load_dino(args.eval_dino_model), instance_photos)
     return FidelityCallback(model, scorer, prompts, args.eval_images_per_prompt,
                             args.evaluate_every_n_checkpoints, args.evaluate_at_end, args.validation_inference_steps,
                             ema)

@@ -18,6 +18,8 @@ from ppdreambooth.config.arguments import (
     base_prediction_prior_problem,
 )
 from ppdreambooth.data.dataset import Photo, collect_photos, read_caption
+from ppdreambooth.evaluation.prompts import subject_words
+from ppdreambooth.evaluation.world import world_subject
 from ppdreambooth.families import ModelFamily, detect_family
 from ppdreambooth.families.checks import check_model_files, check_model_folder, check_model_path, check_single_file
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
@@ -154,6 +156,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
     check_model_folder(config_source, family)
     check_model_files(config_source, family)
     check_family_options(family, model_args, data_args, args)
+    if args.eval_world:  # the subject must be one the toy world can score
+        world_subject(*subject_words(data_args.concept_list[0].instance_prompt, args.eval_class_name))
     class_images = data_args.with_prior_preservation and data_args.prior_preservation_mode == "class_images"
     check_folders_apart(data_args.concept_list, args.output_dir, class_images)
     instance_photos = [collect_photos(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
