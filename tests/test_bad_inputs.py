@@ -137,6 +137,9 @@ CASES += [
     ("output folder inside the class folder", lambda a, t, m: replace(a, "--output_dir", str(t / "cls" / "out")) + [
         "--with_prior_preservation", "--class_prompt", "a dog", "--class_data_dir", str(t / "cls")],
      "is inside the class folder"),
+    ("class folder is a file", lambda a, t, m: a + ["--with_prior_preservation", "--class_prompt", "a dog",
+                                                   "--class_data_dir", str(_touch(t / "cls-file"))],
+     "--class_data_dir " + "{tmp}/cls-file is a file, not a folder"),
     ("one class folder, two class prompts", lambda a, t, m: _two_concepts_one_class_folder(a, t),
      "share the class folder"),
     # a damaged base model
@@ -179,7 +182,7 @@ def test_each_bad_input_stops_early_naming_the_culprit(make, message, tiny_model
     before = snapshot(tmp_path)
     assert train.main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err, err
+    assert message.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err
     assert snapshot(tmp_path) == before  # nothing written, in the photo folder or anywhere else
 
 

@@ -38,6 +38,9 @@ def check_folders_apart(concepts, output_dir: str, class_images: bool) -> None:
                                   f"photo folder {given}: class images would be generated among the subject's photos. "
                                   "Give the class images a folder of their own.")
     for class_given, class_real, _ in classes:
+        if os.path.exists(class_real) and not os.path.isdir(class_real):
+            raise ConfigError(f"--class_data_dir {class_given} is a file, not a folder: point it at a folder for the "
+                              "class images (it is created if missing).")
         if _within(output, class_real):
             raise ConfigError(f"--output_dir {output_dir} is {'the' if output == class_real else 'inside the'} class "
                               f"folder {class_given}: choose an --output_dir outside it.")
