@@ -47,6 +47,7 @@ CASES = [
     ("unknown export format", lambda a, t, m: a + ["--export_formats", "onnx"], "unknown format 'onnx'"),
     ("unknown logger", lambda a, t, m: a + ["--report_to", "mlflow"], "--report_to 'mlflow' is not supported"),
     ("fp16 and bf16", lambda a, t, m: a + ["--fp16", "--bf16"], "--fp16 and --bf16 are exclusive"),
+    ("fp16 on a CPU", lambda a, t, m: a + ["--mixed_precision", "fp16"], "--fp16 (--mixed_precision fp16) needs a GPU"),
     ("alias conflict", lambda a, t, m: a + ["--per_device_train_batch_size", "4"], "same setting"),
     ("prior without class prompt", lambda a, t, m: a + ["--with_prior_preservation", "--class_data_dir", str(t / "c")],
      "--class_prompt"),

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
+import paddle
+
 from ppdreambooth.runtime import ranks, run_lock
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.config.arguments import (
@@ -161,6 +163,9 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
     class_images = data_args.with_prior_preservation and data_args.prior_preservation_mode == "class_images"
     check_folders_apart(data_args.concept_list, args.output_dir, class_images)
     instance_photos = [collect_photos(c.instance_data_dir, "instance_data_dir") for c in data_args.concept_list]
+    if args.fp16 and paddle.get_device().startswith("cpu"):
+        raise ConfigError("--fp16 (--mixed_precision fp16) needs a GPU: Paddle's CPU build has no float16 training "
+                          "(its loss scaler fails on the first step). On a CPU use --mixed_precision bf16, or no.")
     if args.enable_xformers_memory_efficient_attention:
         from ppdiffusers.utils import is_ppxformers_available
 
