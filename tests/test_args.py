@@ -188,3 +188,9 @@ def test_export_formats(tmp_path, monkeypatch):
         parse_args(REQUIRED + ["--export_formats", "diffusers,onnx"])
     with pytest.raises(ConfigError, match="kohya exports LoRA adapters; it needs --use_lora"):
         parse_args(REQUIRED + ["--export_formats", "kohya"])
+
+
+def test_numbers_in_a_concepts_list_are_checked_by_the_same_table():
+    concepts = '[{"instance_data_dir": "p", "instance_prompt": "a sks dog", "num_class_images": -3}]'
+    with pytest.raises(ConfigError, match=r"concepts\[0\].num_class_images -3 is out of range: it must be an integer >= 0"):
+        parse_args(["--pretrained_model_name_or_path", "org/model", "--output_dir", "o", "--concepts", concepts])

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
+from ppdreambooth.config.ranges import RANGES
 from ppdreambooth.errors import ConfigError
 
 
@@ -48,6 +49,10 @@ def _concept_from_dict(entry, index: int) -> Concept:
     concept = Concept(**entry)
     if not isinstance(concept.repeats, int) or concept.repeats < 1:
         raise ConfigError(f"concepts[{index}].repeats must be a positive integer, got {concept.repeats!r}.")
+    valid = RANGES["num_class_images"]
+    if concept.num_class_images is not None and not valid.accepts(concept.num_class_images):
+        raise ConfigError(f"concepts[{index}].num_class_images {concept.num_class_images!r} is out of range: it must "
+                          f"be {valid.describe()}.")
     return concept
 
 
