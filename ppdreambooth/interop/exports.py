@@ -79,10 +79,11 @@ def kohya_names(output_dir: str, model_family: Optional[str] = None,
     """The kohya LoRA naming of a LoRA run's family (SDXL's depends on the base model's UNet config)."""
     family = lora_family(output_dir, model_family, base_model)
     refuse_unsupported(family, "kohya")
-    name = formats_of(family).kohya_name
+    formats = formats_of(family)
+    name = formats.kohya_name
     if name is None:
         raise ExportError(f"--format kohya has no naming for model family {family.name}.")
-    config = base_unet_config(output_dir, base_model) if family.name != "sd" else {}
+    config = base_unet_config(output_dir, base_model) if formats.kohya_names_need_unet_config else {}
     return lambda component, module: name(component, module, config)
 
 

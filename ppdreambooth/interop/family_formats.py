@@ -132,6 +132,7 @@ class FamilyFormats:
     strict_single_file: bool = False  # a single file lacking weights is refused, not loaded half
     single_file_prefixes: Tuple[str, ...] = ()  # parts every single file of the family holds
     kohya_name: Optional[Callable[[str, str, dict], str]] = None  # (component, module, UNet config) -> kohya name
+    kohya_names_need_unet_config: bool = False  # SDXL: kohya names follow the SGM layout its config determines
     prepare_for_diffusers: Optional[Callable] = None  # in-memory pipeline fix-up before diffusers' layout
 
 
@@ -139,7 +140,7 @@ FAMILY_FORMATS: Dict[str, FamilyFormats] = {
     "sd": FamilyFormats(sd_single_file_state, read_sd_text_encoders, False, (),
                         lambda component, module, _config: sd_kohya_name(component, module)),
     "sdxl": FamilyFormats(sdxl_single_file_state, read_sdxl_text_encoders, True,
-                          (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX), kohya_lora_name),
+                          (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX), kohya_lora_name, True),
     "sd3": FamilyFormats(prepare_for_diffusers=fold_sd3_norm_biases),
 }
 

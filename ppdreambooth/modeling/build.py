@@ -57,7 +57,10 @@ def build_model(
     return DreamBoothModel(
         family,
         components,
-        build_objective(family.objective, components["scheduler"], model_args),
+        build_objective(family.objective, components["scheduler"], model_args.prediction_type,
+                        model_args.noise_offset, model_args.snr_gamma, model_args.weighting_scheme,
+                        model_args.logit_mean, model_args.logit_std, model_args.mode_scale,
+                        model_args.precondition_outputs),
         lora=lora,
         train_text_encoder=model_args.train_text_encoder,
         prior_loss_weight=model_args.prior_loss_weight,

@@ -102,17 +102,19 @@ class FlowMatchingObjective:
         return flow_loss_weights(self.sigmas(timesteps), self.weighting_scheme)
 
 
-def build_objective(kind: str, noise_scheduler, model_args):
-    """The objective a family names (`ModelFamily.objective`), configured from the model arguments."""
+def build_objective(kind: str, noise_scheduler, prediction_type: Optional[str] = None, noise_offset: float = 0.0,
+                    snr_gamma: Optional[float] = None, weighting_scheme: Optional[str] = None,
+                    logit_mean: Optional[float] = None, logit_std: Optional[float] = None,
+                    mode_scale: Optional[float] = None, precondition_outputs: Optional[int] = None):
+    """The objective a family names (`ModelFamily.objective`); unset flow-matching options take SD3's defaults."""
     if kind == "diffusion":
-        return DiffusionObjective(noise_scheduler, model_args.prediction_type, model_args.noise_offset,
-                                  model_args.snr_gamma)
+        return DiffusionObjective(noise_scheduler, prediction_type, noise_offset, snr_gamma)
     if kind == "flow":
         return FlowMatchingObjective(
-            noise_scheduler, model_args.weighting_scheme or "logit_normal",
-            0.0 if model_args.logit_mean is None else model_args.logit_mean,
-            1.0 if model_args.logit_std is None else model_args.logit_std,
-            1.29 if model_args.mode_scale is None else model_args.mode_scale,
-            True if model_args.precondition_outputs is None else bool(model_args.precondition_outputs),
+            noise_scheduler, weighting_scheme or "logit_normal",
+            0.0 if logit_mean is None else logit_mean,
+            1.0 if logit_std is None else logit_std,
+            1.29 if mode_scale is None else mode_scale,
+            True if precondition_outputs is None else bool(precondition_outputs),
         )
     raise ValueError(f"unknown objective {kind!r}")
