@@ -155,6 +155,13 @@ CASES += [
     ("weight file cut short", lambda a, t, m: replace(a, "--pretrained_model_name_or_path", _damaged_model(
         m, t, lambda f: _cut_short(f / "unet" / "diffusion_paddle_model.safetensors"))),
      "unet/diffusion_paddle_model.safetensors of"),
+    ("replacement VAE folder missing", lambda a, t, m: a + ["--pretrained_vae_model_name_or_path", str(t / "nope")],
+     "is not a VAE folder (no config.json)"),
+    ("replacement VAE is another model", lambda a, t, m: a + ["--pretrained_vae_model_name_or_path",
+                                                             os.path.join(m, "unet")],
+     "holds a UNet2DConditionModel, not a VAE (AutoencoderKL)"),
+    ("tokenizer folder without a tokenizer", lambda a, t, m: a + ["--tokenizer_name", os.path.join(m, "unet")],
+     "is not a CLIP tokenizer folder (it lacks vocab.json and merges.txt)"),
     # prompts
     ("empty instance prompt", lambda a, t, m: replace(a, "--instance_prompt", "   "), "--instance_prompt is empty"),
     ("empty class prompt", lambda a, t, m: a + ["--with_prior_preservation", "--class_prompt", " ",

@@ -124,3 +124,42 @@ def check_model_folder(path: str, family) -> None:
             f"model folder {path} lacks {', '.join(c + '/' for c in missing)}; a {family.pipeline_class} folder has "
             f"{', '.join(c + '/' for c in family.components)}."
         )
+
+
+def _is_local(path: str) -> bool:
+    """A local path rather than a hub id ("org/name")."""
+    return os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1
+
+
+def check_vae_path(path: str, flag: str = "--pretrained_vae_model_name_or_path") -> None:
+    """A replacement VAE given as a folder must be an AutoencoderKL folder with whole weights (a hub id is not
+    checked)."""
+    if not _is_local(path):
+        return
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ConfigError(f"{flag} {path} is not a VAE folder (no config.json): point it at a folder holding an "
+                          "AutoencoderKL's config.json and weights, or at a hub id.")
+    class_name = read_json_file(config).get("_class_name")
+    if class_name != "AutoencoderKL":
+        raise ConfigError(f"{flag} {path} holds a {class_name or 'model of unknown class'}, not a VAE "
+                          "(AutoencoderKL).")
+    weights = [n for n in sorted(os.listdir(path)) if n.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        raise ConfigError(f"{flag} {path} has no weight file: the VAE is incomplete; fetch it again.")
+    for name in weights:
+        if name.endswith(".safetensors"):
+            problem = safetensors_problem(os.path.join(path, name))
+            if problem:
+                raise ConfigError(f"{flag}: {name} of {path} {problem}; {FETCH_AGAIN}.")
+
+
+def check_tokenizer_path(path: str) -> None:
+    """--tokenizer_name given as a folder must hold a CLIP tokenizer (vocab.json and merges.txt)."""
+    if not _is_local(path):
+        return
+    missing = [n for n in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise ConfigError(f"--tokenizer_name {path} is not a CLIP tokenizer folder (it lacks "
+                          f"{' and '.join(missing)}): point it at a tokenizer folder or a hub id.")
+    read_json_file(os.path.join(path, "vocab.json"))

@@ -23,7 +23,14 @@ from ppdreambooth.data.dataset import Photo, collect_photos, read_caption
 from ppdreambooth.evaluation.prompts import subject_words
 from ppdreambooth.evaluation.world import world_subject
 from ppdreambooth.families import ModelFamily, detect_family
-from ppdreambooth.families.checks import check_model_files, check_model_folder, check_model_path, check_single_file
+from ppdreambooth.families.checks import (
+    check_model_files,
+    check_model_folder,
+    check_model_path,
+    check_single_file,
+    check_tokenizer_path,
+    check_vae_path,
+)
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
 from ppdreambooth.training.folders import check_folders_apart, check_writable
 from ppdreambooth.training.resume_settings import check_resume, class_files_now, current_settings
@@ -157,6 +164,10 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
     family = detect_family(config_source, model_args.model_family, model_args.revision)
     check_model_folder(config_source, family)
     check_model_files(config_source, family)
+    if model_args.pretrained_vae_model_name_or_path:
+        check_vae_path(model_args.pretrained_vae_model_name_or_path)
+    if model_args.tokenizer_name:
+        check_tokenizer_path(model_args.tokenizer_name)
     check_family_options(family, model_args, data_args, args)
     if args.eval_world:  # the subject must be one the toy world can score
         world_subject(*subject_words(data_args.concept_list[0].instance_prompt, args.eval_class_name))
