@@ -182,3 +182,17 @@ def test_data_loader_worker_processes_train_the_same_model(tiny_model, tmp_path)
         weights.append(load_unet_weights(str(out)))
     assert set(weights[0]) == set(weights[1])
     assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_photos_are_decoded_once_and_large_folders_are_not_held(tmp_path, monkeypatch):
+    """Photos are decoded when the folder is checked and that picture is used afterwards; past HELD_PIXELS in all
+    they are not held (decoded again when used), so a large folder does not sit in memory twice."""
+    from ppdreambooth.data import dataset
+
+    folder = write_photos(tmp_path / "p", count=3, size=(96, 80))
+    photos = dataset.collect_photos(folder, "instance_data_dir")
+    assert all(p.image is not None and p.picture() is p.image for p in photos)
+    monkeypatch.setattr(dataset, "HELD_PIXELS", 96 * 80 * 2)
+    few = dataset.collect_photos(folder, "instance_data_dir")
+    assert [p.image is not None for p in few] == [True, True, False]
+    assert np.array_equal(np.asarray(few[2].picture()), np.asarray(photos[2].image))

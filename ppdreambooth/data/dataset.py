@@ -34,12 +34,20 @@ from ppdreambooth.data.images import (
 logger = logging.getLogger(__name__)
 
 
+# Decoded photos kept from the check to their use, at most this many pixels in all (about 600 MB of RGB): a set of
+# phone photos is read once; a folder of hundreds of large images is decoded again when used instead of being held.
+HELD_PIXELS = 200_000_000
+
+
 @dataclass(frozen=True)
 class Photo:
-    """An image file and its decoded picture: checked once when the folder is read, then used from memory."""
+    """An image file and its decoded picture (None when it was not kept: see HELD_PIXELS)."""
 
     path: str
-    image: object  # PIL image, RGB
+    image: object = None  # PIL image, RGB
+
+    def picture(self):
+        return self.image if self.image is not None else load_rgb(self.path)
 
 
 def collect_photos(folder: Optional[str], flag: str, allow_empty: bool = False) -> List[Photo]:
@@ -50,12 +58,15 @@ def collect_photos(folder: Optional[str], flag: str, allow_empty: bool = False) 
     """
     if not folder or not os.path.isdir(folder):
         raise ConfigError(f"--{flag} {folder!r} is not a folder; point it at a folder of images.")
-    files, bad = [], []
+    files, bad, held = [], [], 0
     for path in list_image_files(folder):
         try:
-            files.append(Photo(path, load_rgb(path)))
+            image = load_rgb(path)
         except ImageError as e:
             bad.append(str(e))
+            continue
+        held += image.width * image.height
+        files.append(Photo(path, image if held <= HELD_PIXELS else None))
     for message in bad:
         logger.warning("skipping %s", message)
     if not files and not allow_empty:
@@ -107,7 +118,7 @@ def load_image_set(
     `tokenize(text)` gives the token ids of every tokenizer of the model (`DreamBoothModel.tokenize`)."""
     images, sizes, originals, tokens, cache = [], [], [], [], {}
     for photo in photos:
-        path, image = (photo.path, photo.image) if isinstance(photo, Photo) else (photo, load_rgb(photo))
+        path, image = (photo.path, photo.picture()) if isinstance(photo, Photo) else (photo, load_rgb(photo))
         size = size_of(image.height, image.width)
         if image.height < size[0] or image.width < size[1]:
             logger.warning("%s is %dx%d, smaller than %dx%d: it is upscaled", path, image.width, image.height, size[1], size[0])
