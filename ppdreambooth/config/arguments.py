@@ -22,6 +22,8 @@ from ppdreambooth.errors import ConfigError
 # weights sigma_sqrt / cosmap / none (see ppdreambooth.modeling.losses)
 FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 EXPORT_FORMATS = ("diffusers", "single-file", "kohya", "merged")  # --export_formats, `export --format`
+LOSS_TYPES = ("l2", "huber", "smooth_l1")  # --loss_type (see ppdreambooth.modeling.losses)
+HUBER_SCHEDULES = ("constant", "exponential", "snr")  # --huber_schedule
 LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
 
 
@@ -92,6 +94,46 @@ class ModelArguments:
         metadata={"help": "Comma-separated module names that get LoRA adapters in the denoiser (default: the "
                           "family's; SD3: to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out)."},
     )
+    # loss and noise variants (kohya's sd-scripts options; README "Loss and noise variants")
+    loss_type: str = field(
+        default="l2",
+        metadata={"help": "Per-element loss: l2 (squared error, the default), huber (2c(sqrt(d^2+c^2)-c)) or "
+                          "smooth_l1 (2(sqrt(d^2+c^2)-c)), with the threshold c from --huber_schedule.",
+                  "choices": list(LOSS_TYPES)},
+    )
+    huber_schedule: str = field(
+        default="snr",
+        metadata={"help": "huber/smooth_l1 threshold per timestep: constant (--huber_c), exponential (1 at t=0 down "
+                          "to --huber_c at the last step) or snr (default; (1-c)/(1+sigma_t)^2+c, SD/SDXL only).",
+                  "choices": list(HUBER_SCHEDULES)},
+    )
+    huber_c: float = field(default=0.1, metadata={"help": "The Huber threshold parameter c (0.1)."})
+    min_timestep: Optional[int] = field(
+        default=None, metadata={"help": "Lowest training timestep (0..999; default 0). SD3: the lowest 1000*sigma."}
+    )
+    max_timestep: Optional[int] = field(
+        default=None, metadata={"help": "Training timesteps stay below this (1..1000; default: all of them). SD3: "
+                                        "the highest 1000*sigma (inclusive)."}
+    )
+    multires_noise_iterations: int = field(
+        default=0, metadata={"help": "SD/SDXL: levels of multi-resolution (pyramid) noise added to the noise (6-10 "
+                                     "is usual); 0 is off."}
+    )
+    multires_noise_discount: float = field(
+        default=0.3, metadata={"help": "SD/SDXL: each pyramid level's weight is this to the power of its level (0.3)."}
+    )
+    adaptive_noise_scale: float = field(
+        default=0.0, metadata={"help": "SD/SDXL, with --noise_offset: the offset strength becomes noise_offset + "
+                                       "this * |the latents' channel mean| (floored at 0); 0 is off."}
+    )
+    ip_noise_gamma: float = field(
+        default=0.0, metadata={"help": "SD/SDXL: input perturbation; the noisy input uses noise + gamma * another "
+                                       "Gaussian, the target the plain noise (about 0.1); 0 is off."}
+    )
+    debiased_estimation_loss: bool = field(
+        default=False, metadata={"help": "SD/SDXL: weight each sample's loss by 1/sqrt(SNR_t) (v-prediction: "
+                                         "1/(SNR_t+1)), SNR capped at 1000."}
+    )
     # flow matching (SD3) only
     weighting_scheme: Optional[str] = field(
         default=None,
@@ -112,9 +154,18 @@ class ModelArguments:
     )
 
     FLOW_ONLY = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+    # options that act on the DDPM noise schedule (SD/SDXL); each is off when falsy (None, 0, False)
+    DDPM_ONLY = ("prediction_type", "snr_gamma", "adaptive_noise_scale", "noise_offset", "multires_noise_iterations",
+                 "ip_noise_gamma", "debiased_estimation_loss")
 
     def __post_init__(self):
         check_fields(self)
+        if self.min_timestep is not None and self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ConfigError(f"--min_timestep {self.min_timestep} must be below --max_timestep {self.max_timestep} "
+                              "(timesteps are drawn from [min, max)).")
+        if self.adaptive_noise_scale and not self.noise_offset:
+            raise ConfigError("--adaptive_noise_scale adjusts the offset noise's strength; it needs --noise_offset "
+                              "(e.g. --noise_offset 0.1).")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
 

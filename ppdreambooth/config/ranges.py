@@ -82,6 +82,14 @@ RANGES: Dict[str, Range] = {
     "mode_scale": Range(0.0, 10.0),
     "precondition_outputs": count(0, 1),
     "max_sequence_length": count(1, 512),
+    # loss and noise variants
+    "huber_c": Range(0.0, 1.0, low_open=True),
+    "min_timestep": count(0, 999),
+    "max_timestep": count(1, 1000),
+    "multires_noise_iterations": count(0, 100, note="0 is off"),
+    "multires_noise_discount": Range(0.0, 1.0),
+    "adaptive_noise_scale": Range(-1.0, 1.0, note="0 is off"),
+    "ip_noise_gamma": Range(0.0, 1.0, note="0 is off"),
     # data
     "num_class_images": count(0, HUGE, note="0: no class images are generated"),
     "sample_batch_size": count(1, 4096),

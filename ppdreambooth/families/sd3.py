@@ -44,8 +44,14 @@ class StableDiffusion3(ModelFamily):
         "lora_text_encoder": "SD3 LoRA trains the transformer only: ppdiffusers 0.29 saves and loads SD3 adapters "
                              "for the transformer alone. Drop --train_text_encoder, or train the CLIP encoders "
                              "fully without --use_lora.",
-        "ddpm_options": "is a DDPM option; SD3 trains by flow matching. Use --weighting_scheme (logit_normal, "
-                        "mode, uniform, sigma_sqrt, cosmap, none) and --precondition_outputs instead.",
+        "ddpm_options": "is a DDPM option; SD3 trains by flow matching, which has no DDPM noise schedule (its "
+                        "epsilon/v targets, SNR, offset or pyramid noise, perturbed inputs) for it to act on. Use "
+                        "--weighting_scheme (logit_normal, mode, uniform, sigma_sqrt, cosmap, none) and "
+                        "--precondition_outputs instead; --loss_type and --min_timestep/--max_timestep work for SD3 "
+                        "too.",
+        "huber_schedule_snr": "the snr schedule takes the threshold from the DDPM schedule's signal-to-noise ratio, "
+                              "which SD3's flow matching does not have. Add --huber_schedule constant or "
+                              "exponential.",
         # The two exports SD3 does not write, read by the training entry (--export_formats) and by export.py.
         "export_kohya": "SD3 LoRAs have no kohya export. Use --format diffusers: its "
                         "transformer.<module>.lora_A/lora_B.weight file is what diffusers' "

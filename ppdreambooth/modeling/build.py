@@ -10,7 +10,7 @@ from ppdreambooth.families import ModelFamily, detect_family
 from ppdreambooth.families.loading import load_components
 from ppdreambooth.modeling.lora import LoraSpec
 from ppdreambooth.modeling.model import DreamBoothModel
-from ppdreambooth.modeling.objectives import build_objective
+from ppdreambooth.modeling.objectives import LossVariants, build_objective
 
 
 def fit_tokenizers(family: ModelFamily, components: dict, model_args: ModelArguments) -> None:
@@ -29,6 +29,22 @@ def fit_tokenizers(family: ModelFamily, components: dict, model_args: ModelArgum
             tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
         else:
             tokenizer.model_max_length = model_args.max_sequence_length
+
+
+def loss_variants(model_args: ModelArguments) -> LossVariants:
+    """The loss and noise variants the flags ask for (README "Loss and noise variants")."""
+    return LossVariants(
+        loss_type=model_args.loss_type,
+        huber_schedule=model_args.huber_schedule,
+        huber_c=model_args.huber_c,
+        min_timestep=model_args.min_timestep,
+        max_timestep=model_args.max_timestep,
+        multires_noise_iterations=model_args.multires_noise_iterations,
+        multires_noise_discount=model_args.multires_noise_discount,
+        adaptive_noise_scale=model_args.adaptive_noise_scale,
+        ip_noise_gamma=model_args.ip_noise_gamma,
+        debiased_estimation_loss=model_args.debiased_estimation_loss,
+    )
 
 
 def build_model(
@@ -60,7 +76,7 @@ def build_model(
         build_objective(family.objective, components["scheduler"], model_args.prediction_type,
                         model_args.noise_offset, model_args.snr_gamma, model_args.weighting_scheme,
                         model_args.logit_mean, model_args.logit_std, model_args.mode_scale,
-                        model_args.precondition_outputs),
+                        model_args.precondition_outputs, loss_variants(model_args)),
         lora=lora,
         train_text_encoder=model_args.train_text_encoder,
         prior_loss_weight=model_args.prior_loss_weight,

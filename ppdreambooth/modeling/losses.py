@@ -1,11 +1,13 @@
 """The DreamBooth loss as pure functions of tensors (the tests check them against hand-written formulas).
 
-loss = mean_i w_i * MSE(pred_i, target_i) over the instance half
-     + prior_loss_weight * mean_j w_j * MSE(pred_j, target_j) over the class half,
+loss = mean_i w_i * L(pred_i, target_i) over the instance half
+     + prior_loss_weight * mean_j w_j * L(pred_j, target_j) over the class half,
 where, for DDPM models (SD, SDXL), the target is the noise (epsilon) or the velocity (v_prediction) and w
-is 1 or the min-SNR weight; for flow matching (SD3) the target is the velocity noise - x0 (or x0 with
-preconditioned outputs) and w a sigma-based weight. Everything is computed in float32 whatever the
-model's precision.
+is 1, the min-SNR weight and/or the debiased-estimation weight; for flow matching (SD3) the target is the
+velocity noise - x0 (or x0 with preconditioned outputs) and w a sigma-based weight. L is the mean over elements
+of the squared error (--loss_type l2, the default), or of kohya's pseudo-Huber 2 c (sqrt(d^2 + c^2) - c) or
+smooth-L1 2 (sqrt(d^2 + c^2) - c) with a threshold c per sample (`huber_threshold`). Everything is computed in
+float32 whatever the model's precision.
 """
 from __future__ import annotations
 
@@ -33,9 +35,64 @@ def min_snr_weights(scheduler, timesteps: paddle.Tensor, gamma: float, predictio
     return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
 
 
+def debiased_weights(scheduler, timesteps: paddle.Tensor, prediction_type: str) -> paddle.Tensor:
+    """Per-sample debiased-estimation weights (kohya's --debiased_estimation_loss): 1 / sqrt(SNR), or 1 / (SNR + 1)
+    for v-prediction, with SNR capped at 1000 (it is near infinite at t = 0)."""
+    snr = compute_snr(scheduler, timesteps)
+    snr = paddle.minimum(snr, paddle.full_like(snr, 1000.0))
+    return 1.0 / (snr + 1.0) if prediction_type == "v_prediction" else 1.0 / paddle.sqrt(snr)
+
+
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+def huber_threshold(timesteps: paddle.Tensor, schedule: str, huber_c: float, num_train_timesteps: int,
+                    alphas_cumprod: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """The Huber threshold c of each sample (kohya's schedules): `constant` huber_c; `exponential`
+    exp(-alpha t) with alpha = -ln(huber_c) / num_train_timesteps (1 at t = 0, huber_c at the last step);
+    `snr` (DDPM only) (1 - huber_c) / (1 + sigma_t)^2 + huber_c with sigma_t = sqrt((1 - abar_t) / abar_t)."""
+    steps = timesteps.astype("float32")
+    if schedule == "constant":
+        return paddle.full(steps.shape, huber_c, dtype="float32")
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / num_train_timesteps
+        return paddle.exp(-alpha * steps)
+    if schedule == "snr":
+        if alphas_cumprod is None:
+            raise ValueError("the snr Huber schedule needs a DDPM noise schedule (alphas_cumprod)")
+        abar = paddle.gather(alphas_cumprod.astype("float32"), timesteps.astype("int64"))
+        sigma = paddle.sqrt((1.0 - abar) / abar)
+        return (1.0 - huber_c) / (1.0 + sigma) ** 2 + huber_c
+    raise ValueError(f"unknown Huber schedule {schedule!r}; use one of {', '.join(HUBER_SCHEDULES)}")
+
+
+def elementwise_loss(pred: paddle.Tensor, target: paddle.Tensor, loss_type: str = "l2",
+                     huber_c: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """The loss of each element, in float32: d^2 (l2), 2 c (sqrt(d^2 + c^2) - c) (huber) or 2 (sqrt(d^2 + c^2) - c)
+    (smooth_l1), d = pred - target, c the per-sample threshold."""
+    diff = pred.astype("float32") - target.astype("float32")
+    if loss_type == "l2":
+        return diff * diff
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    c = huber_c.astype("float32").reshape([-1] + [1] * (diff.ndim - 1))
+    excess = paddle.sqrt(diff * diff + c * c) - c
+    return 2.0 * c * excess if loss_type == "huber" else 2.0 * excess
+
+
 def per_sample_mse(pred: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
     diff = pred.astype("float32") - target.astype("float32")
     return (diff * diff).reshape([diff.shape[0], -1]).mean(axis=1)
+
+
+def per_sample_loss(pred: paddle.Tensor, target: paddle.Tensor, loss_type: str = "l2",
+                    huber_c: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """`elementwise_loss` averaged over each sample (l2: exactly `per_sample_mse`)."""
+    if loss_type == "l2":
+        return per_sample_mse(pred, target)
+    loss = elementwise_loss(pred, target, loss_type, huber_c)
+    return loss.reshape([loss.shape[0], -1]).mean(axis=1)
 
 
 def dreambooth_loss(
@@ -44,12 +101,15 @@ def dreambooth_loss(
     num_instance: int,
     prior_loss_weight: float = 1.0,
     weights: Optional[paddle.Tensor] = None,
+    loss_type: str = "l2",
+    huber_c: Optional[paddle.Tensor] = None,
 ) -> Dict[str, paddle.Tensor]:
     """Instance loss plus weighted prior loss; the batch holds `num_instance` instance rows, then class rows.
+    `loss_type` huber or smooth_l1 needs `huber_c`, one threshold per row.
 
     Returns `loss` (for backward) and the detached parts `loss_instance`, `loss_prior` (0 without prior rows).
     """
-    mse = per_sample_mse(pred, target)
+    mse = per_sample_loss(pred, target, loss_type, huber_c)
     if weights is not None:
         mse = mse * weights.astype("float32")
     loss_instance = mse[:num_instance].mean()

@@ -252,8 +252,9 @@ class DreamBoothModel(paddle.nn.Layer):
                 **batch: paddle.Tensor) -> Dict[str, paddle.Tensor]:
         """Loss for a batch of [instance; class] examples (`ppdreambooth.batch` defines its keys): images as pixels
         or cached latent moments, prompts as token ids or cached encodings, plus the family's per-sample
-        conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests). With `latent_cached` (a row
-        mask) only the rows without cached moments are encoded."""
+        conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests; --ip_noise_gamma still perturbs
+        the input made with that noise). With `latent_cached` (a row mask) only the rows without cached moments are
+        encoded."""
         if input_ids is not None:
             batch[token_key(0)] = input_ids
         latent_mean, latent_std, latent_cached, prompt_embeds, noise, timesteps = (
@@ -275,9 +276,11 @@ class DreamBoothModel(paddle.nn.Layer):
                 drawn_noise, drawn_steps = self.objective.draw(latents)
                 noise = drawn_noise if noise is None else noise
                 timesteps = drawn_steps if timesteps is None else timesteps
-            if self.base_prediction_prior:
-                latents, noise, timesteps = (paddle.concat([x, x]) for x in (latents, noise, timesteps))
-            noisy_latents = self.objective.noisy_latents(latents, noise, timesteps)
+            input_noise = self.objective.input_noise(noise)  # --ip_noise_gamma perturbs the input, not the target
+            if self.base_prediction_prior:  # both halves see the same noisy input
+                latents, noise, input_noise, timesteps = (
+                    paddle.concat([x, x]) for x in (latents, noise, input_noise, timesteps))
+            noisy_latents = self.objective.noisy_latents(latents, input_noise, timesteps)
             target = self.objective.target(latents, noise, timesteps)
         if prompt_embeds is None:
             conditioning.update(self.encode_prompts(tokens))
@@ -291,6 +294,8 @@ class DreamBoothModel(paddle.nn.Layer):
         with paddle.amp.auto_cast(enable=False):
             model_pred = self.objective.prediction(raw, noisy_latents, timesteps)
             weights = self.objective.loss_weights(timesteps)
+            thresholds = self.objective.huber_threshold(timesteps)  # None for the l2 loss
             batch = latents.shape[0]
             num_instance = batch // 2 if self.with_prior_preservation else batch
-            return dreambooth_loss(model_pred, target, num_instance, self.prior_loss_weight, weights)
+            return dreambooth_loss(model_pred, target, num_instance, self.prior_loss_weight, weights,
+                                   self.objective.loss_type, thresholds)

@@ -219,11 +219,12 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
         raise ConfigError(f"--use_lora with --train_text_encoder: {unsupported['lora_text_encoder']}")
     flow = family.objective == "flow"
     if flow:
-        ddpm = {"prediction_type": model_args.prediction_type, "snr_gamma": model_args.snr_gamma,
-                "noise_offset": model_args.noise_offset or None}
-        given = [name for name, value in ddpm.items() if value is not None]
+        given = [name for name in ModelArguments.DDPM_ONLY if getattr(model_args, name)]
         if given:
             raise ConfigError(f"--{given[0]} {unsupported['ddpm_options']}")
+        if model_args.loss_type != "l2" and model_args.huber_schedule == "snr":
+            raise ConfigError(f"--loss_type {model_args.loss_type} with --huber_schedule snr (the default): "
+                              f"{unsupported['huber_schedule_snr']}")
     else:
         given = [name for name in ModelArguments.FLOW_ONLY if getattr(model_args, name) is not None]
         if given or model_args.drop_t5:
