@@ -8,7 +8,8 @@ import pytest
 from ppdreambooth.config.arguments import ModelArguments
 from ppdreambooth.training.caching import cache_encodings, cache_latents, cache_prompt_embeddings
 from helpers.models import collate
-from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset
+from ppdreambooth.data.photos import load_image_set
 from ppdreambooth.data.images import list_image_files
 from ppdreambooth.modeling.build import build_model
 

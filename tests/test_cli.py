@@ -60,7 +60,7 @@ def test_bad_inputs_fail_early_with_a_named_cause(tiny_model, photos, tmp_path, 
 
 
 def test_a_corrupt_image_is_skipped_with_a_warning(photos, tmp_path, caplog):
-    from ppdreambooth.data.dataset import collect_photos
+    from ppdreambooth.data.photos import collect_photos
 
     (tmp_path / "instance" / "zz-truncated.png").write_bytes(open(os.path.join(photos, "photo-0.png"), "rb").read()[:60])
     files = collect_photos(photos, "instance_data_dir")

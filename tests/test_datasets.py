@@ -12,7 +12,8 @@ from helpers.runs import run_module, train_argv
 from ppdreambooth.data.buckets import make_buckets, nearest_bucket
 from ppdreambooth.config.parsing import parse_args
 from helpers.models import collate
-from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, SeededBatchSampler, load_image_set
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, SeededBatchSampler
+from ppdreambooth.data.photos import load_image_set
 from ppdreambooth.families import FAMILIES
 from ppdreambooth.data.images import list_image_files
 
@@ -187,12 +188,12 @@ def test_data_loader_worker_processes_train_the_same_model(tiny_model, tmp_path)
 def test_photos_are_decoded_once_and_large_folders_are_not_held(tmp_path, monkeypatch):
     """Photos are decoded when the folder is checked and that picture is used afterwards; past HELD_PIXELS in all
     they are not held (decoded again when used), so a large folder does not sit in memory twice."""
-    from ppdreambooth.data import dataset
+    from ppdreambooth.data import photos as photo_folders
 
     folder = write_photos(tmp_path / "p", count=3, size=(96, 80))
-    photos = dataset.collect_photos(folder, "instance_data_dir")
+    photos = photo_folders.collect_photos(folder, "instance_data_dir")
     assert all(p.image is not None and p.picture() is p.image for p in photos)
-    monkeypatch.setattr(dataset, "HELD_PIXELS", 96 * 80 * 2)
-    few = dataset.collect_photos(folder, "instance_data_dir")
+    monkeypatch.setattr(photo_folders, "HELD_PIXELS", 96 * 80 * 2)
+    few = photo_folders.collect_photos(folder, "instance_data_dir")
     assert [p.image is not None for p in few] == [True, True, False]
     assert np.array_equal(np.asarray(few[2].picture()), np.asarray(photos[2].image))

@@ -14,7 +14,8 @@ from PIL import Image
 
 from helpers.models import make_model as make
 from ppdreambooth.errors import ConfigError
-from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset
+from ppdreambooth.data.photos import load_image_set
 from ppdreambooth.families import FAMILIES, detect_family
 from ppdreambooth.data.images import list_image_files
 from ppdreambooth.families.checks import check_model_folder

@@ -223,7 +223,8 @@ def test_flow_objective_refuses_what_needs_a_ddpm_schedule():
 
 # ----- in the model: off values are today's loss; each option changes what each family computes ----------------
 def family_batch(model, photos, rows=2):
-    from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set
+    from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset
+    from ppdreambooth.data.photos import load_image_set
     from ppdreambooth.data.images import list_image_files
 
     instance = load_image_set(list_image_files(photos), "a photo of sks dog", model.tokenize, lambda h, w: (64, 64))
@@ -352,7 +353,8 @@ def record_denoiser_inputs(model):
 
 def test_base_prediction_prior_sees_the_same_perturbed_input(tiny_model, photos):
     from ppdreambooth.config.arguments import ModelArguments
-    from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set, mirror_with_prompt
+    from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, mirror_with_prompt
+    from ppdreambooth.data.photos import load_image_set
     from ppdreambooth.data.images import list_image_files
     from ppdreambooth.modeling.build import build_model
 

@@ -7,7 +7,8 @@ import pytest
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.config.arguments import ModelArguments
 from helpers.models import collate
-from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, load_image_set, mirror_with_prompt
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, mirror_with_prompt
+from ppdreambooth.data.photos import load_image_set
 from ppdreambooth.data.images import list_image_files
 from ppdreambooth.modeling.build import build_model
 

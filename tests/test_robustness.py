@@ -11,7 +11,7 @@ from helpers.models import load_unet_weights
 from helpers.photos import write_photos
 from helpers.models import assert_same_weights
 from helpers.runs import ROOT, run_module, train_argv
-from ppdreambooth.data.dataset import collect_photos
+from ppdreambooth.data.photos import collect_photos
 from ppdreambooth.data.images import ImageError, load_rgb
 from ppdreambooth.runtime.checkpoints import complete_checkpoints
 

@@ -216,6 +216,23 @@ class DataArguments:
     caption_extension: str = field(
         default=".txt", metadata={"help": "A file beside an image with this extension is its caption."}
     )
+    caption_dropout_rate: float = field(
+        default=0.0, metadata={"help": "Train an instance photo on the empty prompt instead of its caption with this "
+                                       "probability (0-1; class images never). The empty prompt is cached too."}
+    )
+    shuffle_caption: bool = field(
+        default=False, metadata={"help": "Shuffle the comma-separated tags of instance captions at each step; the "
+                                         "instance prompt stays whole and first. Prompts are then encoded each step."}
+    )
+    keep_tokens: int = field(
+        default=0, metadata={"help": "With --shuffle_caption / --caption_tag_dropout_rate: the first N tags stay in "
+                                     "place and are never dropped (the instance prompt counts as one)."}
+    )
+    caption_tag_dropout_rate: float = field(
+        default=0.0, metadata={"help": "Drop each tag of an instance caption with this probability (0-1), never the "
+                                       "instance prompt nor the --keep_tokens tags. Prompts are then encoded each "
+                                       "step."}
+    )
     enable_bucket: bool = field(
         default=False, metadata={"help": "Keep aspect ratios: batch images by the size bucket nearest their shape."}
     )

@@ -100,6 +100,9 @@ RANGES: Dict[str, Range] = {
     "min_bucket_reso": PIXELS,
     "max_bucket_reso": PIXELS,
     "bucket_reso_steps": PIXELS,
+    "caption_dropout_rate": share(note="0 is off"),
+    "caption_tag_dropout_rate": share(note="0 is off"),
+    "keep_tokens": count(0, 1000, note="0: no tag is held in place but the instance prompt"),
     # batches, steps and schedule
     "per_device_train_batch_size": count(1, 65536),
     "train_batch_size": count(1, 65536),

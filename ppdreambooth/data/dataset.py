@@ -1,7 +1,6 @@
 """The DreamBooth dataset: instance photos (and class images) paired as the paper trains them.
 
-Several subjects (concepts) can train together; captions beside images replace the instance prompt.
-Each item holds one instance example and, with prior preservation, one class example; `collate`
+Several subjects (concepts) can train together; their photos arrive as image sets (`data.photos`). Each item holds one instance example and, with prior preservation, one class example; `collate`
 concatenates the instance half and the class half so the model runs one forward pass over both.
 Random crops and flips draw from a seed that the batch sampler hands out with each index (derived
 from the run seed, the epoch and the position), never from a global RNG: a run resumed in a fresh
@@ -11,125 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import paddle
 
 from ppdreambooth.batch import CLASS, INSTANCE, LATENT_CACHED, LATENT_MEAN, LATENT_STD, PIXEL_VALUES, Size
-from ppdreambooth.errors import ConfigError
-from ppdreambooth.data.images import (
-    ImageError,
-    crop_and_scale,
-    crop_box,
-    list_image_files,
-    load_rgb,
-    prepare_image,
-    resize_to_cover,
-)
+from ppdreambooth.data.captions import CaptionOptions, caption_plan, vary_caption
+from ppdreambooth.data.images import crop_and_scale, crop_box, prepare_image
+from ppdreambooth.data.photos import ImageSet
 
 logger = logging.getLogger(__name__)
-
-
-# Decoded photos kept from the check to their use, at most this many pixels in all (about 600 MB of RGB): a set of
-# phone photos is read once; a folder of hundreds of large images is decoded again when used instead of being held.
-HELD_PIXELS = 200_000_000
-
-
-@dataclass(frozen=True)
-class Photo:
-    """An image file and its decoded picture (None when it was not kept: see HELD_PIXELS)."""
-
-    path: str
-    image: object = None  # PIL image, RGB
-
-    def picture(self):
-        return self.image if self.image is not None else load_rgb(self.path)
-
-
-def collect_photos(folder: Optional[str], flag: str, allow_empty: bool = False) -> List[Photo]:
-    """The usable images of `folder`, decoded (each file is read once per run); unreadable ones are skipped with a
-    warning naming them.
-
-    Raises ConfigError (naming `flag` and the folder) when the folder is missing or has no usable image.
-    """
-    if not folder or not os.path.isdir(folder):
-        raise ConfigError(f"--{flag} {folder!r} is not a folder; point it at a folder of images.")
-    files, bad, held = [], [], 0
-    for path in list_image_files(folder):
-        try:
-            image = load_rgb(path)
-        except ImageError as e:
-            bad.append(str(e))
-            continue
-        held += image.width * image.height
-        files.append(Photo(path, image if held <= HELD_PIXELS else None))
-    for message in bad:
-        logger.warning("skipping %s", message)
-    if not files and not allow_empty:
-        detail = f" Unreadable: {'; '.join(bad)}" if bad else ""
-        raise ConfigError(f"--{flag} {folder} holds no usable image (.jpg, .png, .webp, ...).{detail}")
-    return files
-
-
-@dataclass
-class ImageSet:
-    """Images of one role (instance or class), each with its training size, original size and prompt tokens.
-
-    `tokens` holds each image's token ids per tokenizer (`input_ids`, `input_ids_2`, ...). `prompt_embeds`
-    and `latents` are filled by `ppdreambooth.training.caching` when the text encoders are frozen and when latents
-    are cached: then items carry those instead of token ids and pixels.
-    """
-
-    images: list  # PIL images, already resized to cover their training size
-    sizes: List[Size]  # (height, width) per image: the training size, or its aspect-ratio bucket
-    tokens: List[Dict[str, np.ndarray]]
-    original_sizes: List[Size] = None  # (height, width) of each file before resizing
-    prompt_embeds: Optional[List[Dict[str, np.ndarray]]] = None  # the text encoders' outputs per image
-    latents: Optional[Dict[tuple, Tuple[np.ndarray, np.ndarray]]] = None  # (image, h, w, flip) -> (mean, std)
-
-
-def read_caption(image_path: str, extension: str, instance_prompt: str) -> Optional[str]:
-    """The caption file beside an image (`photo.jpg` -> `photo.txt`), with {instance_prompt} filled in."""
-    path = os.path.splitext(image_path)[0] + extension
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            caption = " ".join(f.read().split())
-    except UnicodeDecodeError:
-        raise ConfigError(f"caption file {path} is not UTF-8 text: save it as UTF-8 (or remove it).") from None
-    return caption.replace("{instance_prompt}", instance_prompt) if caption else None
-
-
-def load_image_set(
-    photos: Sequence[Union[Photo, str]],
-    prompt: str,
-    tokenize: Callable[[str], Dict[str, np.ndarray]],
-    size_of: Callable[[int, int], Size],
-    caption_extension: Optional[str] = None,
-) -> ImageSet:
-    """Resize photos (or open and resize image files); `size_of(h, w)` gives each one's training size; captions
-    override `prompt`.
-
-    `tokenize(text)` gives the token ids of every tokenizer of the model (`DreamBoothModel.tokenize`)."""
-    images, sizes, originals, tokens, cache = [], [], [], [], {}
-    for photo in photos:
-        path, image = (photo.path, photo.picture()) if isinstance(photo, Photo) else (photo, load_rgb(photo))
-        size = size_of(image.height, image.width)
-        if image.height < size[0] or image.width < size[1]:
-            logger.warning("%s is %dx%d, smaller than %dx%d: it is upscaled", path, image.width, image.height, size[1], size[0])
-        originals.append((image.height, image.width))
-        images.append(resize_to_cover(image, size))
-        sizes.append(size)
-        text = (read_caption(path, caption_extension, prompt) if caption_extension else None) or prompt
-        if text not in cache:
-            cache[text] = tokenize(text)
-        tokens.append(cache[text])
-    return ImageSet(images=images, sizes=sizes, tokens=tokens, original_sizes=originals)
 
 
 @dataclass
@@ -154,10 +47,16 @@ class DreamBoothDataset(paddle.io.Dataset):
     Concept c contributes max(instance photos x repeats, class images) entries; its entry k pairs
     instance photo k mod n_instance with class image k mod n_class. An entry's training size is its
     instance photo's (the class image is fitted to it), so one batch can hold both halves.
+
+    `captions` (kohya's caption options) change the instance example's prompt per item, drawing from the item's
+    seeded RNG after the crops and flips (those stay as without them); `tokenize` (`DreamBoothModel.tokenize`)
+    gives the ids of the empty prompt and of captions that vary. Class examples never change.
     """
 
     def __init__(self, concepts: List[ConceptData], center_crop: bool = False, random_flip: bool = False,
-                 size_conditioning: Optional[Callable[[Size, Size, Size], Dict[str, np.ndarray]]] = None):
+                 size_conditioning: Optional[Callable[[Size, Size, Size], Dict[str, np.ndarray]]] = None,
+                 captions: Optional[CaptionOptions] = None,
+                 tokenize: Optional[Callable[[str], Dict[str, np.ndarray]]] = None):
         self.concepts, self.center_crop, self.random_flip = concepts, center_crop, random_flip
         # The family's conditioning on (original size, crop corner, target size), e.g. SDXL's time ids.
         self.size_conditioning = size_conditioning
@@ -167,6 +66,23 @@ class DreamBoothDataset(paddle.io.Dataset):
             if concept.prior is not None:
                 count = max(count, len(concept.prior.images))
             self.entries += [(c, k) for k in range(count)]
+        self.captions = captions if captions is not None and captions.active else None
+        if self.captions is not None and tokenize is None:
+            raise ValueError("caption options need the model's tokenize function")
+        self.tokenize = tokenize
+        self.empty_tokens = tokenize("") if self.captions is not None and self.captions.dropout_rate > 0 else None
+        self.empty_prompt_embeds = None  # the empty prompt's embeddings, set by caching (caption dropout)
+        # per concept, per instance image: the caption's tags when shuffling or tag dropout can change it, else None
+        self.caption_plans = [[caption_plan(text, c.instance.prompt, self.captions) if self.captions is not None
+                               and self.captions.varies else None for text in (c.instance.texts or [])]
+                              for c in concepts]
+        self._varied_tokens: Dict[str, Dict[str, np.ndarray]] = {}  # caption -> ids, bounded
+
+    @property
+    def captions_vary(self) -> bool:
+        """True when some instance caption changes from step to step (shuffled tags, tag dropout): its prompt
+        embeddings cannot be cached and are encoded at each step."""
+        return any(plan is not None for plans in self.caption_plans for plan in plans)
 
     @property
     def image_sets(self) -> List[ImageSet]:
@@ -218,7 +134,37 @@ class DreamBoothDataset(paddle.io.Dataset):
         for images, i, size in self.parts(index):
             # a mirrored prior half replays the instance's draws: the same crop and flip
             examples.append(self._example(images, i, size, random.Random(seed) if examples and mirrored else rng))
+        if self.captions is not None:  # after every crop and flip draw: those stay as without caption options
+            self._vary_caption(index, examples[0], rng)
         return {INSTANCE: examples[0], **({CLASS: examples[1]} if len(examples) > 1 else {})}
+
+    def _vary_caption(self, index: int, example: Dict[str, np.ndarray], rng: random.Random) -> None:
+        """Apply the caption options to an instance example's prompt: the empty prompt (its cached embeddings when
+        prompts are cached) with `dropout_rate`, else, when its tags can change, the ids of one draw of them."""
+        images, i, _ = self.parts(index)[0]
+        options = self.captions
+        cached = images.prompt_embeds is not None
+        if options.dropout_rate > 0 and rng.random() < options.dropout_rate:
+            empty = self.empty_prompt_embeds if cached else self.empty_tokens
+            if empty is None:
+                raise RuntimeError("the empty prompt's embeddings were not cached (caching.cache_prompt_embeddings)")
+            replacement = empty
+        else:
+            plans = self.caption_plans[self.entries[index][0]]
+            plan = plans[i] if i < len(plans) else None
+            if plan is None:
+                return
+            if cached:
+                raise RuntimeError("captions that vary cannot use cached prompt embeddings")
+            text = vary_caption(plan, options, rng)
+            replacement = self._varied_tokens.get(text)
+            if replacement is None:
+                replacement = self.tokenize(text)
+                if len(self._varied_tokens) < 4096:
+                    self._varied_tokens[text] = replacement
+        for key in list(images.prompt_embeds[i] if cached else images.tokens[i]):
+            example.pop(key, None)
+        example.update(replacement)
 
 
 def collate_arrays(examples: List[Dict[str, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:

@@ -1,10 +1,12 @@
 """Encode once what never changes during training, then stop holding the encoder on the device.
 
 With frozen text encoders the same few prompts give the same embeddings every step: they are computed
-once here. By default (and with `--cache_latents`) the VAE's latent distribution (mean, std) of every image
-whose crop is determined is computed once, for both orientations when `--random_flip` is on; each step
-still draws its own latent sample from it, consuming the RNG exactly as encoding on the fly would, so
-losses match an uncached run. Images that need a random crop are encoded at each step.
+once here (with caption dropout the empty prompt too). Captions that change at each step (shuffled tags, tag
+dropout) are not cached: the text encoders then stay and encode them at each step. By default (and with
+`--cache_latents`) the VAE's latent distribution (mean, std) of every image whose crop is determined is
+computed once, for both orientations when `--random_flip` is on; each step still draws its own latent sample
+from it, consuming the RNG exactly as encoding on the fly would, so losses match an uncached run.
+Images that need a random crop are encoded at each step.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from typing import Dict
 import numpy as np
 import paddle
 
-from ppdreambooth.data.dataset import DreamBoothDataset, ImageSet
+from ppdreambooth.data.dataset import DreamBoothDataset
+from ppdreambooth.data.photos import ImageSet
 from ppdreambooth.modeling.model import DreamBoothModel
 
 logger = logging.getLogger(__name__)
@@ -23,17 +26,23 @@ logger = logging.getLogger(__name__)
 @paddle.no_grad()
 def cache_prompt_embeddings(model: DreamBoothModel, dataset: DreamBoothDataset) -> int:
     """Fill `prompt_embeds` of every image set with the text encoders' outputs (the family's
-    `prompt_embeds`, and `pooled_prompt_embeds` for SDXL); returns the number of distinct prompts encoded."""
+    `prompt_embeds`, and `pooled_prompt_embeds` for SDXL), and with caption dropout the empty prompt's
+    (`dataset.empty_prompt_embeds`); returns the number of distinct prompts encoded."""
+    if dataset.captions_vary:
+        raise ValueError("shuffled or tag-dropped captions vary at each step: their embeddings cannot be cached")
     table: Dict[bytes, Dict[str, np.ndarray]] = {}
+
+    def encoded(tokens):
+        key = b"".join(tokens[name].tobytes() for name in sorted(tokens))
+        if key not in table:
+            output = model.encode_prompts({k: paddle.to_tensor(v[None]) for k, v in tokens.items()})
+            table[key] = {k: v[0].astype("float32").numpy() for k, v in output.items()}
+        return table[key]
+
     for image_set in dataset.image_sets:
-        keys = []
-        for tokens in image_set.tokens:
-            key = b"".join(tokens[name].tobytes() for name in sorted(tokens))
-            if key not in table:
-                encoded = model.encode_prompts({k: paddle.to_tensor(v[None]) for k, v in tokens.items()})
-                table[key] = {k: v[0].astype("float32").numpy() for k, v in encoded.items()}
-            keys.append(key)
-        image_set.prompt_embeds = [table[key] for key in keys]
+        image_set.prompt_embeds = [encoded(tokens) for tokens in image_set.tokens]
+    if dataset.empty_tokens is not None:  # caption dropout trains some instance rows on the empty prompt
+        dataset.empty_prompt_embeds = encoded(dataset.empty_tokens)
     return len(table)
 
 
@@ -87,14 +96,20 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
     released once nothing is left to encode. `keep_encoders` parks released encoders on the CPU instead of
     dropping them (validation needs them).
     """
-    report = []
-    if not model.trained_text_encoders():
+    report, notes = [], []
+    if dataset.captions_vary:  # every permutation of the tags is a prompt of its own: encode each step
+        logger.info("captions vary at each step (--shuffle_caption / --caption_tag_dropout_rate): prompts are "
+                    "encoded at each step and the text encoders stay on the training device")
+        notes.append("prompts encoded at each step (shuffled or tag-dropped captions; the text encoders stay on "
+                     "the device)")
+    elif not model.trained_text_encoders():
         prompts = cache_prompt_embeddings(model, dataset)
         for name in reversed(model.family.text_encoders):  # the largest (SD3's T5) first
             if model.has_component(name):
                 model.release_frozen(name, keep_on_cpu=keep_encoders)
         logger.info("cached the embeddings of %d prompt(s); the text encoders are off the training device", prompts)
-        report.append(f"{prompts} prompt embedding(s)")
+        report.append(f"{prompts} prompt embedding(s)" + (" (the empty prompt's among them, for caption dropout)"
+                                                         if dataset.empty_prompt_embeds is not None else ""))
     if cache_latents_too:
         total = len(latent_jobs(dataset))
         encoded = cache_latents(model, dataset, batch_size)
@@ -105,4 +120,4 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
             logger.info("cached %d of %d latent distributions (the others need random crops and are encoded at "
                         "each step; --center_crop makes every crop cacheable)", encoded, total)
         report.append(f"latents of {encoded} of {total} image crops" + (" (VAE released)" if encoded == total else ""))
-    return "cached " + (", ".join(report) if report else "nothing")
+    return "; ".join(["cached " + (", ".join(report) if report else "nothing"), *notes])

@@ -73,10 +73,16 @@ def header(family, model_args, data_args, args, dataset, log_path: str) -> str:
     photos = sum(len(c.instance.images) for c in dataset.concepts)
     classes = sum(len(c.prior.images) for c in dataset.concepts if c.prior is not None)
     steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)"
+    caption_line = []
+    if dataset.captions is not None:  # kohya's caption options
+        varying = ("; prompts encoded at each step (the text encoders stay on the device)"
+                   if dataset.captions_vary else "")
+        caption_line = [f"  captions:  {dataset.captions.describe()} (instance photos only){varying}"]
     return "\n".join([
         f"ppdreambooth: {mode} of {model_args.pretrained_model_name_or_path} ({family.name}, {family.pipeline_class})",
         f"  data:      {photos} instance photo(s) in {len(dataset.concepts)} concept(s)"
         + (f", {classes} class image(s)" if classes else "") + f", {len(dataset)} examples per epoch",
+        *caption_line,
         f"  training:  {steps} steps, batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
         f"accumulation x {max(args.world_size, 1)} process(es), learning rate {args.learning_rate:g}, {precision}",
         f"  output:    {args.output_dir} (full log: {log_path})",

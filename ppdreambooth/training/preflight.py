@@ -19,7 +19,7 @@ from ppdreambooth.config.arguments import (
     ModelArguments,
     base_prediction_prior_problem,
 )
-from ppdreambooth.data.dataset import Photo, collect_photos, read_caption
+from ppdreambooth.data.photos import Photo, collect_photos, read_caption
 from ppdreambooth.evaluation.prompts import subject_words
 from ppdreambooth.evaluation.world import world_subject
 from ppdreambooth.families import ModelFamily, detect_family

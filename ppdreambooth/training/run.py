@@ -16,14 +16,9 @@ import paddle
 from ppdreambooth.config.arguments import DataArguments, DreamBoothTrainingArguments, ModelArguments
 from ppdreambooth.data.buckets import make_buckets, nearest_bucket
 from ppdreambooth.data.class_images import free_slots, generate_class_images
-from ppdreambooth.data.dataset import (
-    ConceptData,
-    DreamBoothDataset,
-    collate_arrays,
-    collect_photos,
-    load_image_set,
-    mirror_with_prompt,
-)
+from ppdreambooth.data.captions import CaptionOptions
+from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset, collate_arrays, mirror_with_prompt
+from ppdreambooth.data.photos import collect_photos, load_image_set
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.families import ModelFamily
 from ppdreambooth.interop.exports import export
@@ -114,8 +109,11 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_pho
         elif class_photos is not None:
             prior = load_image_set(class_photos[n], concept.class_prompt, model.tokenize, size_of)
         concepts.append(ConceptData(instance, prior, concept.repeats, prior_mirrors_instance=mirrored))
+    captions = CaptionOptions(dropout_rate=data_args.caption_dropout_rate, shuffle=data_args.shuffle_caption,
+                              keep_tokens=data_args.keep_tokens, tag_dropout_rate=data_args.caption_tag_dropout_rate)
     return DreamBoothDataset(concepts, center_crop=data_args.center_crop or data_args.enable_bucket,
-                             random_flip=data_args.random_flip, size_conditioning=model.family.size_conditioning)
+                             random_flip=data_args.random_flip, size_conditioning=model.family.size_conditioning,
+                             captions=captions, tokenize=model.tokenize)
 
 
 @contextlib.contextmanager
