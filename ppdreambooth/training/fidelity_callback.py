@@ -106,18 +106,19 @@ class FidelityCallback(TrainerCallback):
 def fidelity_callback_for(model, data_args, args, instance_photos: List,
                           ema=None) -> Optional[FidelityCallback]:
     """The callback `--evaluate_every_n_checkpoints` / `--evaluate_at_end` ask for (None when neither does):
-    metric models loaded, the first concept's photos (PIL images) embedded once."""
+    metric models loaded, the first concept's photos (`data.photos.Photo`) embedded once."""
     if not (args.evaluate_every_n_checkpoints or args.evaluate_at_end):
         return None
+    pictures = [photo.picture() for photo in instance_photos]
     concept = data_args.concept_list[0]
     identifier, class_name = subject_words(concept.instance_prompt, args.eval_class_name)
     if args.eval_world:
         subject = world_subject(identifier, class_name)
         prompts = [p for group in world_prompts(subject) for p in group]
-        scorer = WorldScorer(instance_photos, subject)
+        scorer = WorldScorer(pictures, subject)
     else:
         prompts, _ = resolve_prompts("auto", args.eval_prompts_file, identifier, class_name, args.eval_num_prompts)
-        scorer = FidelityScorer(load_clip(args.eval_clip_model), load_dino(args.eval_dino_model), instance_photos)
+        scorer = FidelityScorer(load_clip(args.eval_clip_model), load_dino(args.eval_dino_model), pictures)
     return FidelityCallback(model, scorer, prompts, args.eval_images_per_prompt,
                             args.evaluate_every_n_checkpoints, args.evaluate_at_end, args.validation_inference_steps,
                             ema)

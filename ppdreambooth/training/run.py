@@ -215,7 +215,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
         callbacks.append(StopTextEncoderCallback(model, args.stop_text_encoder_training))
     if validating:
         callbacks.append(ValidationCallback(model, ema))
-    fidelity = fidelity_callback_for(model, data_args, args, [p.picture() for p in instance_photos[0]], ema)
+    fidelity = fidelity_callback_for(model, data_args, args, instance_photos[0], ema)
     settings = current_settings(model_args, args, family, [[p.path for p in photos] for photos in instance_photos],
                                 class_files_now(data_args.concept_list, class_photos is not None))
     del instance_photos, class_photos  # the dataset holds the resized images; drop the full-size ones
