@@ -204,6 +204,7 @@ def test_varying_captions_are_not_cached_and_keep_the_text_encoder(tiny_model, p
     assert not model.has_component("text_encoder")
 
 
+@pytest.mark.slow  # builds a model per family
 def test_every_family_drops_to_the_empty_prompt_cached_or_not(family_model, photos):
     """Dropout 1.0: each instance row has the empty prompt's ids for every tokenizer (class rows their prompt's);
     once cached, its embeddings, giving the same loss; shuffled captions stay token ids for every tokenizer."""

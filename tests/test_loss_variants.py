@@ -295,6 +295,7 @@ DDPM_VARIANTS = {
 }
 
 
+@pytest.mark.slow  # builds a model per case (the fast suite keeps the bit-identity checks)
 @pytest.mark.parametrize("variant", list(DDPM_VARIANTS))
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_each_ddpm_variant_changes_the_loss(family, variant, tiny_model, tiny_sdxl_model, photos):
@@ -305,6 +306,7 @@ def test_each_ddpm_variant_changes_the_loss(family, variant, tiny_model, tiny_sd
     assert np.isfinite(float(b)) and float(a) != float(b)
 
 
+@pytest.mark.slow  # builds a model per case (the fast suite keeps the bit-identity checks)
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_adaptive_noise_scale_changes_the_offset_noise(family, tiny_model, tiny_sdxl_model, photos):
     path = tiny_model if family == "sd" else tiny_sdxl_model
@@ -385,6 +387,7 @@ def test_base_prediction_prior_sees_the_same_perturbed_input(tiny_model, photos)
     assert np.array_equal(perturbed.numpy(), trained_input[:2].numpy())
 
 
+@pytest.mark.slow  # builds a model per case (the fast suite keeps the bit-identity checks)
 @pytest.mark.parametrize("schedule", ["constant", "exponential"])
 def test_sd3_huber_changes_the_loss(schedule, tiny_sd3_model, photos):
     plain = make_model(tiny_sd3_model)
@@ -395,6 +398,7 @@ def test_sd3_huber_changes_the_loss(schedule, tiny_sd3_model, photos):
     assert len({float(a), float(b), float(c)}) == 3
 
 
+@pytest.mark.slow  # builds a model per case (the fast suite keeps the bit-identity checks)
 def test_the_timestep_range_is_respected(family_model, photos):
     family, path = family_model
     model = make_model(path, min_timestep=100, max_timestep=900)
