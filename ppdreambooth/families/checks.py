@@ -75,15 +75,21 @@ def check_model_files(path: str, family) -> None:
                 read_json_file(os.path.join(folder, file_name))
         if name not in (family.denoiser, "vae", *family.text_encoders):
             continue
-        weights = [n for n in sorted(os.listdir(folder)) if n.endswith(WEIGHT_SUFFIXES)]
-        if not weights:
-            raise ConfigError(f"{name}/ of {path} has no weight file (*.safetensors, *.pdparams or *.bin): the "
-                              "model is incomplete; fetch it again.")
-        for file_name in weights:
-            if file_name.endswith(".safetensors"):
-                problem = safetensors_problem(os.path.join(folder, file_name))
-                if problem:
-                    raise ConfigError(f"{name}/{file_name} of {path} {problem}; {FETCH_AGAIN}.")
+        check_weight_files(folder, f"{name}/ of {path}", lambda file_name: f"{name}/{file_name} of {path}")
+
+
+def check_weight_files(folder: str, what: str, name_of) -> None:
+    """`folder` holds weight files, and its safetensors files are whole; `what` names the folder and
+    `name_of(file)` a file in the messages."""
+    weights = [n for n in sorted(os.listdir(folder)) if n.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        raise ConfigError(f"{what} has no weight file (*.safetensors, *.pdparams or *.bin): the model is incomplete; "
+                          "fetch it again.")
+    for file_name in weights:
+        if file_name.endswith(".safetensors"):
+            problem = safetensors_problem(os.path.join(folder, file_name))
+            if problem:
+                raise ConfigError(f"{name_of(file_name)} {problem}; {FETCH_AGAIN}.")
 
 
 def check_single_file(path: str) -> None:
@@ -144,14 +150,7 @@ def check_vae_path(path: str, flag: str = "--pretrained_vae_model_name_or_path")
     if class_name != "AutoencoderKL":
         raise ConfigError(f"{flag} {path} holds a {class_name or 'model of unknown class'}, not a VAE "
                           "(AutoencoderKL).")
-    weights = [n for n in sorted(os.listdir(path)) if n.endswith(WEIGHT_SUFFIXES)]
-    if not weights:
-        raise ConfigError(f"{flag} {path} has no weight file: the VAE is incomplete; fetch it again.")
-    for name in weights:
-        if name.endswith(".safetensors"):
-            problem = safetensors_problem(os.path.join(path, name))
-            if problem:
-                raise ConfigError(f"{flag}: {name} of {path} {problem}; {FETCH_AGAIN}.")
+    check_weight_files(path, f"{flag} {path}", lambda file_name: f"{flag}: {file_name} of {path}")
 
 
 def check_tokenizer_path(path: str) -> None:
