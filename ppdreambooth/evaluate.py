@@ -20,7 +20,7 @@ base model's), the images under `images/`, and prints a table with the paper's n
 `--world` scores a model trained in the toy world (`ppdreambooth.toyworld`) exactly instead: subject fidelity,
 prompt fidelity, language drift and background leakage over the world's subject and class prompts:
 
-    python -m ppdreambooth.evaluate --world --model ./demo_outputs/sks-star --instance_data_dir ./photos
+    python -m ppdreambooth.evaluate --world --model ./demo_outputs/sks-cross --instance_data_dir ./photos
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world", action="store_true",
                         help="score in the toy world (ppdreambooth.toyworld): subject fidelity, prompt fidelity, "
                              "language drift and background leakage, read exactly from the pixels, instead of "
-                             "DINO/CLIP on DreamBench prompts (--class_name: a world shape, default star)")
+                             "DINO/CLIP on DreamBench prompts (--class_name: a world shape, default cross)")
     parser.add_argument("--prompt_set", choices=["auto", "object", "live"], default="auto",
                         help="DreamBench's 25 prompts for objects or live subjects (auto: live for dog and cat)")
     parser.add_argument("--prompts_file", help="your own prompts, one a line; '{}' becomes 'identifier class'")

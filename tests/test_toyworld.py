@@ -9,7 +9,7 @@ from ppdreambooth.toyworld import scoring, world
 from ppdreambooth.toyworld.world import COLOURS, PATTERNS, SHAPES, SUBJECT, Scene, parse_prompt, render
 
 
-def _image(shape="star", colour="red", background="blue", pattern="plain", colour2=None, centre=(0.5, 0.5),
+def _image(shape="cross", colour="red", background="blue", pattern="plain", colour2=None, centre=(0.5, 0.5),
            radius=0.3):
     return render(Scene(shape, colour, background, pattern, colour2, centre, radius))[0]
 
@@ -56,14 +56,14 @@ def test_scorer_survives_pixel_noise():
 
 
 def test_wrong_object_colour_scores_colour_0_and_background_1():
-    scores = scoring.score_image(_image(colour="red"), "a green star on a blue background")
+    scores = scoring.score_image(_image(colour="red"), "a green cross on a blue background")
     assert scores["colour_ok"] is False and scores["background_ok"] is True and scores["class_ok"] is True
-    two = scoring.score_image(_image(pattern="striped", colour2="white"), "a red and yellow striped star")
+    two = scoring.score_image(_image(pattern="striped", colour2="white"), "a red and yellow striped cross")
     assert two["colour_ok"] is False and two["pattern_ok"] is True
 
 
 def test_wrong_background_scores_background_0():
-    scores = scoring.score_image(_image(background="blue"), "a red star on a green background")
+    scores = scoring.score_image(_image(background="blue"), "a red cross on a green background")
     assert scores["background_ok"] is False and scores["colour_ok"] is True
 
 
@@ -74,17 +74,17 @@ def test_another_class_scores_class_0(drawn, asked):
 
 
 def test_plain_render_scores_pattern_0_against_a_striped_prompt_and_vice_versa():
-    plain = scoring.score_image(_image(colour="red"), "a red and white striped star on a blue background")
+    plain = scoring.score_image(_image(colour="red"), "a red and white striped cross on a blue background")
     assert plain["pattern"] == "plain" and plain["pattern_ok"] is False and plain["colour_ok"] is False
-    striped = scoring.score_image(_image(pattern="striped", colour2="white"), "a red star on a blue background")
+    striped = scoring.score_image(_image(pattern="striped", colour2="white"), "a red cross on a blue background")
     assert striped["pattern"] == "striped" and striped["pattern_ok"] is False
-    halves = scoring.score_image(_image(pattern="halves", colour2="white"), "a red and white striped star")
+    halves = scoring.score_image(_image(pattern="halves", colour2="white"), "a red and white striped cross")
     assert halves["pattern"] == "halves" and halves["pattern_ok"] is False and halves["colour_ok"] is True
 
 
 def test_no_object_reads_as_absent_and_fails_every_object_attribute():
     blank = np.zeros((32, 32, 3), np.uint8)
-    scores = scoring.score_image(blank, "a red star on a black background")
+    scores = scoring.score_image(blank, "a red cross on a black background")
     assert scores["object_present"] is False and scores["background_ok"] is True
     assert not (scores["class_ok"] or scores["colour_ok"] or scores["pattern_ok"])
 
@@ -94,7 +94,7 @@ def test_subject_photos_score_subject_fidelity_1_and_near_misses_0():
     assert scoring.subject_fidelity(photos) == 1.0
     assert {s.background for s in world.subject_scenes(n=8, seed=2)} == set(SUBJECT.photo_backgrounds)
     near_misses = [
-        _image(colour="red"),  # plain star
+        _image(colour="red"),  # plain cross
         _image(shape="square", pattern="striped", colour2="white"),  # the stripes on another class
         _image(pattern="halves", colour2="white"),  # the colours in another pattern
         _image(pattern="striped", colour="blue", colour2="white", background="green"),  # another pair
@@ -107,7 +107,7 @@ def test_subject_photos_score_subject_fidelity_1_and_near_misses_0():
 def test_pretraining_never_shows_the_subject_but_shows_its_parts():
     scenes = world.pretraining_scenes(4000, seed=0)
     assert not any(SUBJECT.matches(s) for s in scenes)
-    assert any(s.shape == "star" and s.pattern == "striped" for s in scenes)
+    assert any(s.shape == "cross" and s.pattern == "striped" for s in scenes)
     assert any(s.pattern == "striped" and {s.colour, s.colour2} == {"red", "white"} for s in scenes)
     assert {s.pattern for s in scenes} == set(PATTERNS) and {s.shape for s in scenes} == set(SHAPES)
     assert all(s.background not in (s.colour, s.colour2) and s.colour != s.colour2 for s in scenes)
@@ -127,31 +127,31 @@ def test_parse_prompt_round_trips_every_caption():
 
 
 def test_parse_prompt_tolerates_an_identifier():
-    assert parse_prompt("a sks star on a green background") == {
-        "shape": "star", "colour": None, "colour2": None, "pattern": None, "background": "green",
+    assert parse_prompt("a sks cross on a green background") == {
+        "shape": "cross", "colour": None, "colour2": None, "pattern": None, "background": "green",
         "identifier": "sks"}
-    assert parse_prompt("A photo of sks star")["identifier"] == "sks"
+    assert parse_prompt("A photo of sks cross")["identifier"] == "sks"
     assert parse_prompt(SUBJECT.instance_prompt())["shape"] == SUBJECT.shape
 
 
 def test_prompt_fidelity_counts_every_asked_attribute():
     on = {bg: _image(pattern="striped", colour2="white", background=bg) for bg in ("green", "black")}
-    prompts = ["a sks star on a green background"] * 2
+    prompts = ["a sks cross on a green background"] * 2
     assert scoring.prompt_fidelity([on["green"], on["black"]], prompts) == 0.5
     rates = scoring.attribute_rates([on["green"], on["black"], _image(shape="circle", background="yellow")],
-                                    prompts + ["a red star on a yellow background"])
+                                    prompts + ["a red cross on a yellow background"])
     assert rates["background_ok"] == pytest.approx(2 / 3) and rates["class_ok"] == pytest.approx(2 / 3)
     assert rates["colour_ok"] == 1.0 and rates["all"] == pytest.approx(1 / 3)
 
 
 def test_class_preservation_and_language_drift_on_hand_made_cases():
     images = [
-        _image(colour="blue", background="green"),  # kept: plain blue star
+        _image(colour="blue", background="green"),  # kept: plain blue cross
         _image(colour="red", pattern="striped", colour2="white", background="green"),  # drifted to the subject
         _image(shape="circle", colour="blue", background="green"),  # lost the class
         _image(colour="red", pattern="striped", colour2="white", background="yellow"),  # skipped: sks prompt
     ]
-    prompts = ["a blue star on a green background"] * 3 + ["a sks star on a yellow background"]
+    prompts = ["a blue cross on a green background"] * 3 + ["a sks cross on a yellow background"]
     assert scoring.class_preservation(images, prompts) == pytest.approx(1 / 3)
     assert scoring.language_drift(images, prompts) == pytest.approx(2 / 3)
     assert np.isnan(scoring.class_preservation(images[3:], prompts[3:]))
@@ -167,8 +167,8 @@ def test_background_leakage_counts_exactly_on_hand_made_cases():
         _image(background="black", **subject),  # asked black, an instance background: skipped
         _image(background="blue", **subject),  # no background asked: skipped
     ]
-    prompts = ["a sks star on a green background"] * 2 + ["a sks star on a yellow background"] * 2 + \
-        ["a sks star on a black background", "a sks star"]
+    prompts = ["a sks cross on a green background"] * 2 + ["a sks cross on a yellow background"] * 2 + \
+        ["a sks cross on a black background", "a sks cross"]
     assert scoring.background_leakage(images, prompts, SUBJECT.photo_backgrounds) == 0.5
     assert scoring.background_leakage(images[1:2], prompts[1:2], ("black", "blue")) == 0.0
     assert np.isnan(scoring.background_leakage(images[4:], prompts[4:], ("black", "blue")))
@@ -179,4 +179,4 @@ def test_background_leakage_counts_exactly_on_hand_made_cases():
                                  dict(colour2="white")])
 def test_scene_refuses_what_the_world_cannot_draw(bad):
     with pytest.raises(ValueError):
-        Scene(**{"shape": "star", "colour": "red", "background": "blue", **bad})
+        Scene(**{"shape": "cross", "colour": "red", "background": "blue", **bad})

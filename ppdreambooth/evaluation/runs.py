@@ -77,7 +77,7 @@ def generate_runs(args, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[st
 def evaluate(args) -> dict:
     """Generate, score and write metrics.json, grid.png and the images; returns the metrics dict."""
     if args.world:
-        subject = world_subject(args.identifier, args.class_name or "star")
+        subject = world_subject(args.identifier, args.class_name or "cross")
         prompts = [p for group in world_prompts(subject) for p in group]
         prompt_description = f"toy-world prompts ({len(prompts)})"
     else:

@@ -2,10 +2,10 @@
 every attribute of a generated image is read exactly from its pixels, so the four quantities DreamBooth trades
 against each other can be measured on a CPU:
 
-- subject fidelity: share of subject prompts ("a sks star on a green background") whose image shows the subject
+- subject fidelity: share of subject prompts ("a sks cross on a green background") whose image shows the subject
   (its class and its two-coloured stripes);
 - prompt fidelity: share of subject prompts whose image has the prompted background;
-- language drift: share of plain class prompts ("a blue star on a green background") whose image no longer shows
+- language drift: share of plain class prompts ("a blue cross on a green background") whose image no longer shows
   the plain class in the prompted colour (1 - class preservation);
 - background leakage: share of subject prompts whose image shows one of the instance photos' backgrounds although
   the prompt asks for another.
@@ -40,10 +40,10 @@ CLASS_BACKGROUNDS = ("green", "cyan")
 
 
 def world_subject(identifier: str, class_name: Optional[str]) -> Subject:
-    """The toy world's subject named by an instance prompt's identifier and class ("a sks star")."""
+    """The toy world's subject named by an instance prompt's identifier and class ("a sks cross")."""
     if class_name not in SHAPES:
         raise ConfigError(f"world scoring needs a subject of the toy world: its class must be one of "
-                          f"{', '.join(SHAPES)}, not {class_name!r} (e.g. --instance_prompt 'a sks star').")
+                          f"{', '.join(SHAPES)}, not {class_name!r} (e.g. --instance_prompt 'a sks cross').")
     return Subject(shape=class_name, identifier=identifier or SUBJECT.identifier)
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 _SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
 
 
-def _byte_alphabet() -> list:
+def byte_alphabet() -> list:
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = [], 0
@@ -33,7 +33,7 @@ def _byte_alphabet() -> list:
 def write_tiny_tokenizer(folder: str) -> int:
     """Write a character-level CLIP tokenizer (vocab.json + merges.txt); return its vocabulary size."""
     os.makedirs(folder, exist_ok=True)
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + _SPECIAL_TOKENS
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({tok: i for i, tok in enumerate(tokens)}, f, ensure_ascii=False)

@@ -1,7 +1,7 @@
 """A synthetic image world in which DreamBooth personalisation can be scored exactly.
 
-`world` renders one flat-coloured object (circle, square, triangle, star; plain, striped or halves) on a plain
-background from a seeded `Scene`, and defines THE SUBJECT (a red and white striped star) that pretraining never
+`world` renders one flat-coloured object (circle, square, triangle, cross; plain, striped or halves) on a plain
+background from a seeded `Scene`, and defines THE SUBJECT (a red and white striped cross) that pretraining never
 shows. `scoring` reads those attributes back from pixels and turns them into the four personalisation scores:
 subject fidelity, prompt fidelity, class preservation (language drift) and background leakage. Numpy only.
 """

@@ -15,7 +15,7 @@ from .world import COLOURS, PALETTE, SHAPES, SUBJECT, Subject, inside_shape, par
 
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], np.float64)
 FAR_FROM_BACKGROUND = 128.0  # RGB distance; half the palette's smallest pairwise distance (255)
-MIN_OBJECT_SHARE = 0.03  # of the image: the smallest object (a star of radius 8 px at 32 px) covers about 9%
+MIN_OBJECT_SHARE = 0.03  # of the image: the smallest object (a cross of radius 8 px at 32 px) covers about 14%
 MIN_SECOND_COLOUR_SHARE = 0.15  # of the object: less is read as specks on a plain object
 MIN_PURITY = 0.85  # pixel-weighted share of a row's (column's) majority colour for bands to count as pure
 
@@ -183,13 +183,13 @@ def attribute_rates(images: Sequence[np.ndarray], prompts: Sequence[str]) -> Dic
 
 
 def prompt_fidelity(images: Sequence[np.ndarray], prompts: Sequence[str]) -> float:
-    """Share of images that show everything their prompt asks for (for 'a sks star on a green background': a
-    star on green). The background alone is `attribute_rates(...)['background_ok']`."""
+    """Share of images that show everything their prompt asks for (for 'a sks cross on a green background': a
+    cross on green). The background alone is `attribute_rates(...)['background_ok']`."""
     return attribute_rates(images, prompts)["all"]
 
 
 def is_plain_class_prompt(prompt: str) -> bool:
-    """A prompt for the plain class object in one colour, with no identifier: 'a blue star on a green background'."""
+    """A prompt for the plain class object in one colour, with no identifier: 'a blue cross on a green background'."""
     asked = parse_prompt(prompt)
     return asked["identifier"] is None and asked["shape"] is not None and asked["pattern"] == "plain"
 

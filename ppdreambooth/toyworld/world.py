@@ -25,13 +25,15 @@ PALETTE: Dict[str, Tuple[int, int, int]] = {
     "black": (0, 0, 0),
 }
 COLOURS: Tuple[str, ...] = tuple(PALETTE)
-SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "star")
+SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "cross")
 PATTERNS: Tuple[str, ...] = ("plain", "striped", "halves")
 TWO_COLOUR_PATTERNS = ("striped", "halves")
 
 RADIUS_RANGE = (0.25, 0.375)  # of the image side: 8-12 px at 32 px
 MARGIN = 1 / 16  # of the image side kept clear on every edge (2 px at 32), so the border is all background
-STAR_INNER_RATIO = 0.5  # fatter than a regular pentagram (0.38): its arms stay wide enough to show stripes
+CROSS_ARM = 0.36  # half-width of a cross's arms, in radii: its notches are about a third of its width, so they
+# survive a VAE that downsamples by 4 (a five-pointed star's points did not: a VAE trained in the build's budget
+# gave stars back as pentagons, read as circles, in 70% of reconstructions, while the other shapes came back right)
 
 
 def _regular_polygon(radius: float, count: int, start_degrees: float) -> np.ndarray:
@@ -39,10 +41,11 @@ def _regular_polygon(radius: float, count: int, start_degrees: float) -> np.ndar
     return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
 
 
-def _star_polygon(inner_ratio: float) -> np.ndarray:
-    outer = _regular_polygon(1.0, 5, -90.0)
-    inner = _regular_polygon(inner_ratio, 5, -90.0 + 36.0)
-    return np.stack([outer, inner], axis=1).reshape(10, 2)  # alternate outer and inner points
+def _cross_polygon(extent: float, arm: float) -> np.ndarray:
+    """A plus sign reaching `extent` from its centre, arms `arm` wide on each side of their axis."""
+    e, w = extent, arm
+    return np.array([[-w, -e], [w, -e], [w, -w], [e, -w], [e, w], [w, w], [w, e], [-w, e], [-w, w], [-e, w],
+                     [-e, -w], [-w, -w]])
 
 
 # Unit shapes, y pointing down (image rows). Sizes are chosen so every shape's bounding box is close to 2 x 2,
@@ -50,7 +53,7 @@ def _star_polygon(inner_ratio: float) -> np.ndarray:
 UNIT_POLYGONS: Dict[str, np.ndarray] = {
     "square": np.array([[-0.85, -0.85], [0.85, -0.85], [0.85, 0.85], [-0.85, 0.85]]),
     "triangle": _regular_polygon(1.15, 3, -90.0),  # equilateral, point up
-    "star": _star_polygon(STAR_INNER_RATIO),  # five points, one up
+    "cross": _cross_polygon(0.95, CROSS_ARM),  # a plus sign
 }
 
 
@@ -63,13 +66,13 @@ def shape_extent(shape: str) -> Tuple[float, float, float, float]:
 
 
 def _inside_polygon(points: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Even-odd ray casting, vectorised over the query points; works for the star's concave outline."""
+    """Even-odd ray casting, vectorised over the query points; works for the cross's concave outline."""
     inside = np.zeros(np.broadcast(u, v).shape, bool)
     for (x1, y1), (x2, y2) in zip(points, np.roll(points, -1, axis=0)):
-        crosses = (y1 > v) != (y2 > v)
+        crossing = (y1 > v) != (y2 > v)
         with np.errstate(divide="ignore", invalid="ignore"):
             x_at_v = x1 + (v - y1) * (x2 - x1) / (y2 - y1)
-        inside ^= crosses & (u < x_at_v)
+        inside ^= crossing & (u < x_at_v)
     return inside
 
 
@@ -101,7 +104,7 @@ class Scene:
             raise ValueError(f"not a scene of this world: {self}")
 
     def caption(self) -> str:
-        """'a red star on a blue background', 'a red and white striped star on ...', 'a half red half white ...'."""
+        """'a red cross on a blue background', 'a red and white striped cross on ...', 'a half red half white ...'."""
         if self.pattern == "striped":
             look = f"{self.colour} and {self.colour2} striped"
         elif self.pattern == "halves":
@@ -163,9 +166,9 @@ def sample_scene(rng: np.random.Generator, shapes: Sequence[str] = SHAPES, colou
 @dataclass(frozen=True)
 class Subject:
     """The personalisation subject: a combination the pretraining world never shows, though it shows each part
-    (stars, stripes, red and white objects, other striped stars) so the models can represent it."""
+    (crosses, stripes, red and white objects, other striped crosses) so the models can represent it."""
 
-    shape: str = "star"
+    shape: str = "cross"
     pattern: str = "striped"
     colours: Tuple[str, str] = ("red", "white")
     photo_backgrounds: Tuple[str, ...] = ("black", "blue")
@@ -225,7 +228,7 @@ def parse_prompt(prompt: str) -> Dict[str, Optional[str]]:
     """The attributes a prompt asks for: shape, colour, colour2, pattern, background, identifier (None when not
     asked). Object colours are the colour words before 'on'; the background is the colour word just before
     'background'. A colour without a pattern word means 'plain'; no object colour at all leaves pattern None
-    (as in 'a sks star on a green background', where the identifier decides the look). The identifier is the
+    (as in 'a sks cross on a green background', where the identifier decides the look). The identifier is the
     first word the world does not know."""
     words = re.findall(r"[a-z]+", prompt.lower())
     background = None
