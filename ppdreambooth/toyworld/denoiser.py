@@ -12,7 +12,7 @@ from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
-from .schedules import cosine_lr, min_snr_weights
+from .schedules import cosine_lr, min_snr_weights, step_and_log
 from .tokenizer import MODEL_MAX_LENGTH
 
 # SD 1.x's noise schedule; the pipeline's scheduler config repeats it (see `pretrain.scheduler_config`).
@@ -120,12 +120,7 @@ def train_denoiser(text_encoder, unet, data: LatentSet, recipe: DenoiserRecipe, 
         prediction = unet(paddle.to_tensor(noisy), paddle.to_tensor(timesteps), states).sample
         per_sample = ((prediction - paddle.to_tensor(noise)) ** 2).mean(axis=[1, 2, 3])
         loss = (per_sample * paddle.to_tensor(weights)).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        losses.append(float(loss))
-        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
-            log(f"unet step {step + 1}/{recipe.steps} loss {np.mean(losses[-log_every:]):.4f}")
+        step_and_log(optimizer, loss, float(loss), losses, step, recipe.steps, log, log_every, "unet (weighted loss)")
     text_encoder.eval()
     unet.eval()
     return losses

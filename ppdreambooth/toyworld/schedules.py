@@ -1,4 +1,4 @@
-"""Learning-rate and loss-weight schedules shared by the VAE and UNet training loops."""
+"""Learning-rate and loss-weight schedules, and the optimizer step, shared by the VAE and UNet training loops."""
 from __future__ import annotations
 
 import math
@@ -23,3 +23,14 @@ def min_snr_weights(alphas_cumprod: np.ndarray, timesteps: np.ndarray, gamma: fl
     abar = alphas_cumprod[timesteps]
     snr = abar / (1.0 - abar)
     return (np.minimum(snr, gamma) / snr).astype(np.float32)
+
+
+def step_and_log(optimizer, objective, reported: float, losses: list, step: int, total: int, log, log_every: int,
+                 name: str) -> None:
+    """Backward `objective`, step and clear; record `reported` and log its mean every `log_every` steps."""
+    objective.backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    losses.append(reported)
+    if (step + 1) % log_every == 0 or step + 1 == total:
+        log(f"{name} step {step + 1}/{total}: {np.mean(losses[-log_every:]):.5f}")

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .pretraining_data import IMAGE_SIZE, to_model_range, to_uint8
-from .schedules import cosine_lr
+from .schedules import cosine_lr, step_and_log
 from .scoring import attribute_rates, score_image
 from .world import SUBJECT, render, subject_scenes
 
@@ -64,12 +64,8 @@ def train_vae(vae, images: np.ndarray, recipe: VaeRecipe, seed: int,
         optimizer.set_lr(cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup))
         batch = paddle.to_tensor(data[rng.integers(0, len(data), recipe.batch_size)])
         mse, kl = vae_loss(vae, batch)
-        (mse + recipe.kl_weight * kl).backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        losses.append(float(mse))
-        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
-            log(f"vae step {step + 1}/{recipe.steps} mse {np.mean(losses[-log_every:]):.5f}")
+        step_and_log(optimizer, mse + recipe.kl_weight * kl, float(mse), losses, step, recipe.steps, log, log_every,
+                     "vae (mse)")
     vae.eval()
     return losses
 
