@@ -5,8 +5,8 @@ encoder and UNet on its latents, saves an ordinary `StableDiffusionPipeline` fol
 the result on held-out prompts. Step counts are fixed by the recipes (`BuildPlan`), never by the clock, and every
 random draw comes from the seed, so one command gives the same weights: run it as the model card says,
 `OMP_NUM_THREADS=1 python -m ppdreambooth.toyworld.pretrain --out <folder>` (one thread: a multi-threaded CPU kernel
-may sum in another order). About 25 minutes on one core of a 2-core machine, by the phases' measured times (VAE
-1,200 steps about 7 minutes, UNet 6,000 steps about 15); no full build with these defaults has been timed yet.
+may sum in another order). About 22 minutes on one core of a 2-core machine, by the phases' measured times (VAE
+1,200 steps about 4.5 minutes, UNet 6,000 steps about 15); no full build with these defaults has been timed yet.
 """
 from __future__ import annotations
 
