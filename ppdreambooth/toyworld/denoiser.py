@@ -8,7 +8,7 @@ unconditional prediction that classifier-free guidance needs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -99,7 +99,8 @@ def draw_batch(data: LatentSet, rng: np.random.Generator, recipe: DenoiserRecipe
 
 
 def train_denoiser(text_encoder, unet, data: LatentSet, recipe: DenoiserRecipe, seed: int,
-                   log: Callable[[str], None] = print, log_every: int = 250) -> List[float]:
+                   log: Callable[[str], None] = print, log_every: int = 250,
+                   after_step: Optional[Callable[[int], None]] = None) -> List[float]:
     """Train both networks in place; returns the (weighted) loss per step. AdamW, warm-up then cosine to zero,
     global gradient clipping at 1. No weight decay: it would shrink the embeddings of tokens no caption uses
     (`sks` above all), which must stay as initialised; Adam leaves a row whose gradient is always zero alone."""
@@ -121,6 +122,8 @@ def train_denoiser(text_encoder, unet, data: LatentSet, recipe: DenoiserRecipe, 
         per_sample = ((prediction - paddle.to_tensor(noise)) ** 2).mean(axis=[1, 2, 3])
         loss = (per_sample * paddle.to_tensor(weights)).mean()
         step_and_log(optimizer, loss, float(loss), losses, step, recipe.steps, log, log_every, "unet (weighted loss)")
+        if after_step is not None:  # e.g. the benchmark's scoring at chosen steps; it must restore train mode
+            after_step(step + 1)
     text_encoder.eval()
     unet.eval()
     return losses

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ppdreambooth.inference.sampling import generate_images
+from ppdreambooth.inference.sampling import generate_images, prepare_for_sampling
 
 from .pretraining_data import held_out_prompts
 from .scoring import attribute_rates
@@ -26,13 +26,8 @@ BAR = {"background_ok": 0.90, "class_ok": 0.80, "colour_ok": 0.80}  # the base m
 
 
 def ready_for_sampling(pipeline, sampler: str = "dpm"):
-    """The pipeline with a deterministic multistep sampler built from its own scheduler config."""
-    import ppdiffusers
-
-    name = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}[sampler]
-    pipeline.scheduler = getattr(ppdiffusers, name).from_config(pipeline.scheduler.config)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    """The pipeline with a deterministic multistep sampler (a `SCHEDULERS` name) built from its own config."""
+    return prepare_for_sampling(pipeline, None, sampler)
 
 
 def image_seeds(seed: int, count: int) -> List[int]:
