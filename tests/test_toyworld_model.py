@@ -55,3 +55,14 @@ def test_a_short_build_runs_end_to_end_and_repeats_exactly(tmp_path):
     assert pipeline.scheduler.config.clip_sample is False
     assert all(single_token_words(pipeline.tokenizer).values())
     assert pipeline.tokenizer.model_max_length == MODEL_MAX_LENGTH == 16
+
+
+@pytest.mark.parametrize("flag", ["--vae_steps", "--unet_steps", "--images", "--eval_prompts"])
+def test_the_builder_refuses_a_count_below_one_before_building(flag, tmp_path, capsys):
+    from ppdreambooth.toyworld.pretrain import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "sd"), flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be at least 1, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "sd").exists()

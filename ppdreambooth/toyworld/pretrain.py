@@ -159,7 +159,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--unet_steps", type=int, default=None, help=f"default {DenoiserRecipe().steps}")
     parser.add_argument("--eval_prompts", type=int, default=96)
     parser.add_argument("--eval_images_per_prompt", type=int, default=2)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("images", "vae_steps", "unet_steps", "eval_prompts", "eval_images_per_prompt"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, not {getattr(args, name)}")
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> None:
