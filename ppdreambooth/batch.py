@@ -12,6 +12,8 @@ as token ids or as cached embeddings:
 - `input_ids`, `input_ids_2`, `input_ids_3`: [n, length] int64, the ids of each tokenizer (`token_key(i)`);
 - `prompt_embeds` (and `pooled_prompt_embeds` for SDXL and SD3): the cached text-encoder outputs;
 - per-family conditioning on the image geometry: SDXL's `time_ids` [n, 6];
+- `loss_mask`: [n, 1, h/8, w/8] float32 in [0, 1] with `--masked_loss`: each latent cell's weight in the loss
+  (the instance photo's mask, area-averaged; all ones for class rows);
 - `noise`, `timesteps`: optional, given by tests to fix the draw.
 """
 from typing import Tuple
@@ -27,6 +29,7 @@ POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"
 TIME_IDS = "time_ids"
 NOISE = "noise"
 TIMESTEPS = "timesteps"
+LOSS_MASK = "loss_mask"
 # the rows of an item of `DreamBoothDataset`: an instance example and, with prior preservation, a class example
 INSTANCE, CLASS = "instance", "class"
 

@@ -233,6 +233,26 @@ class DataArguments:
                                        "instance prompt nor the --keep_tokens tags. Prompts are then encoded each "
                                        "step."}
     )
+    masked_loss: bool = field(
+        default=False, metadata={"help": "Weight the loss of instance photos by a mask (white counts, black does "
+                                         "not), from --instance_mask_dir or --alpha_mask; class images unmasked."}
+    )
+    instance_mask_dir: Optional[str] = field(
+        default=None, metadata={"help": "With --masked_loss: a folder with one greyscale mask per instance photo, "
+                                        "named after it (dog1.jpg -> dog1.png), the photo's size."}
+    )
+    alpha_mask: bool = field(
+        default=False, metadata={"help": "With --masked_loss: the photos' alpha channel is the mask (transparent "
+                                         "parts do not count)."}
+    )
+    masked_loss_unmasked_weight: float = field(
+        default=0.0, metadata={"help": "With --masked_loss: the weight (0-1) the area outside the mask keeps; 0 "
+                                       "ignores it, 1 is no mask."}
+    )
+    masked_loss_normalize: bool = field(
+        default=False, metadata={"help": "With --masked_loss: divide each photo's loss by its mask's mean weight, "
+                                         "so a small subject trains as strongly as a large one."}
+    )
     enable_bucket: bool = field(
         default=False, metadata={"help": "Keep aspect ratios: batch images by the size bucket nearest their shape."}
     )
@@ -254,6 +274,7 @@ class DataArguments:
             raise ConfigError(
                 "--cache_latents cannot reproduce random crops (one cached latent per image); add --center_crop."
             )
+        self.check_masked_loss()
         if self.enable_bucket:
             step = self.bucket_reso_steps
             if step <= 0 or step % 8 or self.min_bucket_reso % step or self.max_bucket_reso % step:
@@ -261,6 +282,21 @@ class DataArguments:
                                   "and --max_bucket_reso.")
             if not 0 < self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
                 raise ConfigError("buckets need --min_bucket_reso <= --resolution <= --max_bucket_reso.")
+
+    def check_masked_loss(self) -> None:
+        """--masked_loss needs exactly one mask source, and the mask options need --masked_loss."""
+        if self.masked_loss:
+            if self.alpha_mask and self.instance_mask_dir:
+                raise ConfigError("--masked_loss takes its masks from --instance_mask_dir or from --alpha_mask, not "
+                                  "both; drop one.")
+            if not (self.alpha_mask or self.instance_mask_dir or self.concepts):
+                raise ConfigError("--masked_loss needs masks: --instance_mask_dir <folder of <photo stem>.png masks> "
+                                  "or --alpha_mask (the photos' transparency).")
+            return
+        given = [name for name in ("instance_mask_dir", "alpha_mask", "masked_loss_unmasked_weight",
+                                   "masked_loss_normalize") if getattr(self, name)]
+        if given:
+            raise ConfigError(f"--{given[0]} only acts with --masked_loss; add --masked_loss (or drop it).")
 
     concept_list = ()  # every subject of the run (`config.concepts.resolve_concepts`), set by `parse_args`
 

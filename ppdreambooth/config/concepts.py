@@ -32,6 +32,7 @@ class Concept:
     class_prompt: Optional[str] = None
     num_class_images: Optional[int] = None  # default: --num_class_images
     repeats: int = 1  # how many times each instance photo appears per epoch
+    instance_mask_dir: Optional[str] = None  # --masked_loss: this subject's masks (default: --alpha_mask)
 
 
 def _concept_from_dict(entry, index: int) -> Concept:
@@ -78,7 +79,7 @@ def resolve_concepts(data_args) -> List[Concept]:
     concepts = []
     if data_args.instance_data_dir or data_args.instance_prompt:
         concepts.append(Concept(data_args.instance_data_dir, data_args.instance_prompt, data_args.class_data_dir,
-                                data_args.class_prompt))
+                                data_args.class_prompt, instance_mask_dir=data_args.instance_mask_dir))
     concepts += parse_concepts(data_args.concepts)
     for n, concept in enumerate(concepts):
         where = "--instance_prompt" if n == 0 and data_args.instance_prompt else f"concepts[{n}].instance_prompt"
@@ -89,7 +90,27 @@ def resolve_concepts(data_args) -> List[Concept]:
             concept.num_class_images = data_args.num_class_images
     if data_args.with_prior_preservation:
         check_prior_preservation(data_args, concepts)
+    check_mask_sources(data_args, concepts)
     return concepts
+
+
+def check_mask_sources(data_args, concepts: List[Concept]) -> None:
+    """With --masked_loss every concept needs its masks: its own mask folder, or the photos' alpha; a mask folder
+    without --masked_loss would be ignored, so it is refused."""
+    for n, concept in enumerate(concepts):
+        where = "--instance_mask_dir" if n == 0 and data_args.instance_data_dir else f"concepts[{n}].instance_mask_dir"
+        if concept.instance_mask_dir and not getattr(data_args, "masked_loss", False):
+            raise ConfigError(f"{where} only acts with --masked_loss; add --masked_loss (or drop it).")
+        if not getattr(data_args, "masked_loss", False):
+            continue
+        if concept.instance_mask_dir and data_args.alpha_mask:
+            raise ConfigError(f"{where} and --alpha_mask both give masks; keep one.")
+        if not concept.instance_mask_dir and not data_args.alpha_mask:
+            raise ConfigError(f"--masked_loss: {where} is not set for {concept.instance_data_dir}; give its mask "
+                              "folder, or --alpha_mask to use the photos' transparency.")
+        if concept.instance_mask_dir and not os.path.isdir(concept.instance_mask_dir):
+            raise ConfigError(f"{where} {concept.instance_mask_dir!r} is not a folder; point it at the folder of "
+                              "masks (one <photo stem>.png per photo).")
 
 
 def check_prior_preservation(data_args, concepts: List[Concept]) -> None:

@@ -102,6 +102,7 @@ RANGES: Dict[str, Range] = {
     "bucket_reso_steps": PIXELS,
     "caption_dropout_rate": share(note="0 is off"),
     "caption_tag_dropout_rate": share(note="0 is off"),
+    "masked_loss_unmasked_weight": share(note="0 ignores the area outside the mask"),
     "keep_tokens": count(0, 1000, note="0: no tag is held in place but the instance prompt"),
     # batches, steps and schedule
     "per_device_train_batch_size": count(1, 65536),

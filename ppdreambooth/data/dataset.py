@@ -17,9 +17,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import paddle
 
-from ppdreambooth.batch import CLASS, INSTANCE, LATENT_CACHED, LATENT_MEAN, LATENT_STD, PIXEL_VALUES, Size
+from ppdreambooth.batch import (CLASS, INSTANCE, LATENT_CACHED, LATENT_MEAN, LATENT_STD, LOSS_MASK, PIXEL_VALUES,
+                                Size)
 from ppdreambooth.data.captions import CaptionOptions, caption_plan, vary_caption
 from ppdreambooth.data.images import crop_and_scale, crop_box, prepare_image
+from ppdreambooth.data.masks import mask_for_crop
 from ppdreambooth.data.photos import ImageSet
 
 logger = logging.getLogger(__name__)
@@ -51,13 +53,20 @@ class DreamBoothDataset(paddle.io.Dataset):
     `captions` (kohya's caption options) change the instance example's prompt per item, drawing from the item's
     seeded RNG after the crops and flips (those stay as without them); `tokenize` (`DreamBoothModel.tokenize`)
     gives the ids of the empty prompt and of captions that vary. Class examples never change.
+
+    `mask_factor` (the VAE's downsampling; `--masked_loss`) gives every example a `loss_mask` on the latent grid:
+    its image's mask under the same crop and flip, or all ones for sets without masks (class images, the
+    base-prediction prior half). Masks of crops that never change are computed once and kept.
     """
 
     def __init__(self, concepts: List[ConceptData], center_crop: bool = False, random_flip: bool = False,
                  size_conditioning: Optional[Callable[[Size, Size, Size], Dict[str, np.ndarray]]] = None,
                  captions: Optional[CaptionOptions] = None,
-                 tokenize: Optional[Callable[[str], Dict[str, np.ndarray]]] = None):
+                 tokenize: Optional[Callable[[str], Dict[str, np.ndarray]]] = None,
+                 mask_factor: Optional[int] = None):
         self.concepts, self.center_crop, self.random_flip = concepts, center_crop, random_flip
+        self.mask_factor = mask_factor
+        self._kept_masks: Dict[tuple, np.ndarray] = {}  # (set, image, size, corner, flip) -> latent-grid mask
         # The family's conditioning on (original size, crop corner, target size), e.g. SDXL's time ids.
         self.size_conditioning = size_conditioning
         self.entries = []
@@ -119,12 +128,32 @@ class DreamBoothDataset(paddle.io.Dataset):
             example[LATENT_MEAN], example[LATENT_STD] = cached
         else:
             example[PIXEL_VALUES] = crop_and_scale(image, size, corner, flip)
+        if self.mask_factor is not None:
+            example[LOSS_MASK] = self.loss_mask(images, i, size, corner, flip)
         if self.size_conditioning is not None:
             # The corner as seen in the picture trained on: a flip mirrors the left edge (as kohya does).
             left = image.width - corner[1] - size[1] if flip else corner[1]
             example.update(self.size_conditioning(images.original_sizes[i], (corner[0], left), size))
         example.update(images.prompt_embeds[i] if images.prompt_embeds is not None else images.tokens[i])
         return example
+
+    def loss_mask(self, images: ImageSet, i: int, size: Size, corner: Tuple[int, int], flip: bool) -> np.ndarray:
+        """float32 (1, h / f, w / f): the image's mask under this crop and flip, area-averaged to the latent grid
+        (all ones without a mask). Kept when the crop has no freedom (centre crops, images of the training size),
+        as cached latents are; random crops are cut at each step (a crop and a block mean of a small array)."""
+        key = (id(images), i, *size, *corner, flip)
+        kept = self._kept_masks.get(key)
+        if kept is not None:
+            return kept
+        factor = self.mask_factor
+        if images.masks is None:
+            mask = np.ones((1, size[0] // factor, size[1] // factor), np.float32)
+        else:
+            mask = mask_for_crop(images.masks[i], size, corner, flip, factor)
+        image = images.images[i]
+        if self.center_crop or (image.height, image.width) == tuple(size):
+            self._kept_masks[key] = mask
+        return mask
 
     def __getitem__(self, key) -> Dict[str, Dict[str, np.ndarray]]:
         index, seed = key if isinstance(key, tuple) else (key, key)

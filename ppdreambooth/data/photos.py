@@ -27,6 +27,7 @@ class Photo:
 
     path: str
     image: object = None  # PIL image, RGB
+    mask: object = None  # PIL image, 8-bit greyscale, the photo's size (--masked_loss; see data.masks)
 
     def picture(self):
         return self.image if self.image is not None else load_rgb(self.path)
@@ -74,6 +75,7 @@ class ImageSet:
     latents: Optional[Dict[tuple, Tuple[np.ndarray, np.ndarray]]] = None  # (image, h, w, flip) -> (mean, std)
     texts: Optional[List[str]] = None  # each image's prompt text (its caption or the prompt): caption options
     prompt: Optional[str] = None  # the set's prompt (the instance prompt), kept whole when captions vary
+    masks: Optional[list] = None  # --masked_loss: per image its mask, resized as the image (greyscale PIL)
 
 
 def read_caption(image_path: str, extension: str, instance_prompt: str) -> Optional[str]:
@@ -100,7 +102,7 @@ def load_image_set(
     override `prompt`.
 
     `tokenize(text)` gives the token ids of every tokenizer of the model (`DreamBoothModel.tokenize`)."""
-    images, sizes, originals, tokens, texts, cache = [], [], [], [], [], {}
+    images, sizes, originals, tokens, texts, masks, cache = [], [], [], [], [], [], {}
     for photo in photos:
         path, image = (photo.path, photo.picture()) if isinstance(photo, Photo) else (photo, load_rgb(photo))
         size = size_of(image.height, image.width)
@@ -108,10 +110,15 @@ def load_image_set(
             logger.warning("%s is %dx%d, smaller than %dx%d: it is upscaled", path, image.width, image.height, size[1], size[0])
         originals.append((image.height, image.width))
         images.append(resize_to_cover(image, size))
+        mask = getattr(photo, "mask", None)
+        masks.append(None if mask is None else resize_to_cover(mask, size))  # exactly as the photo
         sizes.append(size)
         text = (read_caption(path, caption_extension, prompt) if caption_extension else None) or prompt
         if text not in cache:
             cache[text] = tokenize(text)
         tokens.append(cache[text])
         texts.append(text)
-    return ImageSet(images=images, sizes=sizes, tokens=tokens, original_sizes=originals, texts=texts, prompt=prompt)
+    if any(m is not None for m in masks) and not all(m is not None for m in masks):
+        raise ValueError("either every photo of a set has a mask or none has")
+    return ImageSet(images=images, sizes=sizes, tokens=tokens, original_sizes=originals, texts=texts, prompt=prompt,
+                    masks=masks if masks and masks[0] is not None else None)

@@ -8,6 +8,7 @@ from ppdreambooth.config.arguments import ModelArguments, base_prediction_prior_
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.families import ModelFamily, detect_family
 from ppdreambooth.families.loading import load_components
+from ppdreambooth.modeling.losses import MaskedLoss
 from ppdreambooth.modeling.lora import LoraSpec
 from ppdreambooth.modeling.model import DreamBoothModel
 from ppdreambooth.modeling.objectives import LossVariants, build_objective
@@ -54,6 +55,7 @@ def build_model(
     memory_efficient_attention: bool = False,
     family: Optional[ModelFamily] = None,
     base_prediction_prior: bool = False,
+    masked_loss: Optional[MaskedLoss] = None,
 ) -> DreamBoothModel:
     """Load the model `model_args` names and wrap it for DreamBooth training."""
     if base_prediction_prior:
@@ -84,4 +86,5 @@ def build_model(
         base_prediction_prior=base_prediction_prior,
         recompute=recompute,
         memory_efficient_attention=memory_efficient_attention,
+        masked_loss=masked_loss,
     )

@@ -6,12 +6,15 @@ where, for DDPM models (SD, SDXL), the target is the noise (epsilon) or the velo
 is 1, the min-SNR weight and/or the debiased-estimation weight; for flow matching (SD3) the target is the
 velocity noise - x0 (or x0 with preconditioned outputs) and w a sigma-based weight. L is the mean over elements
 of the squared error (--loss_type l2, the default), or of kohya's pseudo-Huber 2 c (sqrt(d^2 + c^2) - c) or
-smooth-L1 2 (sqrt(d^2 + c^2) - c) with a threshold c per sample (`huber_threshold`). Everything is computed in
-float32 whatever the model's precision.
+smooth-L1 2 (sqrt(d^2 + c^2) - c) with a threshold c per sample (`huber_threshold`). With `--masked_loss` L is
+the mean of m' * loss over elements, m' = u + (1 - u) * mask per latent cell (u: --masked_loss_unmasked_weight),
+divided by the mean of m' with --masked_loss_normalize. Everything is computed in float32 whatever the model's
+precision.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import paddle
@@ -86,13 +89,40 @@ def per_sample_mse(pred: paddle.Tensor, target: paddle.Tensor) -> paddle.Tensor:
     return (diff * diff).reshape([diff.shape[0], -1]).mean(axis=1)
 
 
+@dataclass(frozen=True)
+class MaskedLoss:
+    """--masked_loss's options: the weight of the area outside the mask, and whether to divide by the mask's
+    mean weight (so a small subject's loss is not scaled down by its area)."""
+
+    unmasked_weight: float = 0.0
+    normalize: bool = False
+
+
+def mask_weights(mask: paddle.Tensor, options: MaskedLoss) -> paddle.Tensor:
+    """Per-cell weights u + (1 - u) * mask, float32, (n, 1, h, w): broadcast over the latent channels. u = 0
+    gives the mask itself, bit for bit."""
+    mask = mask.astype("float32")
+    if options.unmasked_weight == 0:
+        return mask
+    return options.unmasked_weight + (1.0 - options.unmasked_weight) * mask
+
+
 def per_sample_loss(pred: paddle.Tensor, target: paddle.Tensor, loss_type: str = "l2",
-                    huber_c: Optional[paddle.Tensor] = None) -> paddle.Tensor:
-    """`elementwise_loss` averaged over each sample (l2: exactly `per_sample_mse`)."""
-    if loss_type == "l2":
+                    huber_c: Optional[paddle.Tensor] = None, mask: Optional[paddle.Tensor] = None,
+                    masked: MaskedLoss = MaskedLoss()) -> paddle.Tensor:
+    """`elementwise_loss` averaged over each sample (l2 without a mask: exactly `per_sample_mse`); a `mask`
+    (n, 1, h, w) weights each latent cell before the mean (an all-ones mask changes no bit)."""
+    if loss_type == "l2" and mask is None:
         return per_sample_mse(pred, target)
     loss = elementwise_loss(pred, target, loss_type, huber_c)
-    return loss.reshape([loss.shape[0], -1]).mean(axis=1)
+    if mask is None:
+        return loss.reshape([loss.shape[0], -1]).mean(axis=1)
+    weights = mask_weights(mask, masked)
+    loss = (loss * weights).reshape([loss.shape[0], -1]).mean(axis=1)
+    if masked.normalize:  # the mean over the weighted area; a row whose weights are all 0 stays 0
+        area = weights.reshape([weights.shape[0], -1]).mean(axis=1)
+        loss = loss / paddle.maximum(area, paddle.full_like(area, 1e-6))
+    return loss
 
 
 def dreambooth_loss(
@@ -103,13 +133,16 @@ def dreambooth_loss(
     weights: Optional[paddle.Tensor] = None,
     loss_type: str = "l2",
     huber_c: Optional[paddle.Tensor] = None,
+    mask: Optional[paddle.Tensor] = None,
+    masked: MaskedLoss = MaskedLoss(),
 ) -> Dict[str, paddle.Tensor]:
     """Instance loss plus weighted prior loss; the batch holds `num_instance` instance rows, then class rows.
-    `loss_type` huber or smooth_l1 needs `huber_c`, one threshold per row.
+    `loss_type` huber or smooth_l1 needs `huber_c`, one threshold per row; `mask` (--masked_loss) weights each
+    latent cell of each row (class rows carry all ones).
 
     Returns `loss` (for backward) and the detached parts `loss_instance`, `loss_prior` (0 without prior rows).
     """
-    mse = per_sample_loss(pred, target, loss_type, huber_c)
+    mse = per_sample_loss(pred, target, loss_type, huber_c, mask, masked)
     if weights is not None:
         mse = mse * weights.astype("float32")
     loss_instance = mse[:num_instance].mean()

@@ -19,6 +19,7 @@ from ppdreambooth.batch import (
     LATENT_CACHED,
     LATENT_MEAN,
     LATENT_STD,
+    LOSS_MASK,
     NOISE,
     PROMPT_EMBEDS,
     TIMESTEPS,
@@ -27,7 +28,7 @@ from ppdreambooth.batch import (
 )
 from ppdreambooth.families import ModelFamily
 from ppdreambooth.modeling.lora import LoraSpec, add_lora
-from ppdreambooth.modeling.losses import dreambooth_loss
+from ppdreambooth.modeling.losses import MaskedLoss, dreambooth_loss
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class DreamBoothModel(paddle.nn.Layer):
     see `modeling.build.build_model`). `lora` adds adapters (None: full fine-tuning); `objective` is the family's
     noise/target/weighting (`modeling.objectives`); `with_prior_preservation`: batches are [instance; class] halves;
     `base_prediction_prior`: the class half repeats the instance latents under the class prompt and its target is
-    the base model's own prediction (adapters off)."""
+    the base model's own prediction (adapters off); `masked_loss`: the options of `--masked_loss`, whose batches
+    carry `loss_mask`."""
 
     def __init__(
         self,
@@ -57,8 +59,10 @@ class DreamBoothModel(paddle.nn.Layer):
         base_prediction_prior: bool = False,
         recompute: bool = False,
         memory_efficient_attention: bool = False,
+        masked_loss: Optional[MaskedLoss] = None,
     ):
         super().__init__()
+        self.masked_loss = masked_loss
         self._whole_model_training = False  # see train()
         self.family, self.objective, self.lora = family, objective, lora
         self.prior_loss_weight = prior_loss_weight
@@ -87,6 +91,7 @@ class DreamBoothModel(paddle.nn.Layer):
         vae_config = components["vae"].config
         self.scaling_factor = vae_config.scaling_factor
         self.shift_factor = vae_config.get("shift_factor", None) or 0.0  # SD3's VAE; SD/SDXL have none
+        self.vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)  # pixels per latent cell, each side
         if recompute:
             self.enable_recompute()
         if memory_efficient_attention:
@@ -254,11 +259,12 @@ class DreamBoothModel(paddle.nn.Layer):
         or cached latent moments, prompts as token ids or cached encodings, plus the family's per-sample
         conditioning (SDXL: `time_ids`). `noise`/`timesteps` may be given (tests; --ip_noise_gamma still perturbs
         the input made with that noise). With `latent_cached` (a row mask) only the rows without cached moments are
-        encoded."""
+        encoded. `loss_mask` (--masked_loss) weights the loss per latent cell."""
         if input_ids is not None:
             batch[token_key(0)] = input_ids
-        latent_mean, latent_std, latent_cached, prompt_embeds, noise, timesteps = (
-            batch.pop(key, None) for key in (LATENT_MEAN, LATENT_STD, LATENT_CACHED, PROMPT_EMBEDS, NOISE, TIMESTEPS))
+        latent_mean, latent_std, latent_cached, prompt_embeds, noise, timesteps, loss_mask = (
+            batch.pop(key, None)
+            for key in (LATENT_MEAN, LATENT_STD, LATENT_CACHED, PROMPT_EMBEDS, NOISE, TIMESTEPS, LOSS_MASK))
         tokens = {k: batch.pop(k) for k in [k for k in batch if is_token_key(k)]}
         conditioning = batch  # what remains: pooled embeddings, the family's geometry conditioning
         if self.base_prediction_prior:  # the class half repeats the instance half: encode and noise that once
@@ -298,4 +304,4 @@ class DreamBoothModel(paddle.nn.Layer):
             batch = latents.shape[0]
             num_instance = batch // 2 if self.with_prior_preservation else batch
             return dreambooth_loss(model_pred, target, num_instance, self.prior_loss_weight, weights,
-                                   self.objective.loss_type, thresholds)
+                                   self.objective.loss_type, thresholds, loss_mask, self.masked_loss or MaskedLoss())

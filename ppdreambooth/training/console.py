@@ -78,6 +78,13 @@ def header(family, model_args, data_args, args, dataset, log_path: str) -> str:
         varying = ("; prompts encoded at each step (the text encoders stay on the device)"
                    if dataset.captions_vary else "")
         caption_line = [f"  captions:  {dataset.captions.describe()} (instance photos only){varying}"]
+    if data_args.masked_loss:
+        source = "the photos' alpha channel" if data_args.alpha_mask else "mask files"
+        unmasked = data_args.masked_loss_unmasked_weight
+        caption_line.append(f"  masks:     loss weighted by {source} on the {dataset.mask_factor}x{dataset.mask_factor}"
+                            f"-pixel latent grid; outside weight {unmasked:g}"
+                            + (", normalised by mask area" if data_args.masked_loss_normalize else "")
+                            + "; class rows unmasked")
     return "\n".join([
         f"ppdreambooth: {mode} of {model_args.pretrained_model_name_or_path} ({family.name}, {family.pipeline_class})",
         f"  data:      {photos} instance photo(s) in {len(dataset.concepts)} concept(s)"

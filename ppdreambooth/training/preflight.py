@@ -19,6 +19,7 @@ from ppdreambooth.config.arguments import (
     ModelArguments,
     base_prediction_prior_problem,
 )
+from ppdreambooth.data.masks import with_masks
 from ppdreambooth.data.photos import Photo, collect_photos, read_caption
 from ppdreambooth.evaluation.prompts import subject_words
 from ppdreambooth.evaluation.world import world_subject
@@ -188,6 +189,11 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
     for concept, files in zip(data_args.concept_list, instance_photos):  # captions are read later: check now
         for photo in files:
             read_caption(photo.path, data_args.caption_extension, concept.instance_prompt)
+    if data_args.masked_loss:  # every photo's mask, found, read and sized now
+        instance_photos = [
+            with_masks(files, concept.instance_mask_dir, data_args.alpha_mask,
+                       f" ({concept.instance_data_dir})" if len(instance_photos) > 1 else "")
+            for concept, files in zip(data_args.concept_list, instance_photos)]
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise ConfigError(f"--output_dir {args.output_dir} is a file, not a folder: choose another --output_dir.")
     if args.process_index <= 0:

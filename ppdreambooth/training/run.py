@@ -27,6 +27,7 @@ from ppdreambooth.interop.model_card import closing_summary, write_model_card
 from ppdreambooth.interop.single_file import read_single_file
 from ppdreambooth.modeling.build import build_model
 from ppdreambooth.modeling.ema import WeightEMA
+from ppdreambooth.modeling.losses import MaskedLoss
 from ppdreambooth.modeling.model import DreamBoothModel
 from ppdreambooth.runtime import ranks, run_lock
 from ppdreambooth.runtime.nonfinite import NonFiniteLossError
@@ -113,7 +114,8 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_pho
                               keep_tokens=data_args.keep_tokens, tag_dropout_rate=data_args.caption_tag_dropout_rate)
     return DreamBoothDataset(concepts, center_crop=data_args.center_crop or data_args.enable_bucket,
                              random_flip=data_args.random_flip, size_conditioning=model.family.size_conditioning,
-                             captions=captions, tokenize=model.tokenize)
+                             captions=captions, tokenize=model.tokenize,
+                             mask_factor=model.vae_scale_factor if data_args.masked_loss else None)
 
 
 @contextlib.contextmanager
@@ -197,6 +199,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
             memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
             family=family,
             base_prediction_prior=base_prediction,
+            masked_loss=MaskedLoss(data_args.masked_loss_unmasked_weight, data_args.masked_loss_normalize)
+            if data_args.masked_loss else None,
         )
     dataset = build_dataset(model, data_args, instance_photos, class_photos)
     if rank == 0:
