@@ -8,6 +8,7 @@ and are folded into the Trainer's field by `ppdreambooth.config.parsing.parse_ar
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -17,6 +18,8 @@ from paddlenlp.trainer import TrainingArguments
 from ppdreambooth.config.ranges import check_fields
 from ppdreambooth.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 
 # SD3 (flow matching): timestep densities logit_normal / mode / uniform, or uniform timesteps with the loss
 # weights sigma_sqrt / cosmap / none (see ppdreambooth.modeling.losses)
@@ -25,6 +28,7 @@ EXPORT_FORMATS = ("diffusers", "single-file", "kohya", "merged")  # --export_for
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # --loss_type (see ppdreambooth.modeling.losses)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")  # --huber_schedule
 LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
+OPTIMIZERS = ("adamw", "adafactor", "prodigy")  # --optim; PaddleNLP's OptimizerNames has only the first two
 
 
 def base_prediction_prior_problem(use_lora: bool, train_text_encoder: bool,
@@ -333,6 +337,21 @@ class DreamBoothTrainingArguments(TrainingArguments):
         metadata={"help": "Apply --weight_decay to biases and normalisation weights too, as the seed script's AdamW "
                           "does (default). false exempts them (the transformers/diffusers convention)."},
     )
+    optim: str = field(
+        default="adamw",
+        metadata={"help": "Optimizer: adamw (default), adafactor (factored second moments: less memory) or prodigy "
+                          "(Adam with an estimated step size; its --learning_rate, 1.0 by default, scales that).",
+                  "choices": list(OPTIMIZERS)},
+    )
+    prodigy_d_coef: float = field(
+        default=1.0, metadata={"help": "--optim prodigy: multiply its step-size estimate (0.5-2 are typical)."}
+    )
+    prodigy_safeguard_warmup: bool = field(
+        default=False, metadata={"help": "--optim prodigy: keep the learning rate (a warmup) out of the estimate."}
+    )
+    prodigy_use_bias_correction: bool = field(
+        default=False, metadata={"help": "--optim prodigy: Adam's bias correction of the moments (off by default)."}
+    )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to train (max_train_steps wins)."})
     logging_dir: Optional[str] = field(
         default="logs", metadata={"help": "VisualDL/TensorBoard log folder; a relative path is inside output_dir."}
@@ -410,6 +429,29 @@ class DreamBoothTrainingArguments(TrainingArguments):
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
     hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repository (default: output_dir's name)."})
 
+    def check_optim(self) -> str:
+        """--optim's name, refused when unknown; the --prodigy_* options need --optim prodigy, which cannot run with
+        --sharding (each rank would estimate its own step size from its share of the weights)."""
+        optim = str(getattr(self.optim, "value", self.optim))
+        if optim not in OPTIMIZERS:
+            raise ConfigError(f"--optim {optim!r} is not supported; use {', '.join(OPTIMIZERS)}.")
+        if optim != "prodigy":
+            given = [name for name, value in (("prodigy_d_coef", self.prodigy_d_coef != 1.0),
+                                              ("prodigy_safeguard_warmup", self.prodigy_safeguard_warmup),
+                                              ("prodigy_use_bias_correction", self.prodigy_use_bias_correction))
+                     if value]
+            if given:
+                raise ConfigError(f"--{given[0]} only acts with --optim prodigy; add --optim prodigy (or drop it).")
+            return optim
+        if self.sharding and self.sharding not in ("", "none", ["none"]):
+            raise ConfigError("--optim prodigy does not run with --sharding: its step size is estimated from sums over "
+                              "all weights, and each rank would hold only a share of them. Use plain data "
+                              "parallelism (no --sharding), or --optim adamw.")
+        if self.learning_rate < 0.1:
+            logger.warning("--optim prodigy with --learning_rate %g: the rate multiplies Prodigy's estimated step size "
+                           "(1.0 is the usual value); a small rate makes the training crawl.", self.learning_rate)
+        return optim
+
     @property
     def export_format_list(self) -> List[str]:
         """--export_formats as a list (empty when unset)."""
@@ -430,8 +472,13 @@ class DreamBoothTrainingArguments(TrainingArguments):
                               "merged.")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are exclusive; choose one.")
+        optim = self.check_optim()
         console_level = self.log_level
+        if optim == "prodigy":
+            self.optim = "adamw"  # PaddleNLP's __post_init__ makes --optim an OptimizerNames, which has no prodigy
         super().__post_init__()
+        if optim == "prodigy":
+            self.optim = "prodigy"  # a plain string: the Trainer builds ppdreambooth's Prodigy for it
         self.log_level = console_level  # PaddleNLP 2.8 overwrites the name with -1 and never reads it again
         if self.scale_lr:
             self.learning_rate *= self.gradient_accumulation_steps * self.per_device_train_batch_size * self.world_size

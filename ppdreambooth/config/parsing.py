@@ -125,6 +125,7 @@ def check_report_to(report_to) -> None:
 
 
 LORA_DEFAULT_LEARNING_RATE = 1e-4  # the seed LoRA README's rate; 5e-6 barely moves rank-4 adapters
+PRODIGY_DEFAULT_LEARNING_RATE = 1.0  # Prodigy estimates the step size; the rate only scales it
 
 
 def parse_args(
@@ -141,6 +142,8 @@ def parse_args(
     given = _given_values(parser, argv)
     check_given(given, set(ALIAS_TARGETS))  # the seed script's names, before they become the Trainer's
     _fold_aliases(given)
+    if given.get("optim") == "prodigy" and "learning_rate" not in given:
+        given["learning_rate"] = PRODIGY_DEFAULT_LEARNING_RATE
     if given.get("use_lora") and "learning_rate" not in given:
         given["learning_rate"] = LORA_DEFAULT_LEARNING_RATE
     outputs = []

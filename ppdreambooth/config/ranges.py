@@ -128,6 +128,7 @@ RANGES: Dict[str, Range] = {
     "adam_beta1": Range(0.0, 1.0, high_open=True),
     "adam_beta2": Range(0.0, 1.0, high_open=True),
     "adam_epsilon": positive(1.0),
+    "prodigy_d_coef": positive(100.0),
     "max_grad_norm": Range(0.0, 1e6, note="0 turns clipping off"),
     "scale_loss": positive(2.0**32),
     "ema_decay": Range(0.0, 1.0, low_open=True, high_open=True),

@@ -2,8 +2,9 @@
 
 What it changes, and why:
 - `compute_loss` keeps the instance and prior parts so that `log` reports them separately.
-- `create_optimizer` serves `--optim adafactor` (PaddleNLP 2.8.1 builds only AdamW) and clips gradients with
-  `clipping.GlobalNormClip` (Paddle's global-norm clip, bit for bit, in about half its time).
+- `create_optimizer` serves `--optim adafactor` and `--optim prodigy` (PaddleNLP 2.8.1 builds only AdamW) and
+  clips gradients with `clipping.GlobalNormClip` (Paddle's global-norm clip, bit for bit, in about half its time).
+- `log` adds the instance and prior losses, and with Prodigy its step-size estimate `prodigy_d`.
 - `_get_train_sampler` returns a sampler whose order and augmentations depend only on (seed, epoch).
 - `_save` writes only trained weights into checkpoints (the stock one dumps the frozen VAE and text
   encoder too) and, for the final save, a full ppdiffusers pipeline folder.
@@ -37,6 +38,7 @@ from ppdreambooth.data.dataset import SeededBatchSampler
 from ppdreambooth.modeling.lora import LORA_STAGING_NAME, save_lora_weights
 from ppdreambooth.runtime.nonfinite import NonFiniteGuard, innermost_optimizer
 from ppdreambooth.modeling.optimizers import Adafactor
+from ppdreambooth.modeling.prodigy import Prodigy
 from ppdreambooth.runtime.checkpoints import (
     checkpoints_to_delete,
     complete_checkpoints,
@@ -53,6 +55,18 @@ from ppdreambooth.training.resume_settings import write_settings
 
 logger = logging.getLogger(__name__)
 LOSS_PARTS = ("loss_instance", "loss_prior")
+
+
+def prodigy_options(args) -> dict:
+    """Prodigy's keyword arguments from the training arguments: Adam's betas and epsilon are the Trainer's
+    --adam_* flags (the same defaults as prodigyopt's), the rest its --prodigy_* flags."""
+    return {
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "d_coef": getattr(args, "prodigy_d_coef", 1.0),
+        "safeguard_warmup": getattr(args, "prodigy_safeguard_warmup", False),
+        "use_bias_correction": getattr(args, "prodigy_use_bias_correction", False),
+    }
 
 
 class DreamBoothTrainer(Trainer):
@@ -85,11 +99,15 @@ class DreamBoothTrainer(Trainer):
                 mean = self._nested_gather(total / self._loss_part_count).mean()
                 logs[name] = round(float(mean), 6)
             self._loss_part_sums, self._loss_part_count = {}, 0
+        optimizer = innermost_optimizer(self.optimizer) if self.optimizer is not None else None
+        if "loss" in logs and isinstance(optimizer, Prodigy):
+            logs["prodigy_d"] = optimizer.d  # its step size is d x the logged learning rate
         super().log(logs, **kwargs)
 
     # ----- optimizer ------------------------------------------------------------------------------
     def create_optimizer(self, lr_scheduler=None):
-        """The Trainer's optimizer set-up, with `--optim adafactor` served by ppdreambooth's Adafactor.
+        """The Trainer's optimizer set-up, with `--optim adafactor` and `--optim prodigy` served by ppdreambooth's
+        Adafactor and Prodigy.
 
         PaddleNLP 2.8.1 builds only AdamW (`get_optimizer_cls_and_kwargs` raises for anything else). Its
         lookup is swapped for the duration of the stock set-up, so the optimizer gets exactly the arguments
@@ -98,10 +116,14 @@ class DreamBoothTrainer(Trainer):
         """
         if self.optimizer is not None:
             return self.optimizer
-        if self.args.optim != OptimizerNames.ADAFACTOR:
+        if self.args.optim == OptimizerNames.ADAFACTOR:
+            ours = (Adafactor, {})
+        elif self.args.optim == "prodigy":  # a plain string: PaddleNLP's OptimizerNames has no prodigy
+            ours = (Prodigy, prodigy_options(self.args))
+        else:
             return self._with_faster_clip(super().create_optimizer(lr_scheduler))
         stock = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
-        Trainer.get_optimizer_cls_and_kwargs = staticmethod(lambda args: (Adafactor, {}))
+        Trainer.get_optimizer_cls_and_kwargs = staticmethod(lambda args: ours)
         try:
             return self._with_faster_clip(super().create_optimizer(lr_scheduler))
         finally:
