@@ -54,7 +54,45 @@ _LOW_PRECISION = (paddle.float16, paddle.bfloat16)
 _SUFFIX = "_adafactor_"
 
 
-class Adafactor(paddle.optimizer.Optimizer):
+class HandWrittenOptimizer(paddle.optimizer.Optimizer):
+    """What the hand-written optimizers (Adafactor here, `prodigy.Prodigy`) share: walking the parameters with
+    their weight decay, and gathering this step's gradients (`main_grad` under O2, else `grad`)."""
+
+    def _params_with_decay(self):
+        """(parameter, weight decay) for every parameter, across parameter groups if any."""
+        if self._param_groups and isinstance(self._param_groups[0], dict):
+            for group in self._param_groups:
+                # The base class fills a missing group weight decay with None: use the optimizer's.
+                decay = group.get("weight_decay")
+                decay = self._weight_decay if not isinstance(decay, (int, float)) else float(decay)
+                for param in group["params"]:
+                    yield param, decay
+        else:
+            for param in self._param_groups or []:
+                yield param, self._weight_decay
+
+    def _step_gradients(self):
+        """None when the grad scaler (fp16) found an overflow (it hands its flag over this way and calls step()
+        regardless: the step is skipped); else ([(param, grad)], {id(param): weight decay}) of the trainable
+        parameters that have a gradient."""
+        found_inf = self._get_auxiliary_var("found_inf")
+        if found_inf is not None and bool(found_inf):
+            return None
+        params_grads, decays = [], {}
+        for param, decay in self._params_with_decay():
+            if param.stop_gradient:
+                continue
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is None:
+                continue
+            params_grads.append((param, grad))
+            decays[id(param)] = decay
+        return params_grads, decays
+
+
+class Adafactor(HandWrittenOptimizer):
     """Adafactor with an external learning rate (see the module docstring for the update rule)."""
 
     def __init__(
@@ -96,39 +134,12 @@ class Adafactor(paddle.optimizer.Optimizer):
     # ----------------------------------------------------------------------------------------------
     # The update
 
-    def _params_with_decay(self):
-        """(parameter, weight decay) for every trainable parameter, across parameter groups if any."""
-        if self._param_groups and isinstance(self._param_groups[0], dict):
-            for group in self._param_groups:
-                # The base class fills a missing group weight decay with None: use the optimizer's.
-                decay = group.get("weight_decay")
-                decay = self._weight_decay if not isinstance(decay, (int, float)) else float(decay)
-                for param in group["params"]:
-                    yield param, decay
-        else:
-            for param in self._param_groups or []:
-                yield param, self._weight_decay
-
     @paddle.no_grad()
     def step(self):
-        # GradScaler (fp16) hands over its overflow flag this way and calls step() regardless.
-        found_inf = self._get_auxiliary_var("found_inf")
-        if found_inf is not None and bool(found_inf):
+        gathered = self._step_gradients()
+        if gathered is None or not gathered[0]:
             return
-
-        params_grads, decays = [], {}
-        for param, decay in self._params_with_decay():
-            if param.stop_gradient:
-                continue
-            grad = getattr(param, "main_grad", None)
-            if grad is None:
-                grad = param.grad
-            if grad is None:
-                continue
-            params_grads.append((param, grad))
-            decays[id(param)] = decay
-        if not params_grads:
-            return
+        params_grads, decays = gathered
         if self._grad_clip is not None:  # one call: a global norm is over all parameters together
             params_grads = self._grad_clip(params_grads)
 

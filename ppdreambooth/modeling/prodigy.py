@@ -82,6 +82,8 @@ import numpy as np
 import paddle
 from paddle.optimizer.lr import LRScheduler
 
+from ppdreambooth.modeling.optimizers import HandWrittenOptimizer, _fp32_copy, _to_tensor
+
 logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (paddle.float16, paddle.bfloat16)
@@ -90,7 +92,7 @@ _SCALAR_PREFIX = "prodigy_"  # + d, d_max, d_numerator, k: the optimizer-wide nu
 _SCALARS = ("d", "d_max", "d_numerator", "k")
 
 
-class Prodigy(paddle.optimizer.Optimizer):
+class Prodigy(HandWrittenOptimizer):
     """Adam with Prodigy's estimated step size (see the module docstring for the update rule)."""
 
     def __init__(
@@ -167,19 +169,6 @@ class Prodigy(paddle.optimizer.Optimizer):
     # ----------------------------------------------------------------------------------------------
     # The update
 
-    def _params_with_decay(self):
-        """(parameter, weight decay) for every parameter, across parameter groups if any."""
-        if self._param_groups and isinstance(self._param_groups[0], dict):
-            for group in self._param_groups:
-                # The base class fills a missing group weight decay with None: use the optimizer's.
-                decay = group.get("weight_decay")
-                decay = self._weight_decay if not isinstance(decay, (int, float)) else float(decay)
-                for param in group["params"]:
-                    yield param, decay
-        else:
-            for param in self._param_groups or []:
-                yield param, self._weight_decay
-
     def _global_sums(self, numerator: float, denominator: float) -> Tuple[float, float]:
         """d's numerator increment and denominator summed over every process that holds part of the model.
 
@@ -210,22 +199,10 @@ class Prodigy(paddle.optimizer.Optimizer):
 
     @paddle.no_grad()
     def step(self):
-        # GradScaler (fp16) hands over its overflow flag this way and calls step() regardless.
-        found_inf = self._get_auxiliary_var("found_inf")
-        if found_inf is not None and bool(found_inf):
+        gathered = self._step_gradients()
+        if gathered is None:
             return
-
-        params_grads, decays = [], {}
-        for param, decay in self._params_with_decay():
-            if param.stop_gradient:
-                continue
-            grad = getattr(param, "main_grad", None)
-            if grad is None:
-                grad = param.grad
-            if grad is None:
-                continue
-            params_grads.append((param, grad))
-            decays[id(param)] = decay
+        params_grads, decays = gathered
         if not params_grads and not self._sharded:  # sharded: the other ranks still wait for our sums
             return
         if params_grads and self._grad_clip is not None:  # one call: a global norm is over all parameters
@@ -387,12 +364,3 @@ class Prodigy(paddle.optimizer.Optimizer):
 
 def _float32(tensor):
     return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
-
-
-def _to_tensor(value):
-    return value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
-
-
-def _fp32_copy(value):
-    """A float32 tensor that shares no memory with `value` (a tensor or, from `return_numpy`, an array)."""
-    return _to_tensor(value).astype("float32").clone()
