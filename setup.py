@@ -33,7 +33,9 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ppdreambooth", "ppdreambooth.*"]),
-    package_data={"ppdreambooth": ["resources/*.json"]},  # DreamBench prompts for ppdreambooth.evaluate
+    # DreamBench prompts for ppdreambooth.evaluate; the pretrained toy-world model (the demo, tests, benchmarks)
+    package_data={"ppdreambooth": ["resources/*.json", "toyworld/models/sd/*.json", "toyworld/models/sd/*.md",
+                                   "toyworld/models/sd/*/*"]},
     python_requires=">=3.8",
     install_requires=CORE,
     extras_require={"cpu": CPU, "test": ["pytest>=7", "hypothesis>=6"]},

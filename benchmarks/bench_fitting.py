@@ -33,14 +33,14 @@ RUNS = {  # name -> extra ppdreambooth flags, or None for the plain loop
 
 
 def make_assets(folder: str):
-    from ppdreambooth.demo import draw_subject
+    from made_up_subject import draw_subject
     from ppdreambooth.families.tiny import build_tiny_pipeline
 
     model = os.path.join(folder, "tiny-sd")
     build_tiny_pipeline(model)
     photos = os.path.join(folder, "photos")
     os.makedirs(photos)
-    for i in range(NUM_PHOTOS):  # the demo's subject: a striped toy on five backgrounds
+    for i in range(NUM_PHOTOS):  # the made-up subject: a striped toy on five backgrounds
         draw_subject(i, size=PHOTO_SIZE).save(os.path.join(photos, f"{i}.png"))
     return model, photos
 

@@ -37,8 +37,8 @@ def seed_command(model: str, photos: str, out: str, steps: int, prior_dir: str =
 
 
 def make_tiny_job(folder: str) -> tuple:
-    """The tiny job both trainers run: a tiny random SD folder and the demo's five square photos."""
-    from ppdreambooth.demo import draw_subject
+    """The tiny job both trainers run: a tiny random SD folder and the made-up subject's five square photos."""
+    from made_up_subject import draw_subject
     from ppdreambooth.families.tiny import build_tiny_pipeline
 
     model, photos = os.path.join(folder, "tiny-sd"), os.path.join(folder, "photos")

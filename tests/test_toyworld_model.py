@@ -1,7 +1,7 @@
-"""The toy-world model builder (`python -m ppdreambooth.toyworld.pretrain`): its tokenizer keeps every world word
-and `sks` whole, and a short build runs end to end, writes a loadable SD 1.x folder whose card records the weights'
-sha256, and gives the same weights when run again with the same seed. (No built model ships yet: the recipe has not
-reached the base bar; see the README.)"""
+"""The toy-world model builder (`python -m ppdreambooth.toyworld.pretrain`) and the model it built, which ships in
+the package: the tokenizer keeps every world word and `sks` whole; a short build runs end to end, writes a loadable
+SD 1.x folder whose card records the weights' sha256, and gives the same weights when run again with the same seed;
+the shipped folder's files are the ones its card names; the demo trains on it and scores it, end to end."""
 import os
 import subprocess
 import sys
@@ -66,3 +66,48 @@ def test_the_builder_refuses_a_count_below_one_before_building(flag, tmp_path, c
     assert exit_info.value.code == 2
     assert f"{flag} must be at least 1, not 0" in capsys.readouterr().err
     assert not (tmp_path / "sd").exists()
+
+
+def test_the_shipped_model_is_the_one_its_card_describes():
+    from ppdreambooth.demo import TOY_MODEL
+    from ppdreambooth.toyworld.assemble import weight_digests
+    from ppdreambooth.toyworld.model_card import card_digests
+
+    recorded = card_digests(TOY_MODEL)
+    assert len(recorded) == 3  # vae, text encoder, unet
+    assert recorded == {path: entry["sha256"] for path, entry in weight_digests(TOY_MODEL).items()}
+    card = open(os.path.join(TOY_MODEL, "MODEL_CARD.md"), encoding="utf-8").read()
+    assert "python -m ppdreambooth.toyworld.pretrain --out" in card and "Held-out evaluation" in card
+
+
+def test_the_shipped_model_loads_as_a_stable_diffusion_pipeline_of_the_world():
+    import paddle
+    from ppdiffusers import StableDiffusionPipeline
+
+    from ppdreambooth.demo import TOY_MODEL
+    from ppdreambooth.families import detect_family
+    from ppdreambooth.toyworld.tokenizer import single_token_words
+
+    assert detect_family(TOY_MODEL).name == "sd"
+    with paddle.utils.unique_name.guard():
+        pipeline = StableDiffusionPipeline.from_pretrained(TOY_MODEL, safety_checker=None, feature_extractor=None,
+                                                           requires_safety_checker=False)
+    assert pipeline.vae_scale_factor == 4 and pipeline.unet.config.sample_size == 8
+    assert all(single_token_words(pipeline.tokenizer).values())  # "sks" and every world word: one token each
+
+
+@pytest.mark.slow
+def test_the_demo_trains_on_the_toy_model_and_scores_before_and_after(tmp_path):
+    out, classes = tmp_path / "out", tmp_path / "class"
+    command = [sys.executable, "-m", "ppdreambooth.demo", "--images_per_prompt", "1", "--output_dir", str(out),
+               "--class_data_dir", str(classes), "--num_class_images", "2", "--max_train_steps", "4",
+               "--checkpointing_steps", "2", "--report_to", "none"]
+    result = subprocess.run(command, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for label in ("subject fidelity", "prompt fidelity", "language drift", "background leakage"):
+        assert label in result.stdout, result.stdout[-2000:]
+    assert "Demo finished" in result.stdout
+    assert (out / "model_index.json").is_file() and len(os.listdir(classes)) == 2
+    assert len(os.listdir(out / "samples")) == 5
+    assert (out / "evaluation" / "metrics.json").is_file()
