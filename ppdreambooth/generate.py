@@ -18,7 +18,7 @@ import re
 from typing import List, Optional, Sequence
 
 from ppdreambooth.errors import ConfigError
-from ppdreambooth.inference.sampling import SCHEDULERS, generate_images, lora_scale_options, sampling_pipeline
+from ppdreambooth.inference.sampling import SCHEDULERS, generate_images, load_adapters, sampling_pipeline
 from ppdreambooth.runtime.exiting import exit_process
 
 
@@ -71,9 +71,7 @@ def generate(args) -> List[str]:
 
     prompts = read_prompts(args)
     family, pipe = sampling_pipeline(args.model, scheduler=args.scheduler)
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
-    options = lora_scale_options(family, args.lora_scale if args.lora else None)
+    options = load_adapters(family, pipe, args.lora, args.lora_scale) if args.lora else {}
     os.makedirs(args.out, exist_ok=True)
     seeds = [args.seed + i for i in range(args.num_images)]
     paths, images = [], []

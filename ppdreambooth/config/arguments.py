@@ -75,6 +75,12 @@ class ModelArguments:
     use_lora: bool = field(
         default=False, metadata={"help": "Train LoRA adapters on the attention projections instead of all weights."}
     )
+    lora_type: str = field(
+        default="lora",
+        metadata={"help": "With --use_lora: lora (the default) or dora (DoRA: the adapted weight is renormalised per "
+                          "output feature and scaled by a trained magnitude, one number per output feature; "
+                          "diffusers' --use_dora).", "choices": ["lora", "dora"]},
+    )
     lora_rank: int = field(default=4, metadata={"help": "Rank of the LoRA matrices (also --rank)."})
     lora_alpha: Optional[float] = field(
         default=None, metadata={"help": "LoRA alpha; the adapters are scaled by alpha/rank. Default: the rank."}
@@ -170,6 +176,9 @@ class ModelArguments:
         if self.adaptive_noise_scale and not self.noise_offset:
             raise ConfigError("--adaptive_noise_scale adjusts the offset noise's strength; it needs --noise_offset "
                               "(e.g. --noise_offset 0.1).")
+        if self.lora_type != "lora" and not self.use_lora:
+            raise ConfigError(f"--lora_type {self.lora_type} is a kind of LoRA adapter; it needs --use_lora (or "
+                              "python -m ppdreambooth.train_lora).")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
 

@@ -13,7 +13,7 @@ from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
 from ppdreambooth.evaluation.prompts import resolve_prompts
 from ppdreambooth.evaluation.report import PAPER, contact_sheet
 from ppdreambooth.evaluation.world import WORLD_METRICS, WorldScorer, world_prompts, world_subject
-from ppdreambooth.inference.sampling import generate_images, lora_scale_options, sampling_pipeline
+from ppdreambooth.inference.sampling import generate_images, load_adapters, sampling_pipeline
 from ppdreambooth.interop.model_card import read_model_card
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
 
@@ -50,25 +50,23 @@ def generate_runs(args, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[st
     runs: Dict[str, List[list]] = {}
     total = len(prompts) * len(seeds) * (2 if args.base else 1)
     with tqdm(total=total, desc="images", disable=args.quiet) as progress:
-        def run(family, pipe, lora_scale=None):
+        def run(pipe, options=None):
             return [generate_images(pipe, [prompt] * len(seeds), seeds, args.steps, args.height, args.width,
-                                    args.guidance_scale, args.negative_prompt, lora_scale_options(family, lora_scale),
-                                    progress=progress)
+                                    args.guidance_scale, args.negative_prompt, options or {}, progress=progress)
                     for prompt in prompts]
 
         family, pipe = sampling_pipeline(args.model, scheduler=args.scheduler, model_family=args.model_family)
         if args.lora:
             if args.base:  # the base model's images first: the same pipeline before the adapters go in
-                runs["base"] = run(family, pipe)
-            pipe.load_lora_weights(args.lora)
-            runs["trained"] = run(family, pipe, args.lora_scale)
+                runs["base"] = run(pipe)
+            runs["trained"] = run(pipe, load_adapters(family, pipe, args.lora, args.lora_scale))
         else:
-            runs["trained"] = run(family, pipe)
+            runs["trained"] = run(pipe)
             if args.base:
                 del pipe
                 gc.collect()
                 family, pipe = sampling_pipeline(args.base, scheduler=args.scheduler, model_family=args.model_family)
-                runs["base"] = run(family, pipe)
+                runs["base"] = run(pipe)
         del pipe
         gc.collect()
     return runs

@@ -16,7 +16,7 @@ from ppdreambooth.interop.merge import write_merged
 from ppdreambooth.interop.model_card import read_model_card
 from ppdreambooth.interop.single_file import write_single_file
 from ppdreambooth.interop.weights import lora_state_in_torch_layout
-from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, to_peft_keys
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, MAGNITUDE, to_peft_keys
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
@@ -30,17 +30,40 @@ def _load_lora(output_dir: str) -> Dict[str, np.ndarray]:
 
 def lora_to_kohya(state: Dict[str, np.ndarray],
                   name_of: Callable[[str, str], str] = sd_kohya_name) -> Dict[str, np.ndarray]:
-    """`unet.<module>.lora_A.weight` -> `<name_of(unet, module)>.lora_down.weight` (+ `.alpha`).
+    """`unet.<module>.lora_A.weight` -> `<name_of(unet, module)>.lora_down.weight` (+ `.alpha`); a DoRA magnitude
+    `unet.<module>.lora_magnitude_vector` ([out]) -> `<name>.dora_scale` ([out, 1]).
 
-    `name_of(component, module)` gives the kohya name of a module (default: SD 1.x/2.x names)."""
+    `name_of(component, module)` gives the kohya name of a module (default: SD 1.x/2.x names).
+
+    `dora_scale` is LyCORIS's key. Its [out, 1] shape is LyCORIS's `wd_on_out` layout (a magnitude per output
+    feature, the norm over each row of the PyTorch weight: what we train, as PEFT does); LyCORIS's default layout is
+    [1, in], per input feature, and some readers apply only that one (see the README's DoRA section)."""
     out = {}
     for key, value in lora_state_in_torch_layout(state).items():
         component, rest = key.split(".", 1)
         module, kind = rest.rsplit(".lora_", 1)
         name = name_of(component, module)
+        if kind == MAGNITUDE[len("lora_"):]:
+            out[f"{name}.dora_scale"] = np.ascontiguousarray(value.reshape(-1, 1))
+            continue
         out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
         if kind.startswith("A"):
             out[f"{name}.alpha"] = np.asarray(value.shape[0], dtype=np.float32)  # rank: scale 1
+    return out
+
+
+def lora_to_diffusers(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Our adapters (peft names, Paddle layout) as the file diffusers' `load_lora_weights` reads: every matrix in
+    PyTorch's layout. DoRA magnitudes keep PEFT's key `<component>.<module>.lora_magnitude_vector` for the denoiser;
+    for text encoders they are written as `<module>.lora_magnitude_vector.weight`: with transformers 5 (seen with
+    diffusers 0.42.1, transformers 5.24.0, peft 0.21.2) the text encoders' adapter loader maps only that name onto
+    PEFT's parameter and leaves a magnitude under the plain key unloaded (the encoder then runs with the magnitude
+    PEFT initialised, another model). PEFT's own `set_peft_model_state_dict` puts both names in the same place."""
+    out = {}
+    for key, value in lora_state_in_torch_layout(state).items():
+        if key.startswith("text_encoder") and key.endswith("." + MAGNITUDE):
+            key += ".weight"
+        out[key] = value
     return out
 
 
@@ -136,7 +159,7 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
     os.makedirs(out, exist_ok=True)
     if is_lora:
         path = os.path.join(out, DIFFUSERS_LORA_NAME)
-        save_file(lora_state_in_torch_layout(_load_lora(output_dir)), path + ".tmp", metadata={"format": "pt"})
+        save_file(lora_to_diffusers(_load_lora(output_dir)), path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
         return [path]
     # The family's loader, not DiffusionPipeline's: it passes the components a folder may lack (SD3's T5).

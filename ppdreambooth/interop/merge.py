@@ -6,6 +6,11 @@ A is [in, rank], B is [rank, out]) and computes exactly what the trained model d
 text-encoder and SD3 adapters with people whose ppdiffusers 0.29 cannot load them without its peft backend.
 Written here rather than through ppdiffusers' `fuse_lora`: that exists for its SD/SDXL pipelines but not for
 `StableDiffusion3Pipeline` in 0.29, and one fold of our own file serves every family alike.
+
+DoRA adapters (a `<module>.lora_magnitude_vector` m beside A and B, `--lora_type dora`) are folded as DoRA computes:
+W' = m * (W + A @ B) / ||W + A @ B||, the norm per output feature (axis 0 of Paddle's [in, out] weight). That is
+also how `ppdreambooth.generate` and `evaluate` apply a DoRA run, since ppdiffusers 0.29 cannot load DoRA (its
+loader drops the magnitudes without a word).
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ import numpy as np
 
 
 def adapter_pairs(state: Dict[str, np.ndarray]) -> Dict[Tuple[str, str], Dict[str, np.ndarray]]:
-    """(component, module path) -> {"A": down, "B": up} from peft-named keys `<component>.<module>.lora_A.weight`."""
+    """(component, module path) -> {"A": down, "B": up} (+ "m": DoRA's magnitude) from peft-named keys
+    `<component>.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`."""
     pairs: Dict[Tuple[str, str], Dict[str, np.ndarray]] = {}
     for key, value in state.items():
         component, rest = key.split(".", 1)
@@ -25,8 +31,17 @@ def adapter_pairs(state: Dict[str, np.ndarray]) -> Dict[Tuple[str, str], Dict[st
     return pairs
 
 
-def fold_adapters(pipeline, state: Dict[str, np.ndarray]) -> List[str]:
-    """Add A @ B to the weight of every adapted Linear of the pipeline's components; returns the modules."""
+def dora_weight(weight: np.ndarray, down: np.ndarray, up: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """W' = m * (W + A @ B) / ||W + A @ B|| in Paddle's layout: W [in, out], A [in, r], B [r, out] (alpha / rank
+    already in B, as saved), m [out]; the norm is per output feature (axis 0). Computed in float64."""
+    merged = weight.astype(np.float64) + down.astype(np.float64) @ up.astype(np.float64)
+    return merged * (magnitude.astype(np.float64).reshape(-1) / np.linalg.norm(merged, axis=0))[None, :]
+
+
+def fold_adapters(pipeline, state: Dict[str, np.ndarray], strength: float = 1.0) -> List[str]:
+    """Fold every adapter of `state` into the weight of the Linear it adapts: LoRA adds A @ B, DoRA replaces W by
+    W' (above); `strength` s gives W + s * (W_folded - W), as WebUI and ComfyUI apply a LoRA's strength. Returns
+    the modules."""
     import paddle
 
     folded = []
@@ -35,11 +50,18 @@ def fold_adapters(pipeline, state: Dict[str, np.ndarray]) -> List[str]:
         if component not in layers:
             layers[component] = dict(getattr(pipeline, component).named_sublayers())
         linear = layers[component].get(module)
-        if linear is None or set(pair) != {"A", "B"}:
+        if linear is None or set(pair) not in ({"A", "B"}, {"A", "B", "m"}):
             raise ValueError(f"the adapters name {component}.{module}, which the base model does not have")
-        delta = paddle.to_tensor(pair["A"] @ pair["B"], dtype=linear.weight.dtype)
         with paddle.no_grad():
-            linear.weight.set_value(linear.weight + delta)
+            if "m" not in pair and strength == 1.0:  # plain LoRA: W + A @ B, as it always was
+                delta = paddle.to_tensor(pair["A"] @ pair["B"], dtype=linear.weight.dtype)
+                linear.weight.set_value(linear.weight + delta)
+            else:
+                weight = linear.weight.astype("float32").numpy().astype(np.float64)
+                target = (dora_weight(weight, pair["A"], pair["B"], pair["m"]) if "m" in pair
+                          else weight + pair["A"].astype(np.float64) @ pair["B"].astype(np.float64))
+                new = weight + strength * (target - weight)
+                linear.weight.set_value(paddle.to_tensor(new.astype(np.float32), dtype=linear.weight.dtype))
         folded.append(f"{component}.{module}")
     return folded
 

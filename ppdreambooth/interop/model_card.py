@@ -36,8 +36,23 @@ def merged_command(output_dir: str) -> str:
     return f"python -m ppdreambooth.export {output_dir} --format merged --out {output_dir}-merged"
 
 
+def is_dora(model_args) -> bool:
+    return bool(model_args.use_lora) and getattr(model_args, "lora_type", "lora") == "dora"
+
+
+def dora_loading(output_dir: str) -> list:
+    return ["These are DoRA adapters. ppdiffusers 0.29 cannot load DoRA: its `load_lora_weights` drops the "
+            "magnitudes (`lora_magnitude_vector`) without a word and gives another model. Use "
+            "`python -m ppdreambooth.generate` (it folds them into the weights), or write a full pipeline folder "
+            f"that loads anywhere: `{merged_command(output_dir)}`. For PyTorch diffusers (which loads DoRA through "
+            f"PEFT): `python -m ppdreambooth.export {output_dir} --format diffusers --out <folder>`, then "
+            "`pipe.load_lora_weights(<folder>)`."]
+
+
 def lora_loading(model_args, family, output_dir: str) -> list:
     """Model-card lines: how to load the adapters, in plain ppdiffusers first."""
+    if is_dora(model_args):
+        return dora_loading(output_dir)
     base = model_args.pretrained_model_name_or_path
     load = [f"pipe = DiffusionPipeline.from_pretrained(\"{base}\")", f"pipe.load_lora_weights(\"{output_dir}\")", "```"]
     if not needs_peft_backend(model_args, family):
@@ -54,13 +69,16 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
                      source: Optional[str] = None) -> str:
     """`source`: the model the user named, when training read it from somewhere else (a converted single file)."""
     base = source or model_args.pretrained_model_name_or_path
-    mode = (f"LoRA (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}), file `{LORA_WEIGHTS_NAME}`"
-            if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
+    kind = "DoRA" if is_dora(model_args) else "LoRA"
+    extra = "; LoRA plus a trained magnitude per output feature" if kind == "DoRA" else ""
+    mode = (f"{kind} (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}{extra}), "
+            f"file `{LORA_WEIGHTS_NAME}`" if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
     lines = [
         "---",
         f"base_model: {base}",
         "library_name: ppdiffusers",
-        f"tags: [{family.card_tag}, dreambooth, ppdreambooth" + (", lora]" if model_args.use_lora else "]"),
+        f"tags: [{family.card_tag}, dreambooth, ppdreambooth" + (", lora" if model_args.use_lora else "")
+        + (", dora]" if is_dora(model_args) else "]"),
         "---",
         "",
         "# DreamBooth model trained with ppdreambooth",
@@ -117,7 +135,9 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
         f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in args.export_format_list) or 'none (--export_formats)'}",
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
         *([f"  caching:     {cached}"] if cached else []),
-        *([f"  loading:     needs ppdiffusers' peft backend (import ppdreambooth first); or {merged_command(output_dir)}"]
+        *([f"  loading:     DoRA: not by ppdiffusers' load_lora_weights (it drops the magnitudes); "
+           f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if is_dora(model_args) else
+          [f"  loading:     needs ppdiffusers' peft backend (import ppdreambooth first); or {merged_command(output_dir)}"]
           if model_args.use_lora and family is not None and needs_peft_backend(model_args, family) else
           [f"  loading:     plain ppdiffusers: pipe.load_lora_weights(\"{output_dir}\")"] if model_args.use_lora else []),
         f"  generate:    {usage(model_args, output_dir)}",

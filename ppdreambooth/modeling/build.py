@@ -71,7 +71,7 @@ def build_model(
     lora = None
     if model_args.use_lora:
         targets = tuple(model_args.lora_layers.split(",")) if model_args.lora_layers else ()
-        lora = LoraSpec(model_args.lora_rank, model_args.lora_alpha, targets)
+        lora = LoraSpec(model_args.lora_rank, model_args.lora_alpha, targets, model_args.lora_type)
     return DreamBoothModel(
         family,
         components,

@@ -8,6 +8,9 @@ The saved `paddle_lora_weights.safetensors` is what `pipe.load_lora_weights(dir)
 `pipe.unet.load_attn_procs(dir)` for the UNet part) reads; see `save_lora_weights` for its key names. That loader assumes alpha == rank, so a
 `--lora_alpha` other than the rank is baked into the saved up-projection (B * alpha / rank): the
 loaded adapters then compute exactly what the trained ones did.
+
+`--lora_type dora` makes the same adapters and turns each into DoRA (`ppdreambooth.modeling.dora`): a magnitude per
+output feature is added, saved beside A and B as `<module>.lora_magnitude_vector` (the PEFT / diffusers key).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import paddle
 
 LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
 LORA_STAGING_NAME = ".lora-staging"  # written there first, then moved into place
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: PEFT's (and diffusers') name, `<module>.lora_magnitude_vector`
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class LoraSpec:
     rank: int
     alpha: float
     denoiser_targets: Tuple[str, ...] = ()
+    lora_type: str = "lora"  # or "dora" (ppdreambooth.modeling.dora)
 
 
 def lora_config(rank: int, alpha: float, targets):
@@ -39,8 +44,9 @@ def lora_config(rank: int, alpha: float, targets):
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
 
 
-def add_lora(layer, targets: Sequence[str], rank: int, alpha: float) -> None:
-    """Freeze `layer` and add trainable LoRA layers to its modules named `targets`."""
+def add_lora(layer, targets: Sequence[str], rank: int, alpha: float, lora_type: str = "lora") -> None:
+    """Freeze `layer` and add trainable LoRA layers to its modules named `targets` (`lora_type` dora: DoRA layers,
+    LoRA plus a trained magnitude per output feature)."""
     from ppdiffusers import ModelMixin
     from ppdiffusers.peft import inject_adapter_in_model
 
@@ -53,15 +59,32 @@ def add_lora(layer, targets: Sequence[str], rank: int, alpha: float) -> None:
         # CLIPTextModel.add_adapter imports the PyTorch `peft` package (a ppdiffusers 0.29.0 bug), so the
         # adapter is injected directly, exactly as that method would do with ppdiffusers' own peft.
         inject_adapter_in_model(config, layer, "default")
+    if lora_type == "dora":
+        from ppdreambooth.errors import ConfigError
+        from ppdreambooth.modeling.dora import to_dora
+
+        try:
+            to_dora(layer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif lora_type != "lora":
+        raise ValueError(f"unknown LoRA type {lora_type!r}")
 
 
 def adapter_state_dict(layer, rank: int, alpha: float) -> Dict[str, paddle.Tensor]:
-    """The layer's LoRA weights in the loaders' layout, with alpha / rank folded into lora_B."""
+    """The layer's LoRA weights in the loaders' layout, with alpha / rank folded into lora_B (and DoRA's magnitudes,
+    `<module>.lora_magnitude_vector`, as they are: the norm they divide by is that of W + A @ B * alpha / rank,
+    the same with the scale in B)."""
     from ppdiffusers.peft.utils import get_peft_model_state_dict
 
     scale = alpha / rank
     state = get_peft_model_state_dict(layer)
     return {k: (v * scale if scale != 1 and "lora_B" in k else v).astype("float32") for k, v in state.items()}
+
+
+def is_dora_state(state) -> bool:
+    """Whether a saved adapter state (our keys, diffusers' or kohya's) holds DoRA magnitudes."""
+    return any(k.endswith(("." + MAGNITUDE, ".dora_scale")) for k in state)
 
 
 def to_legacy_keys(state: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:

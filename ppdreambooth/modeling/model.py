@@ -71,7 +71,8 @@ class DreamBoothModel(paddle.nn.Layer):
         self.tokenizers = {name: components[name] for name in family.tokenizers if name in components}
         denoiser = components[family.denoiser]
         if lora is not None:
-            add_lora(denoiser, lora.denoiser_targets or family.denoiser_lora_targets, lora.rank, lora.alpha)
+            add_lora(denoiser, lora.denoiser_targets or family.denoiser_lora_targets, lora.rank, lora.alpha,
+                     lora.lora_type)
         family.freeze_unused(denoiser)
         self.add_sublayer(family.denoiser, denoiser)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
@@ -83,7 +84,7 @@ class DreamBoothModel(paddle.nn.Layer):
             encoder = components[name]
             if train_text_encoder and family.is_trainable_text_encoder(name):
                 if lora is not None:
-                    add_lora(encoder, family.text_encoder_lora_targets, lora.rank, lora.alpha)
+                    add_lora(encoder, family.text_encoder_lora_targets, lora.rank, lora.alpha, lora.lora_type)
                 self.add_sublayer(name, encoder)
             else:
                 freeze(encoder)

@@ -70,6 +70,8 @@ def header(family, model_args, data_args, args, dataset, log_path: str) -> str:
     if args.fp16 or args.bf16:
         precision += f" {args.fp16_opt_level}"
     mode = f"LoRA rank {model_args.lora_rank}" if model_args.use_lora else "full fine-tuning"
+    if model_args.use_lora and getattr(model_args, "lora_type", "lora") == "dora":
+        mode = f"DoRA rank {model_args.lora_rank} (LoRA + a magnitude per output feature)"
     photos = sum(len(c.instance.images) for c in dataset.concepts)
     classes = sum(len(c.prior.images) for c in dataset.concepts if c.prior is not None)
     steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)"

@@ -3,9 +3,9 @@ on a shape mismatch (or silently training something else).
 
 Each checkpoint holds `run_settings.json` (written before its completion marker, so it is checksummed with the
 rest). Settings that decide the shape or meaning of the saved state must match to resume: the family, the base
-model and VAE, LoRA or full and the adapters' rank/alpha/targets, a trained text encoder, T5 dropped, the
-precision, the optimizer, EMA, and the number of processes (each has its own RNG state and data shard). Anything
-else — learning rate, steps, logging, validation — may change freely. Photos added or removed since the checkpoint
+model and VAE, LoRA or full and the adapters' type (LoRA/DoRA), rank, alpha and targets, a trained text encoder, T5
+dropped, the precision, the optimizer, EMA, and the number of processes (each has its own RNG state and data
+shard). Anything else — learning rate, steps, logging, validation — may change freely. Photos added or removed since the checkpoint
 do not stop the run, but the data order then differs from the run that wrote it, and the user is told so.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ MUST_MATCH = {
     "base_model": "--pretrained_model_name_or_path",
     "vae": "--pretrained_vae_model_name_or_path",
     "use_lora": "--use_lora",
+    "lora_type": "--lora_type",
     "lora_rank": "--lora_rank",
     "lora_alpha": "--lora_alpha",
     "lora_layers": "--lora_layers",
@@ -56,6 +57,7 @@ def current_settings(model_args, args, family, instance_files: Sequence[Sequence
         "base_model": _model_path(model_args.pretrained_model_name_or_path),
         "vae": _model_path(model_args.pretrained_vae_model_name_or_path),
         "use_lora": lora,
+        "lora_type": model_args.lora_type if lora else None,
         "lora_rank": model_args.lora_rank if lora else None,
         "lora_alpha": model_args.lora_alpha if lora else None,
         "lora_layers": model_args.lora_layers if lora else None,
