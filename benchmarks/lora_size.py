@@ -1,6 +1,6 @@
 """Size of a rank-r UNet LoRA file for Stable Diffusion 1.5, computed from SD 1.5's UNet configuration.
 
-    python benchmarks/lora_size.py [--rank 4]
+    python benchmarks/lora_size.py [--rank 4] [--lora_type dora]
 
 Computed, not measured: it counts rank * (in + out) for every adapted projection (to_q, to_k, to_v,
 to_out.0 of each attention block), the same formula the test-suite checks against a real model.
@@ -26,7 +26,9 @@ SD15_UNET = {
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rank", type=int, default=4)
-    rank = parser.parse_args().rank
-    params = lora_parameter_count(rank, SD15_UNET)
-    print(f"SD 1.5 UNet LoRA, rank {rank}: {params:,} parameters = {params * 4 / 1e6:.2f} MB in float32 "
-          f"({params * 4 / 2**20:.2f} MiB), plus a few kB of safetensors header")
+    parser.add_argument("--lora_type", choices=["lora", "dora"], default="lora",
+                        help="dora adds a magnitude per output feature of each adapted projection")
+    args = parser.parse_args()
+    params = lora_parameter_count(args.rank, SD15_UNET, dora=args.lora_type == "dora")
+    print(f"SD 1.5 UNet {'DoRA' if args.lora_type == 'dora' else 'LoRA'}, rank {args.rank}: {params:,} parameters = "
+          f"{params * 4 / 1e6:.2f} MB in float32 ({params * 4 / 2**20:.2f} MiB), plus a few kB of safetensors header")

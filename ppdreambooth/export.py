@@ -31,6 +31,11 @@
 - `merged`, LoRA: a ppdiffusers pipeline folder of the base model with the adapters folded into its weights
   (`ppdreambooth.interop.merge`): loads with plain `from_pretrained`, no LoRA loader, no peft backend, no ppdreambooth.
 
+DoRA runs (`--lora_type dora`): `diffusers` carries each magnitude as `<module>.lora_magnitude_vector` (text
+encoders: `...lora_magnitude_vector.weight`, the name transformers 5 loads), which diffusers loads through PEFT's
+DoRA; `kohya` adds `<name>.dora_scale` shaped [out, 1] (LyCORIS's per-output `wd_on_out` layout; see the README
+for which readers compute it exactly); `merged` bakes W' = m (W + BA) / ||W + BA|| into the weights.
+
 Formats a family cannot write are refused with its `unsupported_options["export_<format>"]` message (the
 training entry refuses the same `--export_formats` before training).
 

@@ -18,7 +18,8 @@ import re
 from typing import List, Optional, Sequence
 
 from ppdreambooth.errors import ConfigError
-from ppdreambooth.inference.sampling import SCHEDULERS, generate_images, load_adapters, sampling_pipeline
+from ppdreambooth.inference.sampling import SCHEDULERS, generate_images, sampling_pipeline
+from ppdreambooth.interop.merge import load_adapters
 from ppdreambooth.runtime.exiting import exit_process
 
 

@@ -13,7 +13,8 @@ from ppdreambooth.evaluation.fidelity import FidelityScorer, load_clip
 from ppdreambooth.evaluation.prompts import resolve_prompts
 from ppdreambooth.evaluation.report import PAPER, contact_sheet
 from ppdreambooth.evaluation.world import WORLD_METRICS, WorldScorer, world_prompts, world_subject
-from ppdreambooth.inference.sampling import generate_images, load_adapters, sampling_pipeline
+from ppdreambooth.inference.sampling import generate_images, sampling_pipeline
+from ppdreambooth.interop.merge import load_adapters
 from ppdreambooth.interop.model_card import read_model_card
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
 

@@ -105,30 +105,3 @@ def generate_images(
 def lora_scale_options(family, lora_scale: Optional[float]) -> dict:
     """The pipeline argument that scales loaded LoRA adapters (cross- or joint-attention kwargs, by family)."""
     return {family.lora_scale_kwarg: {"scale": lora_scale}} if lora_scale is not None else {}
-
-
-def load_adapters(family, pipeline, lora: str, lora_scale: Optional[float]) -> dict:
-    """Put a LoRA run's adapters (`lora`: its folder or the file) into `pipeline`; returns the pipeline options that
-    scale them (`lora_scale_options`).
-
-    LoRA goes through ppdiffusers' `load_lora_weights`. DoRA (the file holds `lora_magnitude_vector` keys) cannot:
-    ppdiffusers 0.29 has no DoRA and its loader drops the magnitudes without a word, so DoRA adapters are folded
-    into the weights (`interop.merge.fold_adapters`), `lora_scale` then weighting the change to each weight."""
-    import os
-
-    from safetensors import safe_open
-
-    from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, is_dora_state, to_peft_keys
-
-    path = os.path.join(lora, LORA_WEIGHTS_NAME) if os.path.isdir(lora) else lora
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        with safe_open(path, framework="np") as f:
-            if is_dora_state(f.keys()):
-                from safetensors.numpy import load_file
-
-                from ppdreambooth.interop.merge import fold_adapters
-
-                fold_adapters(pipeline, to_peft_keys(load_file(path)), 1.0 if lora_scale is None else lora_scale)
-                return {}
-    pipeline.load_lora_weights(lora)
-    return lora_scale_options(family, lora_scale)

@@ -9,13 +9,13 @@ Written here rather than through ppdiffusers' `fuse_lora`: that exists for its S
 
 DoRA adapters (a `<module>.lora_magnitude_vector` m beside A and B, `--lora_type dora`) are folded as DoRA computes:
 W' = m * (W + A @ B) / ||W + A @ B||, the norm per output feature (axis 0 of Paddle's [in, out] weight). That is
-also how `ppdreambooth.generate` and `evaluate` apply a DoRA run, since ppdiffusers 0.29 cannot load DoRA (its
-loader drops the magnitudes without a word).
+also how `ppdreambooth.generate` and `evaluate` apply a DoRA run (`load_adapters`), since ppdiffusers 0.29 cannot
+load DoRA (its loader drops the magnitudes without a word).
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -64,6 +64,30 @@ def fold_adapters(pipeline, state: Dict[str, np.ndarray], strength: float = 1.0)
                 linear.weight.set_value(paddle.to_tensor(new.astype(np.float32), dtype=linear.weight.dtype))
         folded.append(f"{component}.{module}")
     return folded
+
+
+def load_adapters(family, pipeline, lora: str, lora_scale: Optional[float]) -> dict:
+    """Put a LoRA run's adapters (`lora`: its folder or the file) into `pipeline`; returns the pipeline options that
+    scale them (`lora_scale_options`).
+
+    LoRA goes through ppdiffusers' `load_lora_weights`. DoRA (the file holds `lora_magnitude_vector` keys) cannot:
+    ppdiffusers 0.29 has no DoRA and its loader drops the magnitudes without a word, so DoRA adapters are folded
+    into the weights (`fold_adapters`), `lora_scale` then weighting the change to each weight."""
+    from safetensors import safe_open
+
+    from ppdreambooth.inference.sampling import lora_scale_options
+    from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, is_dora_state, to_peft_keys
+
+    path = os.path.join(lora, LORA_WEIGHTS_NAME) if os.path.isdir(lora) else lora
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        with safe_open(path, framework="np") as f:
+            if is_dora_state(f.keys()):
+                from safetensors.numpy import load_file
+
+                fold_adapters(pipeline, to_peft_keys(load_file(path)), 1.0 if lora_scale is None else lora_scale)
+                return {}
+    pipeline.load_lora_weights(lora)
+    return lora_scale_options(family, lora_scale)
 
 
 def write_merged(lora_state: Dict[str, np.ndarray], base_model: str, family, out: str) -> List[str]:

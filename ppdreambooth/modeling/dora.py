@@ -30,7 +30,8 @@ from typing import Any, List
 import paddle
 from ppdiffusers.peft.tuners.lora.layer import Linear as LoraLinear
 
-from ppdreambooth.modeling.lora import MAGNITUDE
+from ppdreambooth.errors import ConfigError
+from ppdreambooth.modeling.lora import MAGNITUDE, add_lora
 
 
 def column_norms(weight: paddle.Tensor) -> paddle.Tensor:
@@ -100,4 +101,14 @@ def to_dora(layer: paddle.nn.Layer, adapter: str = "default") -> List[str]:
     return converted
 
 
-__all__: List[str] = ["DoraLinear", "column_norms", "to_dora"]
+def add_dora(layer: paddle.nn.Layer, targets, rank: int, alpha: float) -> None:
+    """Freeze `layer` and add trainable DoRA adapters (LoRA's A and B, and a magnitude per output feature) to its
+    modules named `targets`; a target that is not a Linear is refused (ConfigError)."""
+    add_lora(layer, targets, rank, alpha)
+    try:
+        to_dora(layer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+__all__: List[str] = ["DoraLinear", "add_dora", "column_norms", "to_dora"]

@@ -44,9 +44,8 @@ def lora_config(rank: int, alpha: float, targets):
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
 
 
-def add_lora(layer, targets: Sequence[str], rank: int, alpha: float, lora_type: str = "lora") -> None:
-    """Freeze `layer` and add trainable LoRA layers to its modules named `targets` (`lora_type` dora: DoRA layers,
-    LoRA plus a trained magnitude per output feature)."""
+def add_lora(layer, targets: Sequence[str], rank: int, alpha: float) -> None:
+    """Freeze `layer` and add trainable LoRA layers to its modules named `targets` (DoRA: `modeling.dora.add_dora`)."""
     from ppdiffusers import ModelMixin
     from ppdiffusers.peft import inject_adapter_in_model
 
@@ -59,16 +58,6 @@ def add_lora(layer, targets: Sequence[str], rank: int, alpha: float, lora_type: 
         # CLIPTextModel.add_adapter imports the PyTorch `peft` package (a ppdiffusers 0.29.0 bug), so the
         # adapter is injected directly, exactly as that method would do with ppdiffusers' own peft.
         inject_adapter_in_model(config, layer, "default")
-    if lora_type == "dora":
-        from ppdreambooth.errors import ConfigError
-        from ppdreambooth.modeling.dora import to_dora
-
-        try:
-            to_dora(layer)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    elif lora_type != "lora":
-        raise ValueError(f"unknown LoRA type {lora_type!r}")
 
 
 def adapter_state_dict(layer, rank: int, alpha: float) -> Dict[str, paddle.Tensor]:
@@ -121,10 +110,11 @@ def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], 
     return target
 
 
-def lora_parameter_count(rank: int, unet_config: dict) -> int:
+def lora_parameter_count(rank: int, unet_config: dict, dora: bool = False) -> int:
     """Parameters of rank-`rank` UNet adapters on to_q/to_k/to_v/to_out.0, from a UNet config alone.
 
-    Each adapted Linear(in, out) adds rank * (in + out). Per transformer block: self-attention
+    Each adapted Linear(in, out) adds rank * (in + out), and with `dora` its magnitude, out more (every adapted
+    projection of a block outputs the block's width: 8 * width per block). Per transformer block: self-attention
     (attn1) maps width->width four times; cross-attention (attn2) reads the text width for k and v.
     `transformer_layers_per_block` may be one number or one per level (SDXL: 1, 2, 10; the mid block
     uses the deepest level's).
@@ -140,7 +130,7 @@ def lora_parameter_count(rank: int, unet_config: dict) -> int:
     def block(width: int, blocks: int) -> int:
         attn1 = 4 * rank * (width + width)
         attn2 = rank * (2 * width) + 2 * rank * (cross + width) + rank * (2 * width)
-        return blocks * (attn1 + attn2)
+        return blocks * (attn1 + attn2 + (8 * width if dora else 0))
 
     total = sum(layers * block(w, d) for w, d, c in zip(widths, depths, cross_down) if c)
     total += sum((layers + 1) * block(w, d) for w, d, c in zip(widths[::-1], depths[::-1], cross_up) if c)

@@ -27,6 +27,7 @@ from ppdreambooth.batch import (
     token_key,
 )
 from ppdreambooth.families import ModelFamily
+from ppdreambooth.modeling.dora import add_dora
 from ppdreambooth.modeling.lora import LoraSpec, add_lora
 from ppdreambooth.modeling.losses import MaskedLoss, dreambooth_loss
 
@@ -71,8 +72,8 @@ class DreamBoothModel(paddle.nn.Layer):
         self.tokenizers = {name: components[name] for name in family.tokenizers if name in components}
         denoiser = components[family.denoiser]
         if lora is not None:
-            add_lora(denoiser, lora.denoiser_targets or family.denoiser_lora_targets, lora.rank, lora.alpha,
-                     lora.lora_type)
+            add_adapters = add_dora if lora.lora_type == "dora" else add_lora
+            add_adapters(denoiser, lora.denoiser_targets or family.denoiser_lora_targets, lora.rank, lora.alpha)
         family.freeze_unused(denoiser)
         self.add_sublayer(family.denoiser, denoiser)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
@@ -84,7 +85,7 @@ class DreamBoothModel(paddle.nn.Layer):
             encoder = components[name]
             if train_text_encoder and family.is_trainable_text_encoder(name):
                 if lora is not None:
-                    add_lora(encoder, family.text_encoder_lora_targets, lora.rank, lora.alpha, lora.lora_type)
+                    add_adapters(encoder, family.text_encoder_lora_targets, lora.rank, lora.alpha)
                 self.add_sublayer(name, encoder)
             else:
                 freeze(encoder)
