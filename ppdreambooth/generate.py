@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: dpm (SD, SDXL), flow_euler (SD3)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--lora", help="folder with paddle_lora_weights.safetensors to load into the model")
-    parser.add_argument("--lora_scale", type=float, default=1.0)
+    parser.add_argument("--lora", help="folder with paddle_lora_weights.safetensors to load into the model (DoRA "
+                                       "adapters, which ppdiffusers cannot load, are folded into its weights)")
+    parser.add_argument("--lora_scale", type=float, default=1.0,
+                        help="LoRA: the adapters' scale; DoRA: how much of each weight's change is applied")
     parser.add_argument("--out", default="samples")
     return parser
 

@@ -318,6 +318,18 @@ def test_a_dora_run_resumes_exactly_and_refuses_to_continue_as_lora(tiny_model, 
     np.testing.assert_allclose(half[changed[0]], (base_unet[changed[0]] + merged[changed[0]]) / 2, rtol=1e-5,
                                atol=1e-7)
 
+    # the generate command with the run as --lora draws what the merged folder draws
+    from PIL import Image
+
+    images = {}
+    for label, model_args in (("lora", ["--model", tiny_model, "--lora", str(full)]),
+                              ("merged", ["--model", str(tmp_path / "merged")])):
+        result = run_module(["-m", "ppdreambooth.generate", *model_args, "--prompt", "a photo of sks dog",
+                             "--num_images", "1", "--steps", "3", "--seed", "5", "--out", str(tmp_path / label)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        images[label] = np.asarray(Image.open(tmp_path / label / "00-00-a-photo-of-sks-dog-seed5.png"))
+    assert np.array_equal(images["lora"], images["merged"])
+
     as_lora = tmp_path / "as-lora"
     truncate_run_to(str(full), 4, str(as_lora))
     lora_args = [a if a != "dora" else "lora" for a in DORA_ARGS]
