@@ -33,11 +33,14 @@ LORA = ["--use_lora", "true", "--lora_rank", "8", "--learning_rate", "{lora_lr}"
 MASKED = ["--masked_loss", "--instance_mask_dir", "{masks}"]
 # name -> flags on top of configs/demo.json (full fine-tuning, text encoder trained, class-image prior preservation)
 SETTINGS = {
-    "full-prior (the demo)": PRIOR,
+    "full-prior": PRIOR,
     "full-none": NO_PRIOR,
     "full-prior-frozen-text-encoder": PRIOR + ["--train_text_encoder", "false"],
     "full-prior-2x-steps": PRIOR + ["--max_train_steps", "{2x}"],
+    "full-none-2x-steps": NO_PRIOR + ["--max_train_steps", "{2x}"],
     "full-prior-half-lr": PRIOR + ["--learning_rate", "{half_lr}"],
+    "full-prior-3x-lr": PRIOR + ["--learning_rate", "{3x_lr}"],
+    "full-none-3x-lr": NO_PRIOR + ["--learning_rate", "{3x_lr}"],
     "lora-prior": LORA + PRIOR,
     "lora-base-prediction": LORA + PRIOR + ["--prior_preservation_mode", "base_prediction",
                                             "--train_text_encoder", "false"],
@@ -45,6 +48,7 @@ SETTINGS = {
     # the likeness levers (issues 23, 24)
     "full-prior-masked": PRIOR + MASKED,
     "full-prior-prodigy": PRIOR + ["--optim", "prodigy", "--learning_rate", "1.0"],
+    "lora-none-dora": LORA + NO_PRIOR + ["--lora_type", "dora"],
 }
 
 
@@ -76,6 +80,7 @@ def train_and_score(name, seed, steps, work, photos, masks, images, threads):
     """One training run of a setting (its own class-image folder: runs may go in parallel) and its scores."""
     out = os.path.join(work, f"{name.split(' ')[0]}-seed{seed}")
     flags = [f.replace("{2x}", str(2 * steps)).replace("{half_lr}", str(demo_value("learning_rate") / 2))
+             .replace("{3x_lr}", str(3 * demo_value("learning_rate")))
              .replace("{lora_lr}", str(20 * demo_value("learning_rate")))
              .replace("{masks}", masks) for f in SETTINGS[name]]
     argv = ["-m", "ppdreambooth.train", DEMO_CONFIG, "--output_dir", out, "--seed", str(seed),
