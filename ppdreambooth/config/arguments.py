@@ -28,7 +28,9 @@ EXPORT_FORMATS = ("diffusers", "single-file", "kohya", "merged")  # --export_for
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # --loss_type (see ppdreambooth.modeling.losses)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")  # --huber_schedule
 LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
-OPTIMIZERS = ("adamw", "adafactor", "prodigy")  # --optim; PaddleNLP's OptimizerNames has only the first two
+OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw_schedulefree")  # --optim; PaddleNLP has the first two
+OWN_OPTIMIZERS = ("prodigy", "adamw_schedulefree")  # plain strings: the Trainer builds ppdreambooth's classes for them
+SCHEDULE_FREE_SCHEDULERS = ("constant", "constant_with_warmup")  # --optim adamw_schedulefree: constant after warmup
 
 
 def base_prediction_prior_problem(use_lora: bool, train_text_encoder: bool,
@@ -348,8 +350,10 @@ class DreamBoothTrainingArguments(TrainingArguments):
     )
     optim: str = field(
         default="adamw",
-        metadata={"help": "Optimizer: adamw (default), adafactor (factored second moments: less memory) or prodigy "
-                          "(Adam with an estimated step size; its --learning_rate, 1.0 by default, scales that).",
+        metadata={"help": "Optimizer: adamw (default), adafactor (factored second moments: less memory), prodigy "
+                          "(Adam with an estimated step size; its --learning_rate, 1.0 by default, scales that) or "
+                          "adamw_schedulefree (schedule-free AdamW: constant rate after --lr_warmup_steps, the saved "
+                          "weights are its running average; --lr_scheduler constant or constant_with_warmup).",
                   "choices": list(OPTIMIZERS)},
     )
     prodigy_d_coef: float = field(
@@ -444,6 +448,8 @@ class DreamBoothTrainingArguments(TrainingArguments):
         optim = str(getattr(self.optim, "value", self.optim))
         if optim not in OPTIMIZERS:
             raise ConfigError(f"--optim {optim!r} is not supported; use {', '.join(OPTIMIZERS)}.")
+        if optim == "adamw_schedulefree":
+            self.check_schedule_free()
         if optim != "prodigy":
             given = [name for name, value in (("prodigy_d_coef", self.prodigy_d_coef != 1.0),
                                               ("prodigy_safeguard_warmup", self.prodigy_safeguard_warmup),
@@ -460,6 +466,27 @@ class DreamBoothTrainingArguments(TrainingArguments):
             logger.warning("--optim prodigy with --learning_rate %g: the rate multiplies Prodigy's estimated step size "
                            "(1.0 is the usual value); a small rate makes the training crawl.", self.learning_rate)
         return optim
+
+    def check_schedule_free(self) -> None:
+        """--optim adamw_schedulefree: a rate that is constant after the warmup (the average replaces the decay),
+        no second average (--use_ema), no --sharding, and beta1 > 0 (x is recovered from y and z through it)."""
+        scheduler = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
+        if scheduler not in SCHEDULE_FREE_SCHEDULERS:
+            raise ConfigError(f"--lr_scheduler {scheduler} (--lr_scheduler_type) does not go with --optim "
+                              "adamw_schedulefree: schedule-free AdamW keeps the rate constant after its warmup and "
+                              "averages the weights instead of decaying the rate. Use --lr_scheduler constant, or "
+                              "constant_with_warmup with --lr_warmup_steps N.")
+        if self.use_ema:
+            raise ConfigError("--use_ema does not go with --optim adamw_schedulefree: the weights it saves are "
+                              "already an average of the iterates (its x). Drop --use_ema, or use --optim adamw.")
+        if self.sharding and self.sharding not in ("", "none", ["none"]):
+            raise ConfigError("--optim adamw_schedulefree does not run with --sharding (the sharding wrappers need "
+                              "Paddle's own optimizers). Use plain data parallelism (no --sharding), or --optim "
+                              "adamw.")
+        if not self.adam_beta1 > 0:
+            raise ConfigError(f"--adam_beta1 {self.adam_beta1:g} does not go with --optim adamw_schedulefree: beta1 "
+                              "is its interpolation between the average and the base sequence and must be > 0 "
+                              "(0.9 is the usual value).")
 
     @property
     def export_format_list(self) -> List[str]:
@@ -483,11 +510,11 @@ class DreamBoothTrainingArguments(TrainingArguments):
             raise ConfigError("--fp16 and --bf16 are exclusive; choose one.")
         optim = self.check_optim()
         console_level = self.log_level
-        if optim == "prodigy":
-            self.optim = "adamw"  # PaddleNLP's __post_init__ makes --optim an OptimizerNames, which has no prodigy
+        if optim in OWN_OPTIMIZERS:
+            self.optim = "adamw"  # PaddleNLP's __post_init__ makes --optim an OptimizerNames, which has neither
         super().__post_init__()
-        if optim == "prodigy":
-            self.optim = "prodigy"  # a plain string: the Trainer builds ppdreambooth's Prodigy for it
+        if optim in OWN_OPTIMIZERS:
+            self.optim = optim  # a plain string: the Trainer builds ppdreambooth's Prodigy / AdamWScheduleFree
         self.log_level = console_level  # PaddleNLP 2.8 overwrites the name with -1 and never reads it again
         if self.scale_lr:
             self.learning_rate *= self.gradient_accumulation_steps * self.per_device_train_batch_size * self.world_size

@@ -58,7 +58,7 @@ class FidelityCallback(TrainerCallback):
                  at_end: bool, inference_steps: int, ema=None):
         self.model, self.scorer, self.prompts = model, scorer, list(prompts)
         self.num_images, self.every, self.at_end, self.steps = num_images, every, at_end, inference_steps
-        self.ema = ema
+        self.ema = ema  # WeightEMA, or schedulefree.ScheduleFreeWeights: what `sampling_from` swaps in
         self.saves = 0
         self.records: List[dict] = []
         self._writer = None

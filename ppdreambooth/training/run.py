@@ -29,6 +29,7 @@ from ppdreambooth.modeling.build import build_model
 from ppdreambooth.modeling.ema import WeightEMA
 from ppdreambooth.modeling.losses import MaskedLoss
 from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.modeling.schedulefree import ScheduleFreeWeights
 from ppdreambooth.runtime import ranks, run_lock
 from ppdreambooth.runtime.nonfinite import NonFiniteLossError
 from ppdreambooth.runtime.signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
@@ -212,14 +213,18 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     generating = validating or bool(args.evaluate_every_n_checkpoints or args.evaluate_at_end)  # needs encoders
     cached = cache_encodings(model, dataset, not data_args.no_cache_latents, keep_encoders=generating)
     ema = WeightEMA(model, args.ema_decay) if args.use_ema else None
+    # The weights validation images and scoring see: the EMA, or schedule-free AdamW's average x (its optimizer
+    # is attached when the trainer builds it); never both (refused with the arguments).
+    schedule_free = ScheduleFreeWeights() if args.optim == "adamw_schedulefree" else None
+    averaged = ema if ema is not None else schedule_free
     callbacks = list(callbacks)
     if ema is not None:
         callbacks.append(EMACallback(ema))  # before validation: images use the updated average
     if args.stop_text_encoder_training is not None:
         callbacks.append(StopTextEncoderCallback(model, args.stop_text_encoder_training))
     if validating:
-        callbacks.append(ValidationCallback(model, ema))
-    fidelity = fidelity_callback_for(model, data_args, args, instance_photos[0], ema)
+        callbacks.append(ValidationCallback(model, averaged))
+    fidelity = fidelity_callback_for(model, data_args, args, instance_photos[0], averaged)
     settings = current_settings(model_args, args, family, [[p.path for p in photos] for photos in instance_photos],
                                 class_files_now(data_args.concept_list, class_photos is not None))
     del instance_photos, class_photos  # the dataset holds the resized images; drop the full-size ones
@@ -237,6 +242,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
         base_vae=model_args.pretrained_vae_model_name_or_path,
         run_settings=settings,
         ema=ema,
+        schedule_free=schedule_free,
         stop=stop,
     )
     model.set_text_encoder_learning_rate(args.learning_rate, args.text_encoder_learning_rate)

@@ -1,5 +1,6 @@
 """Sampling from the weights being trained, for validation images and fidelity scoring, without disturbing training:
-the EMA average swapped in with --use_ema, parked encoders brought back to the device, eval mode, and every RNG
+the EMA average swapped in with --use_ema (schedule-free AdamW's average x with --optim adamw_schedulefree), parked
+encoders brought back to the device, eval mode, and every RNG
 state restored afterwards."""
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ def preserved_rng_state():
 
 @contextlib.contextmanager
 def sampling_from(model, ema=None):
-    """The pipeline over the weights being trained (the EMA average with --use_ema), in eval mode; afterwards
-    training is as it was: train/eval mode, parked encoders, weights and every RNG state restored."""
+    """The pipeline over the weights being trained (the EMA average with --use_ema; with --optim
+    adamw_schedulefree `ema` is a `schedulefree.ScheduleFreeWeights`: the optimizer's eval()/train() swap x in
+    and y back), in eval mode; afterwards training is as it was: train/eval mode, parked encoders, weights and
+    every RNG state restored."""
     was_training = model.denoiser.training
     averaged = ema.swapped_in() if ema is not None else contextlib.nullcontext()
     with preserved_rng_state(), model.parked_on_device(), averaged:

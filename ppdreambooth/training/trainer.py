@@ -2,12 +2,16 @@
 
 What it changes, and why:
 - `compute_loss` keeps the instance and prior parts so that `log` reports them separately.
-- `create_optimizer` serves `--optim adafactor` and `--optim prodigy` (PaddleNLP 2.8.1 builds only AdamW) and
-  clips gradients with `clipping.GlobalNormClip` (Paddle's global-norm clip, bit for bit, in about half its time).
-- `log` adds the instance and prior losses, and with Prodigy its step-size estimate `prodigy_d`.
+- `create_optimizer` serves `--optim adafactor`, `--optim prodigy` and `--optim adamw_schedulefree` (PaddleNLP
+  2.8.1 builds only AdamW) and clips gradients with `clipping.GlobalNormClip` (Paddle's global-norm clip, bit for
+  bit, in about half its time); with schedule-free AdamW `create_scheduler` gives a constant rate and the
+  optimizer applies the warmup itself.
+- `log` adds the instance and prior losses, with Prodigy its step-size estimate `prodigy_d`, with schedule-free
+  AdamW its warmed-up rate `schedulefree_lr`.
 - `_get_train_sampler` returns a sampler whose order and augmentations depend only on (seed, epoch).
 - `_save` writes only trained weights into checkpoints (the stock one dumps the frozen VAE and text
-  encoder too) and, for the final save, a full ppdiffusers pipeline folder.
+  encoder too) and, for the final save, a full ppdiffusers pipeline folder. With schedule-free AdamW checkpoints
+  hold the training point y (and the optimizer its z), the final model the average x (`optimizer.eval()`).
 - `_save_checkpoint` unmarks a checkpoint folder before writing and marks it complete, with the checksums
   of its files, once all its files are written; rotation (`save_total_limit`) only ever counts and deletes
   complete checkpoints, unmarks each before deleting it, and never deletes the one just written.
@@ -39,6 +43,7 @@ from ppdreambooth.modeling.lora import LORA_STAGING_NAME, save_lora_weights
 from ppdreambooth.runtime.nonfinite import NonFiniteGuard, innermost_optimizer
 from ppdreambooth.modeling.optimizers import Adafactor
 from ppdreambooth.modeling.prodigy import Prodigy
+from ppdreambooth.modeling.schedulefree import AdamWScheduleFree
 from ppdreambooth.runtime.checkpoints import (
     checkpoints_to_delete,
     complete_checkpoints,
@@ -69,14 +74,24 @@ def prodigy_options(args) -> dict:
     }
 
 
+def schedule_free_options(args, warmup_steps: int) -> dict:
+    """AdamWScheduleFree's keyword arguments: betas and epsilon are the Trainer's --adam_* flags, the warmup is
+    the --lr_scheduler constant_with_warmup one (0 with constant)."""
+    return {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon, "warmup_steps": warmup_steps}
+
+
 class DreamBoothTrainer(Trainer):
     def __init__(self, *args, base_model: str, base_revision: Optional[str] = None, base_vae: Optional[str] = None,
-                 ema=None, stop=None, run_settings: Optional[dict] = None, **kwargs):
+                 ema=None, stop=None, run_settings: Optional[dict] = None, schedule_free=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.run_settings = run_settings  # recorded in each checkpoint (`training.resume_settings`)
         # where the final pipeline takes the components the model does not hold (the VAE: --pretrained_vae_...)
         self.base_model, self.base_revision, self.base_vae = base_model, base_revision, base_vae
         self.ema = ema  # ppdreambooth.modeling.ema.WeightEMA or None
+        # ppdreambooth.modeling.schedulefree.ScheduleFreeWeights (the seam validation and scoring use) or None:
+        # create_optimizer attaches the optimizer to it
+        self.schedule_free = schedule_free
+        self._schedule_free_warmup = 0
         # ppdreambooth.runtime.signals.GracefulStop (default: the handlers of the run in progress, if any)
         self.stop = stop if stop is not None else signals.current()
         self._checkpoint_step = None  # the step of the checkpoint this process wrote last
@@ -102,6 +117,8 @@ class DreamBoothTrainer(Trainer):
         optimizer = innermost_optimizer(self.optimizer) if self.optimizer is not None else None
         if "loss" in logs and isinstance(optimizer, Prodigy):
             logs["prodigy_d"] = optimizer.d  # its step size is d x the logged learning rate
+        if "loss" in logs and isinstance(optimizer, AdamWScheduleFree):
+            logs["schedulefree_lr"] = optimizer.scheduled_lr  # the logged learning rate is the one after warmup
         super().log(logs, **kwargs)
 
     # ----- optimizer ------------------------------------------------------------------------------
@@ -120,14 +137,37 @@ class DreamBoothTrainer(Trainer):
             ours = (Adafactor, {})
         elif self.args.optim == "prodigy":  # a plain string: PaddleNLP's OptimizerNames has no prodigy
             ours = (Prodigy, prodigy_options(self.args))
+        elif self.args.optim == "adamw_schedulefree":
+            ours = (AdamWScheduleFree, schedule_free_options(self.args, self._schedule_free_warmup))
         else:
             return self._with_faster_clip(super().create_optimizer(lr_scheduler))
         stock = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
         Trainer.get_optimizer_cls_and_kwargs = staticmethod(lambda args: ours)
         try:
-            return self._with_faster_clip(super().create_optimizer(lr_scheduler))
+            optimizer = self._with_faster_clip(super().create_optimizer(lr_scheduler))
         finally:
             Trainer.get_optimizer_cls_and_kwargs = stock
+        if self.schedule_free is not None:
+            self.schedule_free.optimizer = innermost_optimizer(optimizer)
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int):
+        """With --optim adamw_schedulefree a constant rate: the optimizer takes the warmup of --lr_scheduler
+        constant_with_warmup itself (the reference's `warmup_steps`, whose first step already has lr / W), so that
+        its averaging weights c follow the warmed-up rate."""
+        if self.args.optim != "adamw_schedulefree" or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps)
+        from paddlenlp.trainer.trainer_utils import get_scheduler
+
+        if str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) == "constant_with_warmup":
+            self._schedule_free_warmup = (self.args.warmup_steps if self.args.warmup_steps > 0
+                                          else int(self.args.warmup_ratio * num_training_steps))
+        self.lr_scheduler = get_scheduler("constant", learning_rate=self.args.learning_rate)
+        return self.lr_scheduler
+
+    def _schedule_free_optimizer(self) -> Optional[AdamWScheduleFree]:
+        optimizer = innermost_optimizer(self.optimizer) if self.optimizer is not None else None
+        return optimizer if isinstance(optimizer, AdamWScheduleFree) else None
 
     @staticmethod
     def _with_faster_clip(optimizer):
@@ -176,7 +216,11 @@ class DreamBoothTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        schedule_free = self._schedule_free_optimizer()
         if self.is_in_train:  # a checkpoint: trained weights for resume
+            if schedule_free is not None and not schedule_free.training:
+                raise RuntimeError("a checkpoint was to be written while the model held schedule-free AdamW's "
+                                   "average x; checkpoints hold the training point y (optimizer.train())")
             save_trainable_weights(self.model, output_dir)
             paddle.save(self.args, os.path.join(output_dir, "training_args.bin"))
             if self.ema is not None:
@@ -184,6 +228,8 @@ class DreamBoothTrainer(Trainer):
             return
         if self.ema is not None:  # the output is the average
             self.ema.copy_to_model()
+        if schedule_free is not None:  # the output is schedule-free's average x (the model keeps it from here on)
+            schedule_free.eval()
         lora = self.model.lora
         try:
             if lora is not None:  # the final adapters

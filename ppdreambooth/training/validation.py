@@ -4,7 +4,8 @@ every `--validation_epochs` epochs, and once more when training ends (unless `--
 Images come from the weights being trained (LoRA adapters active), DPM-Solver with
 `--validation_inference_steps` steps and fixed seeds (seed + i), so runs and steps compare. They are
 written to `output_dir/validation/step-N/` and logged to VisualDL, on the first process only.
-With `--use_ema` the images come from the EMA weights. Validation does not change training: the
+With `--use_ema` the images come from the EMA weights, with `--optim adamw_schedulefree` from the optimizer's
+average x (`ema` is then a `schedulefree.ScheduleFreeWeights`). Validation does not change training: the
 model's weights, its train/eval mode and every RNG state are restored.
 """
 from __future__ import annotations
