@@ -91,6 +91,40 @@ class HandWrittenOptimizer(paddle.optimizer.Optimizer):
             decays[id(param)] = decay
         return params_grads, decays
 
+    # The checkpoint plumbing all three share: per-parameter state keyed by parameter name (as Paddle's own
+    # optimizers do, so PaddleNLP's Trainer saves it in optimizer.pdopt and loads it on resume), the float32
+    # master weights and the learning-rate scheduler.
+
+    def _shared_state(self, result: dict) -> dict:
+        """`result` plus the master weights and the scheduler's state."""
+        if self._master_weights:
+            result["master_weights"] = dict(self._master_weights)
+        if isinstance(self._learning_rate, LRScheduler):
+            result["LR_Scheduler"] = self._learning_rate.state_dict()
+        return result
+
+    def _load_shared_state(self, state_dict: dict) -> None:
+        """The scheduler's state and copies of the master weights, from what `_shared_state` added."""
+        if isinstance(self._learning_rate, LRScheduler) and state_dict.get("LR_Scheduler"):
+            self._learning_rate.set_state_dict(state_dict["LR_Scheduler"])
+        for pname, value in (state_dict.get("master_weights") or {}).items():
+            self._master_weights[pname] = _fp32_copy(value)
+
+    @staticmethod
+    def _checked_scalars(state_dict: dict, suffix: str, prefix: str, scalars, what: str) -> dict:
+        """The optimizer-wide numbers saved as `<prefix><name>`, after checking that every other key is
+        per-parameter state (`<param.name><suffix><kind>`), the master weights or the scheduler's state; a
+        ValueError names a foreign or a missing key."""
+        scalar_keys = [prefix + kind for kind in scalars]
+        others = [key for key in state_dict
+                  if key not in ("LR_Scheduler", "master_weights") and suffix not in key and key not in scalar_keys]
+        if others:
+            raise ValueError(f"not {what} state dict (keys such as {others[:3]})")
+        missing = [key for key in scalar_keys if key not in state_dict]
+        if missing:
+            raise ValueError(f"optimizer state {missing[0]} missing from the state dict")
+        return {kind: _to_tensor(state_dict[prefix + kind]).item() for kind in scalars}
+
 
 class Adafactor(HandWrittenOptimizer):
     """Adafactor with an external learning rate (see the module docstring for the update rule)."""
@@ -220,18 +254,11 @@ class Adafactor(HandWrittenOptimizer):
                 if kind == "step":
                     value = paddle.to_tensor(value, dtype="int64")
                 result[pname + _SUFFIX + kind] = value
-        if self._master_weights:
-            result["master_weights"] = dict(self._master_weights)
-        if isinstance(self._learning_rate, LRScheduler):
-            result["LR_Scheduler"] = self._learning_rate.state_dict()
-        return result
+        return self._shared_state(result)
 
     def set_state_dict(self, state_dict: dict) -> None:
         """Load what `state_dict()` returned (tensors are copied), for the parameters this optimizer holds."""
-        if isinstance(self._learning_rate, LRScheduler) and state_dict.get("LR_Scheduler"):
-            self._learning_rate.set_state_dict(state_dict["LR_Scheduler"])
-        for pname, value in (state_dict.get("master_weights") or {}).items():
-            self._master_weights[pname] = _fp32_copy(value)
+        self._load_shared_state(state_dict)
 
         ours = [key for key in state_dict if _SUFFIX in key]
         others = [key for key in state_dict if key not in ("LR_Scheduler", "master_weights") and _SUFFIX not in key]

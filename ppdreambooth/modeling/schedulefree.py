@@ -69,9 +69,8 @@ import logging
 from typing import Callable, Dict, Optional, Tuple
 
 import paddle
-from paddle.optimizer.lr import LRScheduler
 
-from ppdreambooth.modeling.optimizers import HandWrittenOptimizer, _fp32_copy, _to_tensor
+from ppdreambooth.modeling.optimizers import HandWrittenOptimizer, _fp32_copy
 
 logger = logging.getLogger(__name__)
 
@@ -263,32 +262,16 @@ class AdamWScheduleFree(HandWrittenOptimizer):
         result[_SCALAR_PREFIX + "k"] = paddle.to_tensor(self._k, dtype="int64")
         result[_SCALAR_PREFIX + "weight_sum"] = paddle.to_tensor(self._weight_sum, dtype="float64")
         result[_SCALAR_PREFIX + "lr_max"] = paddle.to_tensor(self._lr_max, dtype="float64")
-        if self._master_weights:
-            result["master_weights"] = dict(self._master_weights)
-        if isinstance(self._learning_rate, LRScheduler):
-            result["LR_Scheduler"] = self._learning_rate.state_dict()
-        return result
+        return self._shared_state(result)
 
     def set_state_dict(self, state_dict: dict) -> None:
         """Load what `state_dict()` returned (tensors are copied), for the parameters this optimizer holds; in
         train mode, with the model's y loaded alongside (as PaddleNLP's Trainer resumes)."""
         if not self._train_mode:
             raise RuntimeError("AdamWScheduleFree.set_state_dict() in eval mode: call optimizer.train() first")
-        scalar_keys = [_SCALAR_PREFIX + kind for kind in _SCALARS]
         ours = [key for key in state_dict if _SUFFIX in key]
-        others = [key for key in state_dict
-                  if key not in ("LR_Scheduler", "master_weights") and _SUFFIX not in key and key not in scalar_keys]
-        if others:
-            raise ValueError(f"not a schedule-free AdamW state dict (keys such as {others[:3]})")
-        missing = [key for key in scalar_keys if key not in state_dict]
-        if missing:
-            raise ValueError(f"optimizer state {missing[0]} missing from the state dict")
-        scalars = {kind: _to_tensor(state_dict[_SCALAR_PREFIX + kind]).item() for kind in _SCALARS}
-
-        if isinstance(self._learning_rate, LRScheduler) and state_dict.get("LR_Scheduler"):
-            self._learning_rate.set_state_dict(state_dict["LR_Scheduler"])
-        for pname, value in (state_dict.get("master_weights") or {}).items():
-            self._master_weights[pname] = _fp32_copy(value)
+        scalars = self._checked_scalars(state_dict, _SUFFIX, _SCALAR_PREFIX, _SCALARS, "a schedule-free AdamW")
+        self._load_shared_state(state_dict)
 
         loaded = set()
         for param, _ in self._params_with_decay():
