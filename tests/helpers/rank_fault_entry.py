@@ -7,11 +7,12 @@ Points (each fires on the n-th forward pass of rank r only):
   raise_in_step  the forward pass raises RuntimeError("injected fault")
 Each rank writes <OUTCOME_DIR>/rank-<rank>.exit holding its exit status, just before it exits, and exits the way
 the command-line entry points do (`exit_process`). SLOW_EXIT_RANK=<r> makes rank r take 2 s longer to shut down
-(an `atexit` pause), long enough for the launcher to notice another rank's non-zero exit and SIGTERM this one.
+(a pause in the log flushing of `exiting.leave_distributed_job`, after it has started ignoring SIGTERM), long
+enough for the launcher to notice another rank's non-zero exit and SIGTERM this one.
 """
-import atexit
-import sys
+import logging
 import os
+import sys
 import time
 
 from ppdreambooth import train
@@ -49,7 +50,13 @@ def record(status: int) -> None:
 
 if __name__ == "__main__":
     if os.environ.get("SLOW_EXIT_RANK") == str(rank):
-        atexit.register(time.sleep, 2.0)
+        flush_logs = logging.shutdown
+
+        def slow_flush(*args, **kwargs):
+            time.sleep(2.0)
+            return flush_logs(*args, **kwargs)
+
+        logging.shutdown = slow_flush
     try:
         status = train.main(sys.argv[1:])
     except BaseException:

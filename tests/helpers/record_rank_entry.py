@@ -11,6 +11,7 @@ import numpy as np
 import paddle
 
 from ppdreambooth import train
+from ppdreambooth.runtime.exiting import exit_process
 from ppdreambooth.modeling.objectives import DiffusionObjective, FlowMatchingObjective
 
 drawn = []
@@ -37,3 +38,4 @@ if __name__ == "__main__":
         json.dump(drawn, f)
     weights = {k: v.numpy() for k, v in trainer.model.trainable_state_dict().items()}
     np.savez(os.path.join(out, f"rank-{rank}-weights.npz"), **weights)
+    exit_process(0)  # as the commands end (runtime.exiting)
