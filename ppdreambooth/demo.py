@@ -60,13 +60,13 @@ def write_samples(model_dir: str, prompts: Sequence[str], out_dir: str, size: in
     return paths
 
 
-def before_and_after(model_dir: str, photos: str, out_dir: str, images_per_prompt: int) -> str:
+def before_and_after(model_dir: str, base_model: str, photos: str, out_dir: str, images_per_prompt: int) -> str:
     """The toy world's scores of the trained and the base model on the same prompts and seeds, as a table."""
     from ppdreambooth.evaluate import build_parser
     from ppdreambooth.evaluation.runs import evaluate
     from ppdreambooth.evaluation.world import format_world_table
 
-    args = build_parser().parse_args(["--world", "--model", model_dir, "--base_model", TOY_MODEL,
+    args = build_parser().parse_args(["--world", "--model", model_dir, "--base_model", base_model,
                                       "--instance_data_dir", photos, "--num_images", str(images_per_prompt),
                                       "--guidance_scale", "4", "--out", out_dir, "--quiet"])
     results = evaluate(args)
@@ -99,8 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prompts = [f"a sks cross on a {colour} background" for colour in ("green", "yellow", "cyan", "magenta")]
         samples = write_samples(out, prompts + ["a blue cross on a green background"], os.path.join(out, "samples"),
                                 size=data_args.image_size[0])
-        table = before_and_after(out, data_args.instance_data_dir, os.path.join(out, "evaluation"),
-                                 own.images_per_prompt)
+        table = before_and_after(out, model_args.pretrained_model_name_or_path, data_args.instance_data_dir,
+                                 os.path.join(out, "evaluation"), own.images_per_prompt)
         print(f"\n{table}\nDemo finished. Fine-tuned pipeline: {out}\nSamples: {os.path.join(out, 'samples')} "
               f"({len(samples)} images)\nScores, grid and images: {os.path.join(out, 'evaluation')}")
     return 0
