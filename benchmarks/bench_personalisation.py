@@ -49,6 +49,8 @@ SETTINGS = {
     "full-prior-masked": PRIOR + MASKED,
     "full-prior-prodigy": PRIOR + ["--optim", "prodigy", "--learning_rate", "1.0"],
     "lora-none-dora": LORA + NO_PRIOR + ["--lora_type", "dora"],
+    "full-prior-min-snr": PRIOR + ["--snr_gamma", "5"],
+    "full-prior-huber": PRIOR + ["--loss_type", "huber", "--huber_schedule", "snr"],
 }
 
 
