@@ -6,6 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers.optimizer_resume import resume_matches_uninterrupted
 from ppdreambooth.modeling.prodigy import Prodigy
 from test_optimizers import backward, make_net
 
@@ -279,31 +280,7 @@ def test_resume_from_saved_state_is_bit_identical(tmp_path, beta1):
             opt.clear_grad()
             scheduler.step()
 
-    net = make_net()
-    opt, scheduler = new_optimizer(net)
-    train(net, opt, scheduler, range(5))
-    # What PaddleNLP's Trainer does: model, optimizer.pdopt and scheduler to files ...
-    paddle.save(net.state_dict(), str(tmp_path / "model.pdparams"))
-    paddle.save(opt.state_dict(), str(tmp_path / "optimizer.pdopt"))
-    paddle.save(scheduler.state_dict(), str(tmp_path / "scheduler.pdparams"))
-    train(net, opt, scheduler, range(5, 10))
-    continued = {k: v.numpy() for k, v in net.state_dict().items()}
-    continued_state = {k: v.numpy() for k, v in opt.state_dict().items() if isinstance(v, paddle.Tensor)}
-
-    # ... and a new run builds the model and optimizer afresh and loads them before its first step.
-    resumed_net = make_net(seed=1)
-    resumed_opt, resumed_scheduler = new_optimizer(resumed_net)
-    resumed_net.set_state_dict(paddle.load(str(tmp_path / "model.pdparams")))
-    resumed_opt.set_state_dict(paddle.load(str(tmp_path / "optimizer.pdopt")))
-    resumed_scheduler.set_state_dict(paddle.load(str(tmp_path / "scheduler.pdparams")))
-    train(resumed_net, resumed_opt, resumed_scheduler, range(5, 10))
-
-    for name, value in resumed_net.state_dict().items():
-        assert np.array_equal(value.numpy(), continued[name]), name
-    resumed_state = {k: v.numpy() for k, v in resumed_opt.state_dict().items() if isinstance(v, paddle.Tensor)}
-    assert sorted(resumed_state) == sorted(continued_state)
-    for key, value in resumed_state.items():
-        assert np.array_equal(value, continued_state[key]), key
+    continued_state, _, _ = resume_matches_uninterrupted(tmp_path, make_net, new_optimizer, train, 5, 10)
     assert int(continued_state["prodigy_k"]) == 9 and continued_state["prodigy_d"] > 2e-6
     assert continued_state["prodigy_d"].dtype == np.float64
     assert ("linear_0.w_0_prodigy_exp_avg" in continued_state) == (beta1 > 0)

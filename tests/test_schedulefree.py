@@ -6,6 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers.optimizer_resume import resume_matches_uninterrupted
 from helpers.runs import run_module, train_argv, truncate_run_to
 from ppdreambooth.modeling.schedulefree import AdamWScheduleFree
 from test_optimizers import backward, make_net
@@ -157,9 +158,9 @@ def test_resume_from_saved_state_is_bit_identical(tmp_path):
         net.linear.weight.optimize_attr["learning_rate"] = 0.5
         return AdamWScheduleFree(0.02, net.parameters(), weight_decay=0.1, warmup_steps=3,
                                  apply_decay_param_fun=lambda name: name.endswith("w_0"),
-                                 grad_clip=paddle.nn.ClipGradByGlobalNorm(0.5))
+                                 grad_clip=paddle.nn.ClipGradByGlobalNorm(0.5)), None
 
-    def train(net, opt, steps):
+    def train(net, opt, _, steps):
         for step in steps:
             backward(net, step)
             opt.step()
@@ -168,35 +169,17 @@ def test_resume_from_saved_state_is_bit_identical(tmp_path):
                 with opt.evaluation_weights():
                     pass
 
-    net = make_net()
-    opt = new_optimizer(net)
-    train(net, opt, range(5))
-    paddle.save(net.state_dict(), str(tmp_path / "model.pdparams"))  # y: the Trainer saves in train mode
-    paddle.save(opt.state_dict(), str(tmp_path / "optimizer.pdopt"))
-    train(net, opt, range(5, 10))
-    continued = {k: v.numpy() for k, v in net.state_dict().items()}
-    continued_state = {k: v.numpy() for k, v in opt.state_dict().items() if isinstance(v, paddle.Tensor)}
+    # y is what the Trainer saves (in train mode)
+    continued_state, (net, opt), (resumed_net, resumed_opt) = resume_matches_uninterrupted(
+        tmp_path, make_net, new_optimizer, train, 5, 10)
     continued_x = x_of(opt, list(net.parameters()))
-
-    resumed_net = make_net(seed=1)
-    resumed_opt = new_optimizer(resumed_net)
-    resumed_net.set_state_dict(paddle.load(str(tmp_path / "model.pdparams")))
-    resumed_opt.set_state_dict(paddle.load(str(tmp_path / "optimizer.pdopt")))
-    train(resumed_net, resumed_opt, range(5, 10))
-
-    for name, value in resumed_net.state_dict().items():
-        assert np.array_equal(value.numpy(), continued[name]), name
-    resumed_state = {k: v.numpy() for k, v in resumed_opt.state_dict().items() if isinstance(v, paddle.Tensor)}
-    assert sorted(resumed_state) == sorted(continued_state)
-    for key, value in resumed_state.items():
-        assert np.array_equal(value, continued_state[key]), key
     resumed_x = x_of(resumed_opt, list(resumed_net.parameters()))
     assert all(np.array_equal(resumed_x[k], continued_x[k]) for k in continued_x)
     assert int(continued_state["schedulefree_k"]) == 10
     assert continued_state["schedulefree_weight_sum"].dtype == np.float64
 
     with pytest.raises(ValueError, match="not a schedule-free AdamW state dict"):
-        new_optimizer(make_net()).set_state_dict({"linear_0.w_0_moment1_0": paddle.zeros([1])})
+        new_optimizer(make_net())[0].set_state_dict({"linear_0.w_0_moment1_0": paddle.zeros([1])})
 
 
 # (4) rate multipliers ---------------------------------------------------------------------------------------
