@@ -38,6 +38,7 @@ SETTINGS = {
     "full-prior-frozen-text-encoder": PRIOR + ["--train_text_encoder", "false"],
     "full-prior-2x-steps": PRIOR + ["--max_train_steps", "{2x}"],
     "full-none-2x-steps": NO_PRIOR + ["--max_train_steps", "{2x}"],
+    "full-prior-2x-steps-weight-3": PRIOR + ["--max_train_steps", "{2x}", "--prior_loss_weight", "3"],
     "full-prior-half-lr": PRIOR + ["--learning_rate", "{half_lr}"],
     "full-prior-3x-lr": PRIOR + ["--learning_rate", "{3x_lr}"],
     "full-none-3x-lr": NO_PRIOR + ["--learning_rate", "{3x_lr}"],
