@@ -95,6 +95,24 @@ class HandWrittenOptimizer(paddle.optimizer.Optimizer):
     # optimizers do, so PaddleNLP's Trainer saves it in optimizer.pdopt and loads it on resume), the float32
     # master weights and the learning-rate scheduler.
 
+    def _weight(self, param):
+        """The float32 weights to update: the master copy under multi_precision (made on first use), else the
+        parameter in float32."""
+        if self._multi_precision and param.dtype in _LOW_PRECISION and param.name not in self._master_weights:
+            self._master_weights[param.name] = param.astype("float32")
+        master = self._master_weights.get(param.name)
+        return master if master is not None else _float32(param)
+
+    def _per_parameter_state(self, suffix: str) -> dict:
+        """Each parameter's state tensors keyed `<param.name><suffix><kind>` (a step count as an int64 tensor)."""
+        result = {}
+        for pname, state in self._state.items():
+            for kind, value in state.items():
+                if kind == "step":
+                    value = paddle.to_tensor(value, dtype="int64")
+                result[pname + suffix + kind] = value
+        return result
+
     def _shared_state(self, result: dict) -> dict:
         """`result` plus the master weights and the scheduler's state."""
         if self._master_weights:
@@ -215,10 +233,8 @@ class Adafactor(HandWrittenOptimizer):
             state["exp_avg"] = self._beta1 * state["exp_avg"] + (1.0 - self._beta1) * update
             update = state["exp_avg"]
 
-        if self._multi_precision and param.dtype in _LOW_PRECISION and param.name not in self._master_weights:
-            self._master_weights[param.name] = param.astype("float32")
+        weight = self._weight(param)
         master = self._master_weights.get(param.name)
-        weight = master if master is not None else param.astype("float32")
         if decay:
             weight = weight - (lr * decay) * weight
         weight = weight - update
@@ -248,13 +264,7 @@ class Adafactor(HandWrittenOptimizer):
 
     def state_dict(self) -> dict:
         """Every state tensor keyed `<param.name>_adafactor_<kind>`, plus master weights and the scheduler."""
-        result = {}
-        for pname, state in self._state.items():
-            for kind, value in state.items():
-                if kind == "step":
-                    value = paddle.to_tensor(value, dtype="int64")
-                result[pname + _SUFFIX + kind] = value
-        return self._shared_state(result)
+        return self._shared_state(self._per_parameter_state(_SUFFIX))
 
     def set_state_dict(self, state_dict: dict) -> None:
         """Load what `state_dict()` returned (tensors are copied), for the parameters this optimizer holds."""
@@ -285,6 +295,10 @@ class Adafactor(HandWrittenOptimizer):
             logger.warning("Adafactor: %d saved state tensors match no parameter, e.g. %s", len(unused), unused[:3])
 
     load_state_dict = set_state_dict
+
+
+def _float32(tensor):
+    return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
 
 
 def _to_tensor(value):

@@ -81,11 +81,10 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import paddle
 
-from ppdreambooth.modeling.optimizers import HandWrittenOptimizer, _fp32_copy, _to_tensor
+from ppdreambooth.modeling.optimizers import HandWrittenOptimizer, _float32, _fp32_copy, _to_tensor
 
 logger = logging.getLogger(__name__)
 
-_LOW_PRECISION = (paddle.float16, paddle.bfloat16)
 _SUFFIX = "_prodigy_"
 _SCALAR_PREFIX = "prodigy_"  # + d, d_max, d_numerator, k: the optimizer-wide numbers
 _SCALARS = ("d", "d_max", "d_numerator", "k")
@@ -180,15 +179,6 @@ class Prodigy(HandWrittenOptimizer):
         paddle.distributed.all_reduce(sums, group=self._group)
         total_numerator, total_denominator = (float(v) for v in sums.numpy())
         return total_numerator, total_denominator
-
-    def _weight(self, param):
-        """The float32 weights to update: the master copy under multi_precision, else the parameter."""
-        if self._multi_precision and param.dtype in _LOW_PRECISION and param.name not in self._master_weights:
-            self._master_weights[param.name] = param.astype("float32")
-        master = self._master_weights.get(param.name)
-        if master is not None:
-            return master
-        return _float32(param)
 
     def _gradient(self, grad, weight, decay: float):
         grad = _float32(grad)
@@ -303,12 +293,7 @@ class Prodigy(HandWrittenOptimizer):
     def state_dict(self) -> dict:
         """Every state tensor keyed `<param.name>_prodigy_<kind>`, d, d_max, the numerator and k as
         `prodigy_<name>`, plus master weights and the scheduler."""
-        result = {}
-        for pname, state in self._state.items():
-            for kind, value in state.items():
-                if kind == "step":
-                    value = paddle.to_tensor(value, dtype="int64")
-                result[pname + _SUFFIX + kind] = value
+        result = self._per_parameter_state(_SUFFIX)
         for kind in _SCALARS:
             value = getattr(self, "_" + kind)
             result[_SCALAR_PREFIX + kind] = paddle.to_tensor(value, dtype="int64" if kind == "k" else "float64")
@@ -344,6 +329,3 @@ class Prodigy(HandWrittenOptimizer):
 
     load_state_dict = set_state_dict
 
-
-def _float32(tensor):
-    return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")

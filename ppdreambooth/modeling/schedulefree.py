@@ -70,11 +70,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import paddle
 
-from ppdreambooth.modeling.optimizers import HandWrittenOptimizer, _fp32_copy
+from ppdreambooth.modeling.optimizers import HandWrittenOptimizer, _float32, _fp32_copy
 
 logger = logging.getLogger(__name__)
 
-_LOW_PRECISION = (paddle.float16, paddle.bfloat16)
 _SUFFIX = "_schedulefree_"
 _SCALAR_PREFIX = "schedulefree_"
 _SCALARS = ("k", "weight_sum", "lr_max")
@@ -141,15 +140,6 @@ class AdamWScheduleFree(HandWrittenOptimizer):
 
     # ----------------------------------------------------------------------------------------------
     # The update
-
-    def _weight(self, param):
-        """y as float32: the master copy under multi_precision, else the parameter."""
-        if self._multi_precision and param.dtype in _LOW_PRECISION and param.name not in self._master_weights:
-            self._master_weights[param.name] = param.astype("float32")
-        master = self._master_weights.get(param.name)
-        if master is not None:
-            return master
-        return _float32(param)
 
     def _scheduled_rate(self, k: int) -> float:
         base = float(self.get_lr())
@@ -317,6 +307,3 @@ class ScheduleFreeWeights:
         with self.optimizer.evaluation_weights():
             yield
 
-
-def _float32(tensor):
-    return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
