@@ -52,7 +52,17 @@ SETTINGS = {
     "lora-none-dora": LORA + NO_PRIOR + ["--lora_type", "dora"],
     "full-prior-min-snr": PRIOR + ["--snr_gamma", "5"],
     "full-prior-huber": PRIOR + ["--loss_type", "huber", "--huber_schedule", "snr"],
+    "full-prior-caption-dropout": PRIOR + ["--caption_dropout_rate", "0.1"],
+    "full-prior-ip-noise": PRIOR + ["--ip_noise_gamma", "0.1"],
+    "full-prior-multires-noise": PRIOR + ["--multires_noise_iterations", "6", "--multires_noise_discount", "0.3"],
+    "full-prior-debiased": PRIOR + ["--debiased_estimation_loss"],
+    "full-prior-noise-offset": PRIOR + ["--noise_offset", "0.05"],
+    # every photo on the same background (blue), as when all are taken in one room: where background leakage shows
+    "full-none-one-background": NO_PRIOR + ["--max_train_steps", "{2x}"],
+    "full-none-one-background-masked": NO_PRIOR + ["--max_train_steps", "{2x}"] + MASKED,
 }
+# settings whose photos are not the subject's usual ones (black and blue in turn): name -> photo backgrounds
+PHOTO_BACKGROUNDS = {"full-none-one-background": ("blue",), "full-none-one-background-masked": ("blue",)}
 
 
 def demo_value(key):
@@ -79,8 +89,17 @@ def evaluate(model, photos, out, images, threads=None, base=False):
         return json.load(f)["metrics"]["trained"]
 
 
-def train_and_score(name, seed, steps, work, photos, masks, images, threads):
+def photo_folders(work, backgrounds=None):
+    """(photos, masks) folders under `work` for the subject's photos on `backgrounds` (default: its own)."""
+    suffix = "-" + "-".join(backgrounds) if backgrounds else ""
+    photos, masks = os.path.join(work, "photos" + suffix), os.path.join(work, "masks" + suffix)
+    prepare_photos(photos, masks, backgrounds)  # the masks are exact: the renderer's object masks
+    return photos, masks
+
+
+def train_and_score(name, seed, steps, work, images, threads):
     """One training run of a setting (its own class-image folder: runs may go in parallel) and its scores."""
+    photos, masks = photo_folders(work, PHOTO_BACKGROUNDS.get(name))
     out = os.path.join(work, f"{name.split(' ')[0]}-seed{seed}")
     flags = [f.replace("{2x}", str(2 * steps)).replace("{half_lr}", str(demo_value("learning_rate") / 2))
              .replace("{3x_lr}", str(3 * demo_value("learning_rate")))
@@ -113,14 +132,15 @@ def main():
     steps = args.steps or demo_value("max_train_steps")
     names = [n for n in SETTINGS if n.split(" ")[0] in args.only.split(",")] if args.only else list(SETTINGS)
     work = args.work or tempfile.mkdtemp(prefix="bench-personalisation-")
-    photos, masks = os.path.join(work, "photos"), os.path.join(work, "masks")
-    prepare_photos(photos, masks)  # the masks are exact: the renderer's object masks
+    photos, _ = photo_folders(work)
+    for backgrounds in {PHOTO_BACKGROUNDS[n] for n in names if n in PHOTO_BACKGROUNDS}:
+        photo_folders(work, backgrounds)  # written once, before the parallel runs read them
     threads = 1 if args.jobs > 1 else None
     rows = {"base model": [evaluate(TOY_MODEL, photos, os.path.join(work, "base"), args.images, threads)]}
     seconds = {}
     jobs = [(name, seed) for name in names for seed in range(args.seeds)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {job: pool.submit(train_and_score, *job, steps, work, photos, masks, args.images, threads)
+        futures = {job: pool.submit(train_and_score, *job, steps, work, args.images, threads)
                    for job in jobs}
         for (name, seed), future in futures.items():
             scores, took = future.result()

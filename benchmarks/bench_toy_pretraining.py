@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppdreambooth.toyworld.assemble import build_pipeline  # noqa: E402
 from ppdreambooth.toyworld.denoiser import (DenoiserRecipe, LatentSet, build_text_encoder, build_unet,  # noqa: E402
-                                            parameter_count, token_ids, train_denoiser)
+                                            parameter_count, short_caption_ids, token_ids, train_denoiser)
 from ppdreambooth.toyworld.evaluate_base import generate_for_prompts, ready_for_sampling, rates_by_kind  # noqa: E402
 from ppdreambooth.toyworld.pretraining_data import held_out_prompts, pretraining_set, render_scenes  # noqa: E402
 from ppdreambooth.toyworld.scoring import read_image  # noqa: E402
@@ -83,7 +83,8 @@ def main() -> None:
     print("| UNet widths | parameters | steps | seconds (incl. scoring) | " + " | ".join(f"guidance {g:g}" for g in args.guidance) + " |")
     print("| --- | --- | --- | --- |" + " --- |" * len(args.guidance))
     tokenizer = build_world_tokenizer(tempfile.mkdtemp())
-    data = LatentSet(means * factor, stds * factor, token_ids(tokenizer, captions), token_ids(tokenizer, [""])[0])
+    data = LatentSet(means * factor, stds * factor, token_ids(tokenizer, captions), token_ids(tokenizer, [""])[0],
+                     short_caption_ids(tokenizer, captions))
     for widths in args.widths:
         recipe = replace(DenoiserRecipe(), widths=tuple(int(w) for w in widths.split(",")), steps=steps)
         paddle.seed(args.seed)

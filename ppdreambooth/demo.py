@@ -22,17 +22,22 @@ TOY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toyworld",
 PHOTOS = os.path.join(ROOT, "demo_assets", "photos")
 
 
-def prepare_photos(folder: str = PHOTOS, masks: Optional[str] = None) -> str:
-    """Write the toy subject's five instance photos (and, given a folder, their exact masks) unless present."""
+def prepare_photos(folder: str = PHOTOS, masks: Optional[str] = None,
+                   backgrounds: Optional[Sequence[str]] = None) -> str:
+    """Write the toy subject's five instance photos (and, given a folder, their exact masks) unless present; on
+    `backgrounds` in turn (default: the subject's, black and blue)."""
+    from dataclasses import replace
+
     import numpy as np
     from PIL import Image
 
-    from ppdreambooth.toyworld.world import render, subject_scenes
+    from ppdreambooth.toyworld.world import SUBJECT, render, subject_scenes
 
     os.makedirs(folder, exist_ok=True)
     if masks:
         os.makedirs(masks, exist_ok=True)
-    for i, scene in enumerate(subject_scenes(5)):
+    subject = replace(SUBJECT, photo_backgrounds=tuple(backgrounds)) if backgrounds else SUBJECT
+    for i, scene in enumerate(subject_scenes(5, subject=subject)):
         image, mask = render(scene)
         path = os.path.join(folder, f"sks-cross-{i}.png")
         if not os.path.exists(path):

@@ -126,6 +126,19 @@ def test_parse_prompt_round_trips_every_caption():
                                                      "identifier": None}, scene.caption()
 
 
+def test_short_captions_leave_out_the_look_the_setting_or_both_and_parse_as_such():
+    """What the base model learns partial prompts from: each short form asks for exactly what it names."""
+    for pattern, second in (("plain", None), ("striped", "white"), ("halves", "white")):
+        scene = Scene("cross", "red", "blue", pattern, second)
+        alone, look, setting = scene.short_captions()
+        assert alone == f"a {scene.shape}" and setting == f"a {scene.shape} on a blue background"
+        assert look == scene.caption().split(" on a ")[0]
+        asked = {key: parse_prompt(alone)[key] for key in ("shape", "colour", "pattern", "background")}
+        assert asked == {"shape": scene.shape, "colour": None, "pattern": None, "background": None}
+        assert parse_prompt(look)["pattern"] == pattern and parse_prompt(look)["background"] is None
+        assert parse_prompt(setting)["background"] == "blue" and parse_prompt(setting)["colour"] is None
+
+
 def test_parse_prompt_tolerates_an_identifier():
     assert parse_prompt("a sks cross on a green background") == {
         "shape": "cross", "colour": None, "colour2": None, "pattern": None, "background": "green",

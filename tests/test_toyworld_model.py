@@ -57,6 +57,29 @@ def test_a_short_build_runs_end_to_end_and_repeats_exactly(tmp_path):
     assert pipeline.tokenizer.model_max_length == MODEL_MAX_LENGTH == 16
 
 
+def test_pretraining_shortens_the_share_of_captions_its_recipe_gives_and_only_with_short_forms():
+    from dataclasses import replace
+
+    import numpy as np
+
+    from ppdreambooth.toyworld.denoiser import DenoiserRecipe, LatentSet, draw_batch, noise_schedule_alphas
+
+    n, length = 6, 4
+    ids = np.arange(n * length).reshape(n, length)
+    short = 1000 + np.arange(n * 3 * length).reshape(n, 3, length)
+    data = LatentSet(np.zeros((n, 4, 2, 2)), np.zeros((n, 4, 2, 2)), ids, np.full(length, -1), short)
+    recipe = replace(DenoiserRecipe(), batch_size=4000, short_caption_share=0.25, empty_caption_share=0.1)
+    drawn = draw_batch(data, np.random.default_rng(0), recipe, noise_schedule_alphas())[2]
+    full = np.array([any((row == ids).all(axis=1)) for row in drawn])
+    shortened = np.array([any((row == short.reshape(-1, length)).all(axis=1)) for row in drawn])
+    empty = (drawn == -1).all(axis=1)
+    assert (full ^ shortened ^ empty).all()  # every caption is exactly one of the three
+    assert abs(empty.mean() - 0.1) < 0.02 and abs(shortened.mean() - 0.9 * 0.25) < 0.03
+    none = replace(recipe, short_caption_share=0.0)
+    assert not any(any((row == short.reshape(-1, length)).all(axis=1))
+                   for row in draw_batch(data, np.random.default_rng(0), none, noise_schedule_alphas())[2])
+
+
 @pytest.mark.parametrize("flag", ["--vae_steps", "--unet_steps", "--images", "--eval_prompts"])
 def test_the_builder_refuses_a_count_below_one_before_building(flag, tmp_path, capsys):
     from ppdreambooth.toyworld.pretrain import main

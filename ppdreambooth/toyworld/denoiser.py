@@ -3,7 +3,9 @@
 Latents are sampled from posteriors encoded once (`vae.encode_posteriors`), so a step costs only the text encoder
 and the UNet. Noise, timesteps and the empty-caption draws come from one NumPy generator of the build seed, which
 makes a build a function of its seed. About a tenth of the captions are emptied so that the model also learns the
-unconditional prediction that classifier-free guidance needs.
+unconditional prediction that classifier-free guidance needs, and a quarter of the rest shortened
+(`world.short_captions`: "a cross", "a red cross", "a cross on a blue background") so that, like a real base model,
+it draws a plausible object for a prompt that leaves attributes out: DreamBooth's class prompt is such a prompt.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 
 from .schedules import cosine_lr, min_snr_weights, step_and_log
 from .tokenizer import MODEL_MAX_LENGTH
+from .world import short_captions
 
 # SD 1.x's noise schedule; the pipeline's scheduler config repeats it (see `pretrain.scheduler_config`).
 NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -34,6 +37,7 @@ class DenoiserRecipe:
     warmup: int = 100
     min_snr_gamma: float = 5.0
     empty_caption_share: float = 0.1
+    short_caption_share: float = 0.25  # of the rest: the class alone, the object alone or the class in its setting
 
 
 def build_text_encoder(tokenizer, recipe: DenoiserRecipe):
@@ -82,6 +86,13 @@ class LatentSet:
     stds: np.ndarray
     ids: np.ndarray
     empty_ids: np.ndarray
+    short_ids: Optional[np.ndarray] = None  # (N, 3, length): each caption's `world.short_captions`
+
+
+def short_caption_ids(tokenizer, captions: Sequence[str]) -> np.ndarray:
+    """(N, 3, MODEL_MAX_LENGTH) ids of every caption's three shortened forms (`world.short_captions`)."""
+    shortened = [short for caption in captions for short in short_captions(caption)]
+    return token_ids(tokenizer, shortened).reshape(len(captions), 3, -1)
 
 
 def draw_batch(data: LatentSet, rng: np.random.Generator, recipe: DenoiserRecipe, alphas: np.ndarray):
@@ -93,6 +104,10 @@ def draw_batch(data: LatentSet, rng: np.random.Generator, recipe: DenoiserRecipe
     abar = alphas[timesteps][:, None, None, None]
     noisy = np.sqrt(abar) * latents + np.sqrt(1.0 - abar) * noise
     ids = data.ids[index].copy()
+    if data.short_ids is not None and recipe.short_caption_share > 0:
+        shortened = rng.random(recipe.batch_size) < recipe.short_caption_share
+        form = rng.integers(0, data.short_ids.shape[1], recipe.batch_size)
+        ids[shortened] = data.short_ids[index[shortened], form[shortened]]
     ids[rng.random(recipe.batch_size) < recipe.empty_caption_share] = data.empty_ids
     weights = min_snr_weights(alphas, timesteps, recipe.min_snr_gamma)
     return noisy.astype(np.float32), timesteps, ids, noise.astype(np.float32), weights

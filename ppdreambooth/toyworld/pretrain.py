@@ -23,8 +23,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .assemble import build_pipeline, weight_digests
-from .denoiser import (DenoiserRecipe, LatentSet, build_text_encoder, build_unet, parameter_count, token_ids,
-                       train_denoiser)
+from .denoiser import (DenoiserRecipe, LatentSet, build_text_encoder, build_unet, parameter_count,
+                       short_caption_ids, token_ids, train_denoiser)
 from .evaluate_base import evaluate_pipeline, rates_table
 from .model_card import write_card
 from .pretraining_data import held_out_prompts, pretraining_set
@@ -80,7 +80,9 @@ def recipe_text(plan: BuildPlan, scaling_factor: float) -> Dict[str, str]:
                 f"levels {d.cross_attention_levels}, head dim {d.attention_head_dim}; DDPM epsilon (SD's "
                 f"scaled-linear 1,000 steps), {d.steps} steps, batch {d.batch_size}, AdamW {d.lr} (warm-up "
                 f"{d.warmup}, cosine to 0), clip 1, Min-SNR gamma {d.min_snr_gamma}, "
-                f"{d.empty_caption_share:.0%} empty captions (classifier-free guidance)",
+                f"{d.empty_caption_share:.0%} empty captions (classifier-free guidance), "
+                f"{d.short_caption_share:.0%} of captions shortened to the class, the object or the class in its "
+                "setting (`world.short_captions`)",
     }
 
 
@@ -120,7 +122,7 @@ def build(out: str, seed: int, plan: BuildPlan, command: str, log=print) -> Dict
     assert tokenizer.convert_tokens_to_ids(IDENTIFIER + "</w>") in unseen, "the identifier appeared in a caption"
     before = token_embeddings(text_encoder)[unseen]
     data = LatentSet(means * scaling_factor, stds * scaling_factor, token_ids(tokenizer, captions),
-                     token_ids(tokenizer, [""])[0])
+                     token_ids(tokenizer, [""])[0], short_caption_ids(tokenizer, captions))
     train_denoiser(text_encoder, unet, data, plan.denoiser, seed, log)
     unchanged = bool(np.array_equal(before, token_embeddings(text_encoder)[unseen]))
     lap("text encoder + unet training")

@@ -118,6 +118,19 @@ class Scene:
             look = self.colour
         return f"a {look} {self.shape} on a {self.background} background"
 
+    def short_captions(self) -> Tuple[str, str, str]:
+        return short_captions(self.caption())
+
+
+def short_captions(caption: str) -> Tuple[str, str, str]:
+    """A full caption with parts left out, as real captions often are: the class alone ('a cross'), the object
+    without its setting ('a red cross'), the class in its setting ('a cross on a blue background'). A base model
+    that never saw such captions draws noise for DreamBooth's class prompt ('a cross'), and its class images then
+    teach the class word that noise: the opposite of prior preservation."""
+    look_and_shape, setting = caption[len("a "):].split(" on a ")
+    shape = look_and_shape.split()[-1]
+    return f"a {shape}", f"a {look_and_shape}", f"a {shape} on a {setting}"
+
 
 def stripe_width(size: int) -> int:
     """Band height in pixels: 4 at 32 px, one latent cell of a VAE downsampling by 4."""
