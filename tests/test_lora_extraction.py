@@ -297,3 +297,46 @@ def test_the_cli_refuses_lora_flags_with_other_formats_and_prints_the_count(full
     # an unchanged copy: the denoiser's adapters are zero, the text encoder is skipped
     assert "text_encoder: unchanged" in result.stdout and "parameters, file" in result.stdout
     assert "lora" not in __import__("ppdreambooth.config.arguments", fromlist=["x"]).EXPORT_FORMATS
+
+
+@pytest.mark.slow
+def test_an_extracted_lora_loads_in_diffusers_and_generates_as_the_full_run(torch_python, tiny_model, tmp_path):
+    """Through the CLI: extract, `--format diffusers` (PyTorch diffusers' load_lora_weights), `generate --lora`."""
+    from PIL import Image
+
+    from helpers.runs import client
+
+    family = FAMILIES["sd"]
+    run, out = str(tmp_path / "run"), str(tmp_path / "lora")
+    changed = make_full_run(tiny_model, run, family, rank=2)
+    result = run_module(["-m", "ppdreambooth.export", run, "--format", "lora", "--rank", "2", "--clamp_quantile", "1",
+                         "--out", out])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"unet: {len(changed['unet'])} modules" in result.stdout
+    assert f"text_encoder: {len(changed['text_encoder'])} modules" in result.stdout
+    result = run_module(["-m", "ppdreambooth.export", out, "--format", "diffusers", "--out", str(tmp_path / "d")])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    rng = np.random.RandomState(0)
+    data = dict(latents=rng.standard_normal((2, 4, 8, 8)).astype("float32"),
+                timesteps=np.array([10, 700], dtype="int64"), input_ids=rng.randint(0, 500, (2, 77)).astype("int64"))
+    np.savez(tmp_path / "inputs.npz", **data)
+    family.load_pipeline(tiny_model).save_pretrained(str(tmp_path / "base_diffusers"), to_diffusers=True)
+    client(torch_python, "unet", tmp_path / "base_diffusers", tmp_path / "inputs.npz", tmp_path / "t.npz", "--lora",
+           tmp_path / "d" / "pytorch_lora_weights.safetensors")
+    tuned = family.load_pipeline(run)
+    with paddle.no_grad():
+        hidden = tuned.text_encoder(paddle.to_tensor(data["input_ids"]))[0]
+        pred = tuned.unet(paddle.to_tensor(data["latents"]), paddle.to_tensor(data["timesteps"]), hidden).sample
+    torch_out = np.load(tmp_path / "t.npz")
+    np.testing.assert_allclose(torch_out["hidden"], hidden.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(torch_out["pred"], pred.numpy(), atol=1e-4, rtol=1e-4)
+
+    common = ["-m", "ppdreambooth.generate", "--prompt", "a photo of sks dog", "--num_images", "1", "--steps", "3"]
+    assert run_module(common + ["--model", run, "--out", str(tmp_path / "full")]).returncode == 0
+    assert run_module(common + ["--model", tiny_model, "--lora", out, "--out", str(tmp_path / "lora-samples")]
+                      ).returncode == 0
+    name = "00-00-a-photo-of-sks-dog-seed0.png"
+    full = np.asarray(Image.open(tmp_path / "full" / name), dtype=np.int32)
+    lora = np.asarray(Image.open(tmp_path / "lora-samples" / name), dtype=np.int32)
+    assert np.abs(full - lora).max() <= 2  # the same image, up to rounding
