@@ -209,7 +209,8 @@ def make_lora_run(base, run, family, rank=8, seed=5):
     """A LoRA run folder with random rank-`rank` adapters on every module a LoRA of `family` adapts; returns them."""
     pipe = family.load_pipeline(base)
     rng = np.random.default_rng(seed)
-    encoders = [n for n in family.text_encoders if family.text_encoder_lora_targets and family.is_trainable_text_encoder(n)]
+    encoders = [n for n in family.text_encoders
+                if family.text_encoder_lora_targets and family.is_trainable_text_encoder(n)]
     states = {}
     for component in (family.denoiser, *encoders):
         layer = getattr(pipe, component)
