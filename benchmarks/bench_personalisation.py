@@ -8,6 +8,8 @@ subject (a red-and-white striped cross) with `configs/demo.json` plus the settin
 then `python -m ppdreambooth.evaluate --world` generates the world's 4 subject prompts and 8 plain class prompts
 (--images per prompt, fixed image seeds) and scores them. The base model is scored once with the same prompts
 and seeds. Prints one row per setting: the mean over training seeds and, in brackets, the lowest and highest.
+An EXTRACTED setting trains its full fine-tune setting, extracts a LoRA from it (`python -m ppdreambooth.export <run>
+--format lora --rank R`) and prints two rows: the full run's scores and the extracted LoRA's.
 """
 from __future__ import annotations
 
@@ -64,6 +66,11 @@ SETTINGS = {
 # settings whose photos are not the subject's usual ones (black and blue in turn): name -> photo backgrounds
 PHOTO_BACKGROUNDS = {"full-none-one-background": ("blue",), "full-none-one-background-masked": ("blue",)}
 
+# name -> (the full fine-tune setting, rank): that run, then `export --format lora --rank` of it; scored beside it
+EXTRACTED = {
+    "full-prior-extracted-lora-r8": ("full-prior", 8),
+}
+
 
 def demo_value(key):
     with open(DEMO_CONFIG, encoding="utf-8") as f:
@@ -98,18 +105,26 @@ def photo_folders(work, backgrounds=None):
 
 
 def train_and_score(name, seed, steps, work, images, threads):
-    """One training run of a setting (its own class-image folder: runs may go in parallel) and its scores."""
+    """One training run of a setting (its own class-image folder: runs may go in parallel) and its scores, as
+    {row: scores}; an EXTRACTED setting gives two rows, its full run's and the extracted LoRA's."""
     photos, masks = photo_folders(work, PHOTO_BACKGROUNDS.get(name))
     out = os.path.join(work, f"{name.split(' ')[0]}-seed{seed}")
+    source, rank = EXTRACTED.get(name, (name, None))
     flags = [f.replace("{2x}", str(2 * steps)).replace("{half_lr}", str(demo_value("learning_rate") / 2))
              .replace("{3x_lr}", str(3 * demo_value("learning_rate")))
              .replace("{lora_lr}", str(20 * demo_value("learning_rate")))
-             .replace("{masks}", masks) for f in SETTINGS[name]]
+             .replace("{masks}", masks) for f in SETTINGS[source]]
     argv = ["-m", "ppdreambooth.train", DEMO_CONFIG, "--output_dir", out, "--seed", str(seed),
             "--instance_data_dir", photos, "--class_data_dir", out + "-class", "--max_train_steps", str(steps),
             "--checkpointing_steps", str(10 * steps), "--report_to", "none", *flags]
     seconds = run(argv, out + ".train.log", threads)
-    return evaluate(out, photos, out + "-eval", images, threads), seconds  # a LoRA run's card names its base
+    scores = {source if rank is None else f"{name}: its {source} run": evaluate(out, photos, out + "-eval", images,
+                                                                              threads)}
+    if rank is not None:
+        run(["-m", "ppdreambooth.export", out, "--format", "lora", "--rank", str(rank), "--out", out + "-lora"],
+            out + ".extract.log", threads)
+        scores[name] = evaluate(out + "-lora", photos, out + "-lora-eval", images, threads)  # its card names the base
+    return scores, seconds
 
 
 def summary(values):
@@ -130,7 +145,8 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each then on one thread)")
     args = parser.parse_args()
     steps = args.steps or demo_value("max_train_steps")
-    names = [n for n in SETTINGS if n.split(" ")[0] in args.only.split(",")] if args.only else list(SETTINGS)
+    every = [*SETTINGS, *EXTRACTED]
+    names = [n for n in every if n.split(" ")[0] in args.only.split(",")] if args.only else every
     work = args.work or tempfile.mkdtemp(prefix="bench-personalisation-")
     photos, _ = photo_folders(work)
     for backgrounds in {PHOTO_BACKGROUNDS[n] for n in names if n in PHOTO_BACKGROUNDS}:
@@ -143,11 +159,12 @@ def main():
         futures = {job: pool.submit(train_and_score, *job, steps, work, args.images, threads)
                    for job in jobs}
         for (name, seed), future in futures.items():
-            scores, took = future.result()
-            rows.setdefault(name, []).append(scores)
+            by_row, took = future.result()
             seconds.setdefault(name, []).append(took)
-            print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-                  + f" ({took:.0f} s)", flush=True)
+            for row, scores in by_row.items():
+                rows.setdefault(row, []).append(scores)
+                print(f"{row} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+                      + f" ({took:.0f} s)", flush=True)
     print(f"\n{args.seeds} training seeds, {steps} steps, {args.images} images per prompt "
           f"(4 subject + 8 class prompts); mean [lowest-highest] over seeds\n")
     keys = [key for key, _, _ in WORLD_METRICS]

@@ -4,6 +4,7 @@
     python -m ppdreambooth.export <output_dir> --format single-file --out <file.safetensors>
     python -m ppdreambooth.export <output_dir> --format kohya --out <file.safetensors>
     python -m ppdreambooth.export <lora output_dir> --format merged --out <folder>
+    python -m ppdreambooth.export <full or lora output_dir> --format lora --rank 8 --out <folder>
 
 - `diffusers`, full fine-tuning: a diffusers (PyTorch) pipeline folder, written by ppdiffusers'
   own `save_pretrained(to_diffusers=True)` (which transposes Linear weights to PyTorch's layout). The run
@@ -31,6 +32,14 @@
 - `merged`, LoRA: a ppdiffusers pipeline folder of the base model with the adapters folded into its weights
   (`ppdreambooth.interop.merge`): loads with plain `from_pretrained`, no LoRA loader, no peft backend, no ppdreambooth.
 
+- `lora`, full fine-tuning: a LoRA of rank `--rank` extracted from the run: per adapted module (the family's LoRA
+  targets), the truncated SVD of its weight's change against the base model (`--base_model`, else the card's),
+  both factors clamped at the `--clamp_quantile` quantile (0.99); a text encoder whose largest change is at most
+  `--min_diff` (0.01) counts as unchanged and is skipped. LoRA runs: the adapters resized to `--rank` (no larger
+  than theirs) by the SVD of each A @ B. Either way the folder is an ordinary LoRA run's output (our file and a model
+  card), so every format above and `generate --lora` read it. Prints modules, parameters, file size and the
+  relative Frobenius error. `--conv_rank` is refused (our LoRA file has no convolution adapters).
+
 DoRA runs (`--lora_type dora`): `diffusers` carries each magnitude as `<module>.lora_magnitude_vector` (text
 encoders: `...lora_magnitude_vector.weight`, the name transformers 5 loads), which diffusers loads through PEFT's
 DoRA; `kohya` adds `<name>.dora_scale` shaped [out, 1] (LyCORIS's per-output `wd_on_out` layout; see the README
@@ -51,6 +60,7 @@ from typing import Optional, Sequence
 
 from ppdreambooth.errors import ConfigError, ExportError
 from ppdreambooth.interop.exports import FORMATS, export
+from ppdreambooth.interop.lora_rank import LoraOptions, refuse_lora_options, write_lora
 from ppdreambooth.runtime.exiting import exit_process
 
 
@@ -60,6 +70,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("output_dir", help="a finished training output_dir")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="destination folder (or .safetensors file for kohya)")
+    parser.add_argument("--rank", type=int, default=None, help="--format lora: the rank of the LoRA written")
+    parser.add_argument("--clamp_quantile", type=float, default=None,
+                        help="--format lora from a full run: clamp the factors at this quantile of their absolute "
+                             "values (default 0.99, as kohya; 1 clamps nothing)")
+    parser.add_argument("--min_diff", type=float, default=None,
+                        help="--format lora from a full run: a text encoder whose largest weight change is at most "
+                             "this counts as unchanged and is not extracted (default 0.01, as kohya)")
+    parser.add_argument("--conv_rank", type=int, default=None,
+                        help="refused: our LoRA file holds no convolution adapters")
     parser.add_argument("--model_family", default=None,
                         help="LoRA runs: the base model's family, sd, sdxl or sd3 (default: what the run's model "
                              "card records)")
@@ -67,7 +86,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="LoRA runs: the base model folder or hub id (default: the model card's base_model); "
                              "SDXL kohya names follow its UNet config")
     args = parser.parse_args(argv)
+    options = LoraOptions(args.rank, args.clamp_quantile, args.min_diff, args.conv_rank)
     try:
+        refuse_lora_options(args.format, options)
+        if args.format == "lora":
+            print(write_lora(args.output_dir, args.out, options, args.model_family, args.base_model).report())
+            return 0
         files = export(args.output_dir, args.format, args.out, args.model_family, args.base_model)
     except (ExportError, ConfigError) as e:
         print(f"ppdreambooth: error: {e}", file=sys.stderr)

@@ -7,7 +7,11 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from ppdreambooth.config.arguments import EXPORT_FORMATS as FORMATS
+from ppdreambooth.config.arguments import EXPORT_FORMATS
+
+# `lora` (a LoRA extracted from a full run, or a LoRA run resized; `lora_rank`) exists here only: it needs --rank, so
+# it is no choice of training's --export_formats, which stays EXPORT_FORMATS.
+FORMATS = (*EXPORT_FORMATS, "lora")
 from ppdreambooth.errors import ConfigError, ExportError
 from ppdreambooth.families import detect_family, get_family
 from ppdreambooth.interop.family_formats import formats_of
@@ -130,6 +134,9 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         raise ExportError(f"{output_dir} holds no finished run (no model_index.json or {LORA_WEIGHTS_NAME}).")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    if fmt == "lora":
+        raise ExportError("--format lora takes a rank: use ppdreambooth.interop.lora_rank.write_lora (the CLI's "
+                          "--rank).")
     if fmt == "single-file":
         if not is_full:
             raise ExportError("--format single-file writes a full model; this run trained LoRA adapters "

@@ -160,3 +160,26 @@ def read_model_card(output_dir: str) -> Dict[str, str]:
     if family:
         found["model_family"] = family.group(1)
     return found
+
+
+def write_derived_lora_card(out: str, base: Optional[str], family, rank: int, origin: str,
+                            text_encoders: bool) -> str:
+    """The model card of a LoRA written by `export --format lora` (extracted from a full run, or resized): it
+    records `base_model` and the model family as a training card does, so `export`, `generate` and `evaluate` read
+    it unchanged. `origin`: one line saying where the adapters came from."""
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(use_lora=True, lora_type="lora", train_text_encoder=text_encoders,
+                               pretrained_model_name_or_path=base or "<base model>")
+    lines = ["---", *([f"base_model: {base}"] if base else []), "library_name: ppdiffusers",
+             f"tags: [{family.card_tag}, dreambooth, ppdreambooth, lora]", "---", "",
+             "# LoRA written by ppdreambooth", "",
+             f"- Base model: `{base or 'unknown'}` (model family `{family.name}`, `{family.pipeline_class}`)",
+             f"- Weights: LoRA (rank {rank}, alpha {rank}), file `{LORA_WEIGHTS_NAME}`",
+             f"- {origin}", "", "## Use", "", "```bash", usage(settings, out), "```", "",
+             *lora_loading(settings, family, out)]
+    path = os.path.join(out, "README.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path

@@ -98,16 +98,35 @@ def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], 
     `unet.load_attn_procs`) and under the peft backend, where peft names crash the plain loader. Text
     encoders and SD3's transformer keep peft names: ppdiffusers 0.29 loads them only under its peft backend.
     """
+    return write_lora_states(out_dir, family, {name: adapter_state_dict(layer, rank, alpha)
+                                                for name, layer in layers.items()})
+
+
+def write_lora_states(out_dir: str, family, states: Dict[str, dict]) -> str:
+    """Write adapters given as component -> {`<module>.lora_A.weight`: [in, r], `.lora_B.weight`: [r, out]} (Paddle
+    tensors or NumPy arrays, alpha / rank in B) as `save_lora_weights` does: same file, same key layout."""
     staging = os.path.join(out_dir, LORA_STAGING_NAME)
     shutil.rmtree(staging, ignore_errors=True)
-    states = {name: adapter_state_dict(layer, rank, alpha) for name, layer in layers.items()}
-    if family.legacy_lora_keys:
+    states = dict(states)
+    if family.legacy_lora_keys and family.denoiser in states:
         states[family.denoiser] = to_legacy_keys(states[family.denoiser])
     family.save_lora(staging, LORA_WEIGHTS_NAME, states)
+    written = _components_in(os.path.join(staging, LORA_WEIGHTS_NAME))
+    if written != {name for name, state in states.items() if state}:
+        # ppdiffusers' SDXL save_lora_weights, e.g., writes text-encoder adapters only when both encoders have them
+        raise ValueError(f"the pipeline's save_lora_weights wrote adapters of {sorted(written)} out of "
+                         f"{sorted(states)}")
     target = os.path.join(out_dir, LORA_WEIGHTS_NAME)
     os.replace(os.path.join(staging, LORA_WEIGHTS_NAME), target)
     shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _components_in(path: str) -> set:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        return {key.split(".", 1)[0] for key in f.keys()}
 
 
 def lora_parameter_count(rank: int, unet_config: dict, dora: bool = False) -> int:
