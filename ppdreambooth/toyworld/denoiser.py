@@ -3,7 +3,7 @@
 Latents are sampled from posteriors encoded once (`vae.encode_posteriors`), so a step costs only the text encoder
 and the UNet. Noise, timesteps and the empty-caption draws come from one NumPy generator of the build seed, which
 makes a build a function of its seed. About a tenth of the captions are emptied so that the model also learns the
-unconditional prediction that classifier-free guidance needs, and a quarter of the rest shortened
+unconditional prediction that classifier-free guidance needs; with `short_caption_share` a share of the rest is shortened
 (`world.short_captions`: "a cross", "a red cross", "a cross on a blue background") so that, like a real base model,
 it draws a plausible object for a prompt that leaves attributes out: DreamBooth's class prompt is such a prompt.
 """
@@ -37,7 +37,9 @@ class DenoiserRecipe:
     warmup: int = 100
     min_snr_gamma: float = 5.0
     empty_caption_share: float = 0.1
-    short_caption_share: float = 0.25  # of the rest: the class alone, the object alone or the class in its setting
+    # of the rest: the class alone, the object alone or the class in its setting (0: the shipped model's recipe;
+    # `pretrain --short_caption_share 0.25` builds the candidate that draws the class for "a cross")
+    short_caption_share: float = 0.0
 
 
 def build_text_encoder(tokenizer, recipe: DenoiserRecipe):

@@ -43,10 +43,12 @@ class BuildPlan:
 
 
 def plan_for(images: int = 12000, eval_prompts: int = 96, eval_images_per_prompt: int = 2,
-             vae_steps: Optional[int] = None, unet_steps: Optional[int] = None) -> BuildPlan:
+             vae_steps: Optional[int] = None, unet_steps: Optional[int] = None,
+             short_caption_share: float = 0.0) -> BuildPlan:
     """The recipes' defaults, with explicit step counts where given (warm-ups capped at a tenth of the steps)."""
     vae = replace(VaeRecipe(), steps=vae_steps or VaeRecipe().steps)
-    denoiser = replace(DenoiserRecipe(), steps=unet_steps or DenoiserRecipe().steps)
+    denoiser = replace(DenoiserRecipe(), steps=unet_steps or DenoiserRecipe().steps,
+                       short_caption_share=short_caption_share)
     vae = replace(vae, warmup=min(vae.warmup, max(1, vae.steps // 10)))
     denoiser = replace(denoiser, warmup=min(denoiser.warmup, max(1, denoiser.steps // 10)))
     return BuildPlan(images, vae, denoiser, eval_prompts, eval_images_per_prompt)
@@ -80,9 +82,9 @@ def recipe_text(plan: BuildPlan, scaling_factor: float) -> Dict[str, str]:
                 f"levels {d.cross_attention_levels}, head dim {d.attention_head_dim}; DDPM epsilon (SD's "
                 f"scaled-linear 1,000 steps), {d.steps} steps, batch {d.batch_size}, AdamW {d.lr} (warm-up "
                 f"{d.warmup}, cosine to 0), clip 1, Min-SNR gamma {d.min_snr_gamma}, "
-                f"{d.empty_caption_share:.0%} empty captions (classifier-free guidance), "
-                f"{d.short_caption_share:.0%} of captions shortened to the class, the object or the class in its "
-                "setting (`world.short_captions`)",
+                f"{d.empty_caption_share:.0%} empty captions (classifier-free guidance)"
+                + (f", {d.short_caption_share:.0%} of captions shortened to the class, the object or the class in "
+                   "its setting (`world.short_captions`)" if d.short_caption_share else ""),
     }
 
 
@@ -159,12 +161,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=12000, help="pretraining renders")
     parser.add_argument("--vae_steps", type=int, default=None, help=f"default {VaeRecipe().steps}")
     parser.add_argument("--unet_steps", type=int, default=None, help=f"default {DenoiserRecipe().steps}")
+    parser.add_argument("--short_caption_share", type=float, default=0.0,
+                        help="share of captions shortened to the class, the object or the class in its setting "
+                             "(default 0, the shipped model's recipe)")
     parser.add_argument("--eval_prompts", type=int, default=96)
     parser.add_argument("--eval_images_per_prompt", type=int, default=2)
     args = parser.parse_args(argv)
     for name in ("images", "vae_steps", "unet_steps", "eval_prompts", "eval_images_per_prompt"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if not 0.0 <= args.short_caption_share < 1.0:
+        parser.error(f"--short_caption_share must be in [0, 1), not {args.short_caption_share}")
     return args
 
 
@@ -172,7 +179,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     command = "python -m ppdreambooth.toyworld.pretrain " + " ".join(shlex.quote(a) for a in argv)
-    plan = plan_for(args.images, args.eval_prompts, args.eval_images_per_prompt, args.vae_steps, args.unet_steps)
+    plan = plan_for(args.images, args.eval_prompts, args.eval_images_per_prompt, args.vae_steps, args.unet_steps,
+                    args.short_caption_share)
     print(f"plan: {plan.vae.steps} VAE steps, {plan.denoiser.steps} UNet steps, {plan.images} images, "
           f"{plan.eval_prompts} x {plan.eval_images_per_prompt} evaluation images", flush=True)
     build(args.out, args.seed, plan, command, log=lambda m: print(m, flush=True))
