@@ -1,6 +1,6 @@
-"""AdamW with 8-bit state (ppdreambooth.modeling.adamw8bit, .quantization): the dynamic maps, block-wise quantization
-against a NumPy transcription (bit for bit), the step against a float64 transcription, closeness to float32 AdamW,
-the state's size, exact resume, `--optim adamw_8bit` through the arguments, the Trainer and `ppdreambooth.train`."""
+"""AdamW with 8-bit state (ppdreambooth.modeling.adamw8bit; its quantization: test_quantization.py): the step against
+a float64 transcription, closeness to float32 AdamW, the state's size, exact resume, `--optim adamw_8bit` through the
+arguments and the Trainer (training runs: test_adamw_8bit_training.py)."""
 import os
 
 import numpy as np
@@ -8,48 +8,11 @@ import paddle
 import pytest
 
 from helpers.optimizer_resume import resume_matches_uninterrupted
-from helpers.runs import run_module, train_argv, truncate_run_to
 from ppdreambooth.modeling.adamw8bit import AdamW8bit
-from ppdreambooth.modeling.quantization import BLOCK_SIZE, BlockQuantizer, decision_midpoints, dynamic_map
+from ppdreambooth.modeling.quantization import BLOCK_SIZE, decision_midpoints, dynamic_map
 
 
-# NumPy transcriptions ----------------------------------------------------------------------------------------
-
-def numpy_map(signed):
-    """The map from its definition, decade by decade: 10 ** (k - 6) times the midpoints of [0.1, 1] cut into
-    2 ** k (signed) or 2 ** (k + 1) (unsigned) equal parts; 0 and 1; signed: the negatives, -1 replacing the
-    smallest one."""
-    values = {0.0, 1.0}
-    for k in range(7):
-        parts = 2 ** k if signed else 2 ** (k + 1)
-        width = 0.9 / parts
-        for j in range(parts):
-            magnitude = 10.0 ** (k - 6) * (0.1 + (j + 0.5) * width)
-            values.add(magnitude)
-            if signed and not (k == 0 and j == 0):
-                values.add(-magnitude)
-    if signed:
-        values.add(-1.0)
-    return np.array(sorted(values), dtype=np.float32)
-
-
-def numpy_quantize(x, qmap, block=BLOCK_SIZE):
-    """float32 codes and absmax: per block of `block` values, the number of float32 midpoints below x / absmax."""
-    flat = x.astype(np.float32).reshape(-1)
-    n = flat.size
-    blocks = np.concatenate([flat, np.zeros((-n) % block, np.float32)]).reshape(-1, block)
-    absmax = np.abs(blocks).max(axis=1)
-    normalised = blocks / np.where(absmax > 0, absmax, np.float32(1))[:, None]
-    midpoints = decision_midpoints(qmap)
-    codes = (normalised[..., None] > midpoints).sum(axis=-1).reshape(-1)[:n]
-    return codes.astype(np.uint8), absmax
-
-
-def numpy_dequantize(codes, absmax, qmap, block=BLOCK_SIZE):
-    n = codes.size
-    values = np.concatenate([qmap[codes.astype(np.int64)], np.zeros((-n) % block, np.float32)]).reshape(-1, block)
-    return (values * absmax[:, None]).reshape(-1)[:n]
-
+# The NumPy transcription -------------------------------------------------------------------------------------
 
 class NumpyAdamW8bit:
     """The module docstring's step in float64, quantizing m and v after each step. Where float32 and float64 may
@@ -127,82 +90,7 @@ def assert_close(actual, expected, message=""):
     np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6 * scale, err_msg=message)
 
 
-# (1) the maps and block-wise quantization ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_dynamic_map_values_and_round_trip_error(signed):
-    qmap = dynamic_map(signed)
-    assert qmap.dtype == np.float32 and qmap.shape == (256,)
-    assert np.all(np.diff(qmap) > 0)  # sorted, no duplicates
-    assert np.array_equal(qmap, numpy_map(signed))  # the definition, written out another way
-    assert 0.0 in qmap and 1.0 in qmap
-    if signed:
-        assert qmap[0] == -1.0 and (qmap < 0).sum() == 127 and (qmap > 0).sum() == 128
-        assert np.array_equal(np.sort(-qmap[qmap < 0])[:-1], qmap[qmap > 0][1:-1])  # mirrored but for +-1, 5.5e-7
-    else:
-        assert qmap[0] == 0.0 and (qmap > 0).sum() == 255
-    # Every value of [-1, 1] ([0, 1]) goes to its nearest map value; the error is at most half the widest gap,
-    # 0.9 / 64 (signed) or 0.9 / 128 (unsigned), and within decade k at most half that decade's spacing.
-    rng = np.random.RandomState(0)
-    magnitudes = np.concatenate([np.linspace(0.0, 1.0, 100001), 10.0 ** rng.uniform(-7.5, 0.0, 100000)])
-    x = (magnitudes * (rng.choice([-1.0, 1.0], magnitudes.size) if signed else 1.0)).astype(np.float32)
-    x = x[: (x.size // 255) * 255].reshape(-1, 255)  # and 1.0 in each block: absmax = 1 everywhere
-    x = np.concatenate([x, np.ones((x.shape[0], 1), np.float32)], axis=1).reshape(-1)
-    quantizer = BlockQuantizer(signed)
-    codes, absmax = quantizer.quantize(paddle.to_tensor(x))
-    assert np.all(absmax.numpy() == 1.0)
-    back = quantizer.dequantize(codes, absmax, [x.size]).numpy()
-    error = np.abs(back.astype(np.float64) - x)
-    assert error.max() <= (0.9 / 64 if signed else 0.9 / 128) / 2 + 1e-7
-    for k in range(7):
-        in_decade = (np.abs(x) >= 10.0 ** (k - 6) * 0.1) & (np.abs(x) <= 10.0 ** (k - 6))
-        spacing = 10.0 ** (k - 6) * 0.9 / (2 ** k if signed else 2 ** (k + 1))
-        if signed and k == 0:  # no -5.5e-7 (its code went to -1): there, at most the decade's top, 1e-6
-            assert error[in_decade & (x < 0)].max() <= 1e-6 * 1.001
-            in_decade &= x > 0
-        assert in_decade.sum() > 1000 and error[in_decade].max() <= spacing / 2 * 1.001, k
-    # nearest: no map value is closer than the chosen one (checked on a subsample)
-    sample = slice(None, None, 97)
-    distances = np.abs(qmap[None, :].astype(np.float64) - x[sample, None])
-    assert np.all(error[sample] <= distances.min(axis=1) + 1e-7)
-
-
-def test_quantize_matches_numpy_transcription_bit_for_bit():
-    rng = np.random.RandomState(0)
-    cases = {
-        "normal, partial last block": rng.standard_normal(1000).astype(np.float32),
-        "heavy tails": (rng.standard_cauchy(3 * BLOCK_SIZE) * 1e-3).astype(np.float32),
-        "a negative outlier, a zero block": np.concatenate(
-            [rng.standard_normal(BLOCK_SIZE) * 1e-4, np.zeros(BLOCK_SIZE), [-5.0], rng.standard_normal(300)]
-        ).astype(np.float32),
-        "second moments": (rng.standard_normal((37, 50)) ** 2 * 1e-6).astype(np.float32),
-    }
-    for name, x in cases.items():
-        for signed in (True, False):
-            if not signed and (x < 0).any():
-                continue
-            quantizer = BlockQuantizer(signed)
-            codes, absmax = quantizer.quantize(paddle.to_tensor(x))
-            ref_codes, ref_absmax = numpy_quantize(x, dynamic_map(signed))
-            assert codes.dtype == paddle.uint8 and codes.shape == [x.size], name
-            assert absmax.shape == [-(-x.size // BLOCK_SIZE)], name
-            assert np.array_equal(codes.numpy(), ref_codes), name
-            assert np.array_equal(absmax.numpy(), ref_absmax), name
-            back = quantizer.dequantize(codes, absmax, list(x.shape)).numpy()
-            assert back.shape == x.shape and np.array_equal(back.reshape(-1), numpy_dequantize(ref_codes, ref_absmax,
-                                                                                               dynamic_map(signed)))
-            if signed:  # each block's largest magnitude comes back exactly, whatever its sign
-                blocks = np.concatenate([x.reshape(-1), np.zeros((-x.size) % BLOCK_SIZE, np.float32)])
-                flat = back.reshape(-1)
-                for b, block in enumerate(blocks.reshape(-1, BLOCK_SIZE)):
-                    i = np.abs(block).argmax() + b * BLOCK_SIZE
-                    if i < x.size:
-                        assert flat[i] == x.reshape(-1)[i], (name, b)
-    assert np.all(BlockQuantizer(True).dequantize(*BlockQuantizer(True).quantize(paddle.zeros([300])), [300]).numpy()
-                  == 0)
-
-
-# (2) the step -------------------------------------------------------------------------------------------------
+# (1) the step -------------------------------------------------------------------------------------------------
 
 def run_side_by_side(opt, ref, net, steps, rates=None, decays=None):
     rates, decays = rates or {}, decays or {}
@@ -361,7 +249,7 @@ def test_bfloat16_parameters_get_8bit_state_and_float32_master_weights():
     assert np.array_equal(param.astype("float32").numpy(), master.astype("bfloat16").astype("float32").numpy())
 
 
-# (3) checkpoints ------------------------------------------------------------------------------------------------
+# (2) checkpoints ------------------------------------------------------------------------------------------------
 
 def test_state_dict_is_a_quarter_of_adamws_for_large_parameters(tmp_path):
     """Saved and loaded back as PaddleNLP's Trainer does: 2 bytes + 2 absmax per 256 values, against AdamW's 8."""
@@ -424,7 +312,7 @@ def test_set_state_dict_checks_what_it_loads():
     assert not np.all(fresh._state["linear_0.w_0"]["exp_avg_codes"].numpy() == 7)
 
 
-# (4) the flag, the Trainer and training runs -------------------------------------------------------------------
+# (3) the flag and the Trainer -------------------------------------------------------------------
 
 def test_optim_flag_parses_and_refuses_sharding(tmp_path):
     from ppdreambooth.config.parsing import parse_args
@@ -483,64 +371,3 @@ def test_paddlenlp_trainer_builds_it_with_adamws_arguments_and_resumes_exactly(t
     assert saved["linear_0.w_0_adamw8bit_exp_avg_codes"].dtype == np.uint8 and "LR_Scheduler" in saved
     resumed = train(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-3"))
     assert all(np.array_equal(resumed[k], v) for k, v in straight.items())
-
-
-def _quantized_keys(run_dir, step):
-    state = paddle.load(str(run_dir / f"checkpoint-{step}" / "optimizer.pdopt"), return_numpy=True)
-    return [k for k, v in state.items() if k.endswith("_exp_avg_codes") and v.dtype == np.uint8], state
-
-
-def _train_and_resume(model, photos, tmp_path, extra, load):
-    """Four steps with checkpoints every 2; the run resumed from checkpoint-2 ends with the same weights."""
-    full = tmp_path / "full"
-    result = run_module(["-m", "ppdreambooth.train", *train_argv(model, photos, full, steps=4, extra=extra)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    quantized, state = _quantized_keys(full, 4)
-    assert quantized, sorted(state)[:5]
-    resumed = tmp_path / "resumed"
-    truncate_run_to(str(full), 2, str(resumed))
-    result = run_module(["-m", "ppdreambooth.train", *train_argv(
-        model, photos, resumed, steps=4, extra=extra + ["--resume_from_checkpoint", "latest"])])
-    assert result.returncode == 0, result.stderr[-3000:]
-    saved, again = load(full), load(resumed)
-    assert saved.keys() == again.keys() and all(np.array_equal(saved[k], again[k]) for k in saved)
-    return saved, state
-
-
-@pytest.mark.slow
-def test_full_fine_tune_with_text_encoder_trains_and_resumes_exactly(tiny_model, photos, tmp_path):
-    from helpers.models import load_unet_weights
-
-    extra = ["--optim", "adamw_8bit", "--checkpointing_steps", "2", "--train_text_encoder",
-             "--text_encoder_learning_rate", "5e-4"]
-    saved, state = _train_and_resume(tiny_model, photos, tmp_path, extra, lambda d: load_unet_weights(str(d)))
-    base = load_unet_weights(tiny_model)
-    assert sum(not np.array_equal(saved[k], base[k]) for k in saved) > len(saved) // 2
-    # Every trained weight, the text encoder's included, has state: 8-bit codes from 4096 values up, else float32
-    # (the checkpoint's model state and the optimizer's keys list the weights in the same order).
-    trained = paddle.load(str(tmp_path / "full" / "checkpoint-4" / "model_state.pdparams"), return_numpy=True)
-    names = [k[: -len("_adamw8bit_step")] for k in state if k.endswith("_adamw8bit_step")]
-    assert len(names) == len(trained) and any(k.startswith("text_encoder.") for k in trained)
-    for key, name in zip(trained, names):
-        quantized = f"{name}_adamw8bit_exp_avg_codes" in state
-        assert quantized == (trained[key].size >= 4096), key
-        if quantized:
-            assert state[f"{name}_adamw8bit_exp_avg_codes"].shape == (trained[key].size,)
-        else:
-            assert state[f"{name}_adamw8bit_exp_avg"].shape == trained[key].shape
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family, rank", [("sd", 64), ("sdxl", 64), ("sd3", 128)])
-def test_lora_trains_and_resumes_exactly(family, rank, photos, tmp_path, request):
-    """A rank high enough for the tiny models' adapters (64 and 32 wide) to reach 4096 values and get 8-bit state."""
-    from safetensors.numpy import load_file
-
-    from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
-
-    model = request.getfixturevalue({"sd": "tiny_model", "sdxl": "tiny_sdxl_model", "sd3": "tiny_sd3_model"}[family])
-    extra = ["--optim", "adamw_8bit", "--use_lora", "--lora_rank", str(rank), "--checkpointing_steps", "2"]
-    saved, _ = _train_and_resume(model, photos, tmp_path, extra, lambda d: load_file(str(d / LORA_WEIGHTS_NAME)))
-    assert any(k.endswith("up.weight") or "lora_B" in k for k in saved)
-    ups = [v for k, v in saved.items() if "up" in k or "lora_B" in k]
-    assert any(np.abs(v).max() > 0 for v in ups)  # the up-projections start at zero: they were trained

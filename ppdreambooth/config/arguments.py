@@ -28,8 +28,9 @@ EXPORT_FORMATS = ("diffusers", "single-file", "kohya", "merged")  # --export_for
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # --loss_type (see ppdreambooth.modeling.losses)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")  # --huber_schedule
 LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
-OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw_schedulefree", "adamw_8bit")  # --optim; PaddleNLP has the first two
-OWN_OPTIMIZERS = ("prodigy", "adamw_schedulefree", "adamw_8bit")  # plain strings: the Trainer builds ppdreambooth's classes
+# --optim; PaddleNLP has the first two; the others are plain strings for which the Trainer builds ppdreambooth's classes
+OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw_schedulefree", "adamw_8bit")
+OWN_OPTIMIZERS = ("prodigy", "adamw_schedulefree", "adamw_8bit")
 SCHEDULE_FREE_SCHEDULERS = ("constant", "constant_with_warmup")  # --optim adamw_schedulefree: constant after warmup
 
 
@@ -520,7 +521,7 @@ class DreamBoothTrainingArguments(TrainingArguments):
             self.optim = "adamw"  # PaddleNLP's __post_init__ makes --optim an OptimizerNames, which has neither
         super().__post_init__()
         if optim in OWN_OPTIMIZERS:
-            self.optim = optim  # a plain string: the Trainer builds ppdreambooth's Prodigy / AdamWScheduleFree / AdamW8bit
+            self.optim = optim  # a plain string: the Trainer builds ppdreambooth's own optimizer for it
         self.log_level = console_level  # PaddleNLP 2.8 overwrites the name with -1 and never reads it again
         if self.scale_lr:
             self.learning_rate *= self.gradient_accumulation_steps * self.per_device_train_batch_size * self.world_size
