@@ -51,6 +51,7 @@ SETTINGS = {
     # the likeness levers (issues 23, 24)
     "full-prior-masked": PRIOR + MASKED,
     "full-prior-prodigy": PRIOR + ["--optim", "prodigy", "--learning_rate", "1.0"],
+    "full-prior-adamw-8bit": PRIOR + ["--optim", "adamw_8bit"],
     "lora-none-dora": LORA + NO_PRIOR + ["--lora_type", "dora"],
     "full-prior-min-snr": PRIOR + ["--snr_gamma", "5"],
     "full-prior-huber": PRIOR + ["--loss_type", "huber", "--huber_schedule", "snr"],

@@ -28,8 +28,9 @@ EXPORT_FORMATS = ("diffusers", "single-file", "kohya", "merged")  # --export_for
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # --loss_type (see ppdreambooth.modeling.losses)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")  # --huber_schedule
 LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polynomial"]
-OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw_schedulefree")  # --optim; PaddleNLP has the first two
-OWN_OPTIMIZERS = ("prodigy", "adamw_schedulefree")  # plain strings: the Trainer builds ppdreambooth's classes for them
+# --optim; PaddleNLP has the first two; the others are plain strings for which the Trainer builds ppdreambooth's classes
+OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw_schedulefree", "adamw_8bit")
+OWN_OPTIMIZERS = ("prodigy", "adamw_schedulefree", "adamw_8bit")
 SCHEDULE_FREE_SCHEDULERS = ("constant", "constant_with_warmup")  # --optim adamw_schedulefree: constant after warmup
 
 
@@ -353,7 +354,9 @@ class DreamBoothTrainingArguments(TrainingArguments):
         metadata={"help": "Optimizer: adamw (default), adafactor (factored second moments: less memory), prodigy "
                           "(Adam with an estimated step size; its --learning_rate, 1.0 by default, scales that) or "
                           "adamw_schedulefree (schedule-free AdamW: constant rate after --lr_warmup_steps, the saved "
-                          "weights are its running average; --lr_scheduler constant or constant_with_warmup).",
+                          "weights are its running average; --lr_scheduler constant or constant_with_warmup) or adamw_8bit "
+                          "(AdamW with its two moments stored as 8-bit block-wise codes: ~2 instead of 8 bytes per "
+                          "trained weight).",
                   "choices": list(OPTIMIZERS)},
     )
     prodigy_d_coef: float = field(
@@ -450,6 +453,10 @@ class DreamBoothTrainingArguments(TrainingArguments):
             raise ConfigError(f"--optim {optim!r} is not supported; use {', '.join(OPTIMIZERS)}.")
         if optim == "adamw_schedulefree":
             self.check_schedule_free()
+        if optim == "adamw_8bit" and self.sharding and self.sharding not in ("", "none", ["none"]):
+            raise ConfigError("--optim adamw_8bit does not run with --sharding (the sharding wrappers need Paddle's own "
+                              "optimizers and split their float32 moments). Use plain data parallelism (no "
+                              "--sharding), or --optim adamw with --sharding.")
         if optim != "prodigy":
             given = [name for name, value in (("prodigy_d_coef", self.prodigy_d_coef != 1.0),
                                               ("prodigy_safeguard_warmup", self.prodigy_safeguard_warmup),
@@ -514,7 +521,7 @@ class DreamBoothTrainingArguments(TrainingArguments):
             self.optim = "adamw"  # PaddleNLP's __post_init__ makes --optim an OptimizerNames, which has neither
         super().__post_init__()
         if optim in OWN_OPTIMIZERS:
-            self.optim = optim  # a plain string: the Trainer builds ppdreambooth's Prodigy / AdamWScheduleFree
+            self.optim = optim  # a plain string: the Trainer builds ppdreambooth's own optimizer for it
         self.log_level = console_level  # PaddleNLP 2.8 overwrites the name with -1 and never reads it again
         if self.scale_lr:
             self.learning_rate *= self.gradient_accumulation_steps * self.per_device_train_batch_size * self.world_size

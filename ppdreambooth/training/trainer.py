@@ -2,7 +2,7 @@
 
 What it changes, and why:
 - `compute_loss` keeps the instance and prior parts so that `log` reports them separately.
-- `create_optimizer` serves `--optim adafactor`, `--optim prodigy` and `--optim adamw_schedulefree` (PaddleNLP
+- `create_optimizer` serves `--optim adafactor`, `prodigy`, `adamw_schedulefree` and `adamw_8bit` (PaddleNLP
   2.8.1 builds only AdamW) and clips gradients with `clipping.GlobalNormClip` (Paddle's global-norm clip, bit for
   bit, in about half its time); with schedule-free AdamW `create_scheduler` gives a constant rate and the
   optimizer applies the warmup itself.
@@ -41,6 +41,7 @@ from ppdreambooth.modeling.clipping import faster_clip
 from ppdreambooth.data.dataset import SeededBatchSampler
 from ppdreambooth.modeling.lora import LORA_STAGING_NAME, save_lora_weights
 from ppdreambooth.runtime.nonfinite import NonFiniteGuard, innermost_optimizer
+from ppdreambooth.modeling.adamw8bit import AdamW8bit
 from ppdreambooth.modeling.optimizers import Adafactor
 from ppdreambooth.modeling.prodigy import Prodigy
 from ppdreambooth.modeling.schedulefree import AdamWScheduleFree
@@ -123,8 +124,8 @@ class DreamBoothTrainer(Trainer):
 
     # ----- optimizer ------------------------------------------------------------------------------
     def create_optimizer(self, lr_scheduler=None):
-        """The Trainer's optimizer set-up, with `--optim adafactor` and `--optim prodigy` served by ppdreambooth's
-        Adafactor and Prodigy.
+        """The Trainer's optimizer set-up, with `--optim adafactor`, `prodigy`, `adamw_schedulefree` and
+        `adamw_8bit` served by ppdreambooth's Adafactor, Prodigy, AdamWScheduleFree and AdamW8bit.
 
         PaddleNLP 2.8.1 builds only AdamW (`get_optimizer_cls_and_kwargs` raises for anything else). Its
         lookup is swapped for the duration of the stock set-up, so the optimizer gets exactly the arguments
@@ -139,6 +140,9 @@ class DreamBoothTrainer(Trainer):
             ours = (Prodigy, prodigy_options(self.args))
         elif self.args.optim == "adamw_schedulefree":
             ours = (AdamWScheduleFree, schedule_free_options(self.args, self._schedule_free_warmup))
+        elif self.args.optim == "adamw_8bit":  # AdamW's own --adam_* settings
+            ours = (AdamW8bit, {"beta1": self.args.adam_beta1, "beta2": self.args.adam_beta2,
+                                "epsilon": self.args.adam_epsilon})
         else:
             return self._with_faster_clip(super().create_optimizer(lr_scheduler))
         stock = Trainer.__dict__["get_optimizer_cls_and_kwargs"]
