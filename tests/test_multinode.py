@@ -157,14 +157,15 @@ def test_save_on_each_node_keeps_a_copy_per_node_and_resumes_from_the_newest_com
         assert_same_checkpoint(copy / "out" / "checkpoint-4", shared / "checkpoint-4")
 
 
-def test_storage_that_does_not_suit_the_writers_is_refused_before_any_model_loads(runs, tiny_model, tmp_path):
-    photos = runs["photos"]
+def test_storage_that_does_not_suit_the_writers_is_refused_before_any_model_loads(tiny_model, photos, tmp_path):
     # --save_on_each_node on a folder both nodes see: both first processes would write the same files
     out = tmp_path / "shared"
     results = launch_two_nodes(ENTRY, train_argv(tiny_model, photos, out, steps=2, extra=["--save_on_each_node"]),
                                tmp_path / "shared-logs")
-    for status, output in results:
-        assert status != 0 and "--save_on_each_node with --output_dir" in output and "a folder every node sees" in output
+    for status, output in results:  # both nodes stop with the input-error status, the message, no traceback
+        assert status == 2 and "Traceback" not in output
+        assert "ppdreambooth: error: --save_on_each_node with --output_dir" in output
+        assert "a folder every node sees" in output
     assert not out.exists()  # nothing written, not even the folder
     # a folder on each node's own disk without --save_on_each_node: the other nodes could not resume
     nodes = [tmp_path / "node0", tmp_path / "node1"]
@@ -173,6 +174,7 @@ def test_storage_that_does_not_suit_the_writers_is_refused_before_any_model_load
     results = launch_two_nodes(ENTRY, train_argv(tiny_model, photos, "out", steps=2), tmp_path / "local-logs",
                                cwds=nodes)
     for status, output in results:
-        assert status != 0 and "--output_dir out is not one folder shared by all nodes" in output
+        assert status == 2 and "Traceback" not in output
+        assert "ppdreambooth: error: --output_dir out is not one folder shared by all nodes" in output
     assert not any((node / "out").exists() for node in nodes)
 
