@@ -53,8 +53,12 @@ def base_from_single_file(model_args: ModelArguments, args: DreamBoothTrainingAr
         return
     folder = os.path.join(args.output_dir, ".base-from-single-file")
     marker = os.path.join(folder, "single_file_source.json")
-    if not os.path.isfile(marker):
-        if args.should_save:  # rank 0, or each node's first rank into its own folder (--save_on_each_node)
+    missing = not os.path.isfile(marker)
+    if args.world_size > 1:  # every rank takes the same path (with a folder per node, any node's lack counts)
+        missing = bool(ranks.agree_max(int(missing)))
+    if missing:
+        # rank 0, or each node's first rank into its own folder (--save_on_each_node)
+        if args.should_save and not os.path.isfile(marker):
             read_single_file(source, model_args.single_file_config, folder + ".tmp")
             os.replace(folder + ".tmp", folder)
         if args.world_size > 1:
