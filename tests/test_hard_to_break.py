@@ -28,6 +28,7 @@ from ppdreambooth.runtime.checkpoints import (
     checkpoints_to_delete,
     complete_checkpoints,
     mark_complete,
+    newest_good_checkpoint,
     verify_checkpoint,
 )
 from helpers.checkpoints import latest_checkpoint
@@ -81,6 +82,9 @@ def test_latest_skips_damaged_checkpoints_by_name(tmp_path, caplog, monkeypatch,
     assert marker["step"] == 6 and set(marker["files"]) == {"model_state.pdparams", "optimizer.pdopt"}
     assert marker["checksum"] == algorithm
     assert latest_checkpoint(str(tmp_path)).endswith("checkpoint-6")
+    # the bound `latest` uses when another node's copy of the folder lacks the newer checkpoints
+    assert newest_good_checkpoint(str(tmp_path), at_most=5)[0].path.endswith("checkpoint-4")
+    assert newest_good_checkpoint(str(tmp_path), at_most=1)[0] is None
 
     flip_a_byte(tmp_path / "checkpoint-6" / "model_state.pdparams")  # bit rot: same size, other content
     with caplog.at_level(logging.WARNING):

@@ -233,11 +233,18 @@ def complete_checkpoints(output_dir: str) -> List[str]:
     return [path for _, path in sorted(found)]
 
 
-def newest_good_checkpoint(output_dir: str) -> Tuple[Optional[CheckpointCheck], List[CheckpointCheck]]:
+def checkpoint_step(path: str) -> int:
+    return int(os.path.basename(os.path.normpath(path)).rsplit("-", 1)[1])
+
+
+def newest_good_checkpoint(output_dir: str, at_most: Optional[int] = None
+                           ) -> Tuple[Optional[CheckpointCheck], List[CheckpointCheck]]:
     """(the check of the newest complete checkpoint whose files match its checksums, or None; the checks of the
-    newer complete ones that did not match)."""
+    newer complete ones that did not match). `at_most`: consider only checkpoints of that step or earlier."""
     damaged = []
     for path in reversed(complete_checkpoints(output_dir)):
+        if at_most is not None and checkpoint_step(path) > at_most:
+            continue
         check = verify_checkpoint(path)
         if check.ok:
             return check, damaged

@@ -1,6 +1,6 @@
 """Data-parallel ranks that stop together.
 
-- `agree_max` / `gather_floats`: small collectives with which every rank takes the same decision at the same
+- `agree_max` / `agree_sum` / `gather_floats`: small collectives with which every rank takes the same decision at the same
   step (stop on a signal, stop on a non-finite loss anywhere, refuse a locked output folder).
 - `announce_failure` / `PeerWatch`: a rank that fails with an unexpected exception cannot join the collective
   its peers wait in, so it leaves a note `<output_dir>/.ppdreambooth-rank-<r>.failed` (rank, step, error) and
@@ -32,6 +32,16 @@ def agree_max(value: int) -> int:
 
     tensor = paddle.to_tensor([int(value)], dtype="int64")
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def agree_sum(value: int) -> int:
+    """The sum of every rank's `value` (all ranks must call it at the same point)."""
+    import paddle
+    import paddle.distributed as dist
+
+    tensor = paddle.to_tensor([int(value)], dtype="int64")
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return int(tensor.item())
 
 

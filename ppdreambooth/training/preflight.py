@@ -11,7 +11,6 @@ from typing import List, Optional
 
 import paddle
 
-from ppdreambooth.runtime import ranks, run_lock
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.config.arguments import (
     DataArguments,
@@ -32,114 +31,11 @@ from ppdreambooth.families.checks import (
     check_tokenizer_path,
     check_vae_path,
 )
-from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
 from ppdreambooth.training.folders import check_folders_apart, check_writable
 from ppdreambooth.training.resume_settings import check_resume, class_files_now, current_settings
-from ppdreambooth.runtime.checkpoints import is_complete, newest_good_checkpoint, verify_checkpoint
+from ppdreambooth.training.run_folder import check_output_dir, claim_output_dir, resolve_resume
 
 logger = logging.getLogger("ppdreambooth")
-FINAL_FILES = ("model_index.json", LORA_WEIGHTS_NAME)  # what a finished full / LoRA run leaves in output_dir
-
-
-def choose_checkpoint(args: DreamBoothTrainingArguments) -> Optional[str]:
-    """`--resume_from_checkpoint latest|<dir>` -> a complete checkpoint folder whose files match the checksums
-    in its marker, or None to start fresh. `latest` skips damaged checkpoints, naming each; a damaged folder
-    asked for by name, or only damaged ones to choose from, is a ConfigError."""
-    wanted = args.resume_from_checkpoint
-    if wanted == "latest":
-        found, damaged = newest_good_checkpoint(args.output_dir)
-        for check in damaged:
-            logger.warning("%s: skipped", check.describe())
-        if found is None and damaged:
-            raise ConfigError(
-                f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} can be trusted ("
-                + "; ".join(check.describe() for check in damaged)
-                + "). Move them away to start a new run, or copy an intact checkpoint back."
-            )
-        if found is None:
-            logger.info("no complete checkpoint in %s: starting a new run", args.output_dir)
-            return None
-        if not found.verified:
-            logger.warning(found.describe())
-        if damaged:
-            logger.warning("resuming from %s, the newest checkpoint that verifies", found.path)
-        return found.path
-    if not os.path.isdir(wanted) or not is_complete(wanted):
-        raise ConfigError(
-            f"--resume_from_checkpoint {wanted} is not a complete checkpoint folder "
-            f"(use 'latest' to pick the newest complete one in {args.output_dir})."
-        )
-    check = verify_checkpoint(wanted)
-    if not check.ok:
-        raise ConfigError(f"--resume_from_checkpoint {wanted}: {check.describe()}. Use 'latest' to pick the newest "
-                          f"checkpoint in {args.output_dir} that verifies.")
-    if not check.verified:
-        logger.warning(check.describe())
-    return wanted
-
-
-def resolve_resume(args: DreamBoothTrainingArguments) -> Optional[str]:
-    """`choose_checkpoint`; under data parallel rank 0 reads and verifies the files and every rank takes its
-    answer."""
-    if not args.resume_from_checkpoint:
-        return None
-    if args.world_size <= 1:
-        return choose_checkpoint(args)
-    found, error, code = None, None, -3  # rank 0's code: -2 error, -1 none, 0 the named folder, N+1 checkpoint-N
-    if args.process_index <= 0:
-        try:
-            found = choose_checkpoint(args)
-            code = -1 if found is None else 0 if args.resume_from_checkpoint != "latest" else \
-                int(os.path.basename(found).rsplit("-", 1)[1]) + 1
-        except ConfigError as e:
-            error, code = e, -2
-    code = ranks.agree_max(code if args.process_index <= 0 else -3)
-    if error is not None:
-        raise error
-    if code == -2:
-        raise ConfigError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: refused (rank 0's log says why).")
-    if code == -1:
-        return None
-    if code == 0:
-        return args.resume_from_checkpoint
-    return os.path.join(args.output_dir, f"checkpoint-{code - 1}")
-
-
-_claims = set()  # id() of the argument objects whose run holds its output folder
-
-
-def claim_output_dir(args: DreamBoothTrainingArguments) -> None:
-    """Lock `--output_dir` for this run, or raise ConfigError naming the folder and the run that holds it.
-
-    Under data parallel rank 0 locks it for the whole run and tells the other ranks whether it could."""
-    world, error = max(args.world_size, 1), None
-    if args.process_index <= 0:
-        try:
-            run_lock.acquire(args.output_dir, ranks=world)
-            _claims.add(id(args))
-            ranks.clear_notes(args.output_dir)  # failure notes of an earlier run
-        except run_lock.OutputDirBusy as e:
-            error = str(e)
-    if world > 1 and ranks.agree_max(1 if error else 0) and error is None:
-        holder = run_lock.describe_holder(run_lock.read_holder(args.output_dir))
-        error = f"--output_dir {args.output_dir} is in use by another run: {holder} (rank 0's log says more)."
-    if error:
-        raise ConfigError(error)
-
-
-def release_output_dir(args: DreamBoothTrainingArguments) -> None:
-    if id(args) in _claims:
-        _claims.discard(id(args))
-        run_lock.release(args.output_dir)
-
-
-def check_output_dir(args: DreamBoothTrainingArguments, resume: Optional[str]) -> None:
-    finished = any(os.path.isfile(os.path.join(args.output_dir, name)) for name in FINAL_FILES)
-    if finished and resume is None and not args.overwrite_output_dir:
-        raise ConfigError(
-            f"--output_dir {args.output_dir} already holds a finished model. Choose another --output_dir, "
-            "pass --overwrite_output_dir to replace it, or --resume_from_checkpoint latest to continue it."
-        )
 
 
 @dataclass

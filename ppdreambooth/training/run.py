@@ -30,15 +30,16 @@ from ppdreambooth.modeling.ema import WeightEMA
 from ppdreambooth.modeling.losses import MaskedLoss
 from ppdreambooth.modeling.model import DreamBoothModel
 from ppdreambooth.modeling.schedulefree import ScheduleFreeWeights
-from ppdreambooth.runtime import ranks, run_lock
+from ppdreambooth.runtime import nodes, ranks, run_lock
 from ppdreambooth.runtime.nonfinite import NonFiniteLossError
 from ppdreambooth.runtime.signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
 from ppdreambooth.training.caching import cache_encodings
 from ppdreambooth.training.callbacks import EMACallback, StopTextEncoderCallback
 from ppdreambooth.training.console import ConsoleCallback, header, quiet_console
 from ppdreambooth.training.fidelity_callback import fidelity_callback_for
-from ppdreambooth.training.preflight import CheckedInputs, check_inputs, release_output_dir
+from ppdreambooth.training.preflight import CheckedInputs, check_inputs
 from ppdreambooth.training.resume_settings import class_files_now, current_settings
+from ppdreambooth.training.run_folder import release_output_dir
 from ppdreambooth.training.trainer import DreamBoothTrainer
 from ppdreambooth.training.validation import ValidationCallback
 
@@ -52,8 +53,12 @@ def base_from_single_file(model_args: ModelArguments, args: DreamBoothTrainingAr
         return
     folder = os.path.join(args.output_dir, ".base-from-single-file")
     marker = os.path.join(folder, "single_file_source.json")
-    if not os.path.isfile(marker):
-        if args.process_index <= 0:
+    missing = not os.path.isfile(marker)
+    if args.world_size > 1:  # every rank takes the same path (with a folder per node, any node's lack counts)
+        missing = bool(ranks.agree_max(int(missing)))
+    if missing:
+        # rank 0, or each node's first rank into its own folder (--save_on_each_node)
+        if args.should_save and not os.path.isfile(marker):
             read_single_file(source, model_args.single_file_config, folder + ".tmp")
             os.replace(folder + ".tmp", folder)
         if args.world_size > 1:
@@ -65,17 +70,24 @@ def prepare_class_images(family: ModelFamily, model_args: ModelArguments, data_a
                          args: DreamBoothTrainingArguments):
     """Generate each concept's missing class images, split across ranks; every rank waits for all.
 
-    Returns the class images of each concept."""
+    A class folder every rank sees is filled once, each rank of every node generating its share; a folder on
+    each node's own disk is filled on every node, by that node's ranks (slot k's image depends on slot k alone,
+    so the nodes' copies are the same). Returns the class images of each concept."""
     concepts = data_args.concept_list
+    shares = [(max(args.process_index, 0), max(args.world_size, 1))] * len(concepts)
+    if args.world_size > 1:
+        shares = [(max(args.process_index, 0), args.world_size)
+                  if nodes.seen_by_every_rank(c.class_data_dir, max(args.process_index, 0))
+                  else nodes.node_share(args.local_process_index, args.world_size) for c in concepts]
     slots = [free_slots(c.class_data_dir, c.num_class_images) for c in concepts]
     if args.world_size > 1:
         paddle.distributed.barrier()  # every rank has listed the free slots before any rank writes
-    for concept, free in zip(concepts, slots):
+    for concept, free, (index, count) in zip(concepts, slots, shares):
         generate_class_images(
             model_args.pretrained_model_name_or_path,
             concept.class_data_dir,
             concept.class_prompt,
-            free[max(args.process_index, 0) :: max(args.world_size, 1)],
+            free[index::count],
             sample_batch_size=data_args.sample_batch_size,
             num_inference_steps=data_args.class_image_inference_steps,
             seed=args.seed,
@@ -263,7 +275,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     if args.should_save:
         for fmt in args.export_format_list:
             export(args.output_dir, fmt, os.path.join(args.output_dir, f"export-{fmt}"))
-        if args.push_to_hub:
+        if args.push_to_hub and args.process_index <= 0:  # once, also when each node keeps a copy
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         print(closing_summary(args.output_dir, model_args, args, cached, family), flush=True)
     return trainer
