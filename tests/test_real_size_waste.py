@@ -70,30 +70,46 @@ def test_trainer_writes_checkpoints_with_the_streaming_writer(tiny_model, tmp_pa
     assert trainer._save_ckpt_func is save_checkpoint_object
 
 
-def test_components_load_without_a_random_first_copy(tiny_model, monkeypatch):
-    """Loading builds each network without weights (low_cpu_mem_usage) and takes the file's tensors; the parameters
-    end up as the stock load leaves them (all trainable) and equal to the file."""
-    import ppdiffusers
+def test_networks_load_tensor_by_tensor_into_an_empty_network(tiny_model):
+    """The denoiser is built without weights and filled from plain reads of the file, one tensor at a time (NumPy
+    holds about one tensor; ppdiffusers' loader held the whole file), equal to the file, trainable as after the
+    stock load."""
     from safetensors.numpy import load_file
 
     from ppdreambooth.families import detect_family
     from ppdreambooth.families.loading import load_component
 
-    asked = []
-    stock = ppdiffusers.UNet2DConditionModel.from_pretrained.__func__
-
-    def recording(cls, *args, **kwargs):
-        asked.append(kwargs.get("low_cpu_mem_usage"))
-        return stock(cls, *args, **kwargs)
-
-    monkeypatch.setattr(ppdiffusers.UNet2DConditionModel, "from_pretrained", classmethod(recording))
-    family = detect_family(tiny_model, None, None)
-    unet = load_component(tiny_model, "unet", family)
-    assert asked == [True]  # built empty (LazyGuard), then filled from the file: no random first copy
-    assert all(not p.stop_gradient for p in unet.parameters())
     weights = load_file(os.path.join(tiny_model, "unet", "diffusion_paddle_model.safetensors"))
+    total, largest = sum(v.nbytes for v in weights.values()), max(v.nbytes for v in weights.values())
+    family = detect_family(tiny_model, None, None)
+    tracemalloc.start()
+    try:
+        unet = load_component(tiny_model, "unet", family)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < max(3 * largest, total // 2), (peak, largest, total)
+    assert all(not p.stop_gradient for p in unet.parameters())
     for name, param in unet.named_parameters():
         np.testing.assert_array_equal(param.numpy(), weights[name])
+
+
+def test_streamed_load_leaves_other_folders_to_ppdiffusers(tiny_model, tmp_path):
+    """A folder whose names differ from the network's (older checkpoints, other layouts) is not streamed."""
+    import shutil
+
+    import ppdiffusers
+    from safetensors.numpy import load_file, save_file
+
+    from ppdreambooth.families.streamed_load import load_streamed
+
+    folder = tmp_path / "unet"
+    shutil.copytree(os.path.join(tiny_model, "unet"), folder)
+    assert load_streamed(ppdiffusers.UNet2DConditionModel, str(folder)) is not None
+    weights = load_file(str(folder / "diffusion_paddle_model.safetensors"))
+    weights["renamed." + next(iter(weights))] = weights.pop(next(iter(weights)))
+    save_file(weights, str(folder / "diffusion_paddle_model.safetensors"), metadata={"format": "pd"})
+    assert load_streamed(ppdiffusers.UNet2DConditionModel, str(folder)) is None
 
 
 def test_phase_marks_record_each_phase_peak(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from typing import Optional
 
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.families.checks import damaged_file
+from ppdreambooth.families.streamed_load import load_network
 
 LOW_CPU_MEM = {"low_cpu_mem_usage": True}
 
@@ -97,10 +98,9 @@ def _load_component(path: str, name: str, family, revision: Optional[str] = None
         return getattr(ppdiffusers, family.training_scheduler).from_pretrained(path, subfolder="scheduler",
                                                                                revision=revision)
     if name == "vae":
-        return as_loaded_stock(ppdiffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **options))
+        return as_loaded_stock(load_network(ppdiffusers.AutoencoderKL, path, "vae", options))
     if name == family.denoiser:
-        return as_loaded_stock(getattr(ppdiffusers, family.denoiser_class).from_pretrained(path, subfolder=name,
-                                                                                          **options))
+        return as_loaded_stock(load_network(getattr(ppdiffusers, family.denoiser_class), path, name, options))
     raise ValueError(f"{name!r} is not a component of a {family.name} model")
 
 
