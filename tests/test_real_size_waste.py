@@ -128,3 +128,31 @@ def test_phase_marks_record_each_phase_peak(tmp_path, monkeypatch):
     assert records[1]["peak"] - records[0]["rss"] >= 60 * MB
     assert records[2]["peak"] < records[1]["peak"] - 40 * MB  # the next phase's peak starts afresh, not at 64 MiB
     assert json.loads(log.read_text().splitlines()[0])["phase"] == "before"
+
+
+def test_freed_heap_memory_goes_back_to_the_system():
+    """Many mid-size tensors freed: glibc keeps their pages until `give_back_freed_memory` (malloc_trim) returns
+    them. Run in a fresh process so that other tests' heap does not blur the figures."""
+    import subprocess
+    import sys
+
+    code = """
+import paddle
+from ppdreambooth.runtime.host_memory import give_back_freed_memory
+from ppdreambooth.runtime.phases import memory_status
+keep = [paddle.ones([64 * 1024]) for _ in range(400)]  # 256 KiB each, 100 MiB
+pins = [paddle.ones([16]) for _ in range(400)]  # interleaved small ones keep the heap from shrinking by itself
+blocks = [paddle.ones([64 * 1024]) for _ in range(1600)]  # 400 MiB in 256 KiB tensors
+before = memory_status()["rss"]
+del blocks
+freed = memory_status()["rss"]
+trimmed = give_back_freed_memory()
+after = memory_status()["rss"]
+print(before, freed, after, trimmed)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1")).stdout.split()
+    before, freed, after, trimmed = int(out[-4]), int(out[-3]), int(out[-2]), out[-1] == "True"
+    if not trimmed:
+        pytest.skip("no glibc malloc_trim here")
+    assert freed - after > 200 * MB, (before, freed, after)  # the pages came back only when trimmed
