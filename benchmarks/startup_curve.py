@@ -54,7 +54,7 @@ def print_curve(counts) -> None:
     model = os.path.join(work, "tiny-sd")
     build_tiny_pipeline(model)
     rows = [measure_count(model, work, n) for n in counts]
-    lines = ["| images (instance + class each) | " + " | ".join(f"{p} s (peak GB)" for p in PHASES)
+    lines = ["| images (instance + class each) | " + " | ".join(f"{p} s (peak GiB)" for p in PHASES)
              + " | to first step s |", "|" + " --- |" * (len(PHASES) + 2)]
     for r in rows:
         cells = [f"{sum(r['durations'].get(p, [0])):.2f} ({r['peaks'].get(p, 0) / 1024**3:.2f})" for p in PHASES]
