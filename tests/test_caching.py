@@ -123,3 +123,15 @@ def test_no_cache_latents_opts_out(tiny_model, photos):
     report = cache_encodings(model, dataset, cache_latents_too=False, keep_encoders=False)
     assert "latents" not in report and model.has_component("vae")
     assert "pixel_values" in collate([dataset[(0, 1)]])
+
+
+def test_released_encoders_are_freed(tiny_model, photos):
+    """Released after caching means gone: nothing keeps the VAE or the text encoder alive (their memory is freed)."""
+    import gc
+    import weakref
+
+    model, dataset = build(tiny_model, photos, flip=False, prior=False)
+    released = {name: weakref.ref(getattr(model, name)) for name in ("vae", "text_encoder")}
+    cache_encodings(model, dataset, cache_latents_too=True, keep_encoders=False)
+    # no gc.collect(): freed as soon as the model lets go (no reference cycle keeps them)
+    assert {name: ref() is None for name, ref in released.items()} == {"vae": True, "text_encoder": True}

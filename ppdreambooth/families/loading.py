@@ -13,6 +13,18 @@ from typing import Optional
 
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.families.checks import damaged_file
+from ppdreambooth.families.streamed_load import load_network
+
+LOW_CPU_MEM = {"low_cpu_mem_usage": True}
+
+
+def as_loaded_stock(model):
+    """A ppdiffusers model loaded with LOW_CPU_MEM, its parameters trainable as after the stock load (ppdiffusers
+    0.29 leaves them all stop_gradient=True that way); the DreamBoothModel freezes what does not train."""
+    for param in model.parameters():
+        param.stop_gradient = False
+    return model
+
 
 def is_diffusers_folder(path: str, denoiser: str = "unet") -> bool:
     """True for a local folder whose denoiser is stored in PyTorch's format only."""
@@ -70,7 +82,9 @@ def _load_component(path: str, name: str, family, revision: Optional[str] = None
     import ppdiffusers.transformers as transformers
 
     torch_format = os.path.isdir(path) and is_diffusers_folder(path, family.denoiser)
-    options = {"revision": revision, **({"from_diffusers": True} if torch_format else {})}
+    # LOW_CPU_MEM: build the network without weights and take the file's tensors (ppdiffusers' default builds and
+    # randomly initialises it first: for SD 1.5's UNet a 10.1 GB peak and 31 s, against 6.9 GB and 5 s)
+    options = {"revision": revision, **LOW_CPU_MEM, **({"from_diffusers": True} if torch_format else {})}
     if name in family.tokenizers:
         tokenizer_class = getattr(transformers, family.tokenizer_classes.get(name, "CLIPTokenizer"))
         return tokenizer_class.from_pretrained(path, subfolder=name, **({"revision": revision} if revision else {}))
@@ -78,14 +92,15 @@ def _load_component(path: str, name: str, family, revision: Optional[str] = None
         class_name = family.text_encoder_classes[name]
         if torch_format:
             return load_torch_text_encoder(path, name, class_name)
-        return getattr(transformers, class_name).from_pretrained(path, subfolder=name, revision=revision)
+        return getattr(transformers, class_name).from_pretrained(path, subfolder=name, revision=revision,
+                                                                 **LOW_CPU_MEM)
     if name == "scheduler":  # the family's training noise schedule (SD, SDXL: DDPM; SD3: flow matching)
         return getattr(ppdiffusers, family.training_scheduler).from_pretrained(path, subfolder="scheduler",
                                                                                revision=revision)
     if name == "vae":
-        return ppdiffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **options)
+        return as_loaded_stock(load_network(ppdiffusers.AutoencoderKL, path, "vae", options))
     if name == family.denoiser:
-        return getattr(ppdiffusers, family.denoiser_class).from_pretrained(path, subfolder=name, **options)
+        return as_loaded_stock(load_network(getattr(ppdiffusers, family.denoiser_class), path, name, options))
     raise ValueError(f"{name!r} is not a component of a {family.name} model")
 
 
@@ -111,7 +126,7 @@ def load_components(path: str, family, revision: Optional[str] = None, vae_path:
     if vae_path:
         import ppdiffusers
 
-        components["vae"] = ppdiffusers.AutoencoderKL.from_pretrained(vae_path)
+        components["vae"] = as_loaded_stock(ppdiffusers.AutoencoderKL.from_pretrained(vae_path, **LOW_CPU_MEM))
     else:
         components["vae"] = load_component(path, "vae", family, revision)
     return components

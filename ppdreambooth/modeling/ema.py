@@ -15,6 +15,8 @@ from typing import Dict
 
 import paddle
 
+from ppdreambooth.runtime.streamed_save import streamed_save
+
 EMA_STATE_NAME = "ema_state.pdparams"
 
 
@@ -45,7 +47,7 @@ class WeightEMA:
         self.num_updates = int(state["num_updates"])
 
     def save(self, folder: str) -> None:
-        paddle.save(self.state_dict(), os.path.join(folder, EMA_STATE_NAME))
+        streamed_save(self.state_dict(), os.path.join(folder, EMA_STATE_NAME))  # no second full copy
 
     def load(self, folder: str) -> None:
         self.set_state_dict(paddle.load(os.path.join(folder, EMA_STATE_NAME), return_numpy=True))

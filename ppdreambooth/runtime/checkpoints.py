@@ -22,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-import paddle
-
+from ppdreambooth.runtime.streamed_save import streamed_save
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +33,9 @@ WEIGHTS_NAME = "model_state.pdparams"
 
 def save_trainable_weights(model, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach() for k, v in model.trainable_state_dict().items()}
+    state = {k: v.detach() for k, v in model.trainable_state_dict().items()}  # views: no copy
     tmp = os.path.join(out_dir, WEIGHTS_NAME + ".tmp")
-    paddle.save(state, tmp)
+    streamed_save(state, tmp)  # paddle.save's file, without first copying every tensor into NumPy
     os.replace(tmp, os.path.join(out_dir, WEIGHTS_NAME))
 
 

@@ -19,6 +19,7 @@ import paddle
 from ppdreambooth.data.dataset import DreamBoothDataset
 from ppdreambooth.data.photos import ImageSet
 from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.runtime.host_memory import give_back_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -120,4 +121,5 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
             logger.info("cached %d of %d latent distributions (the others need random crops and are encoded at "
                         "each step; --center_crop makes every crop cacheable)", encoded, total)
         report.append(f"latents of {encoded} of {total} image crops" + (" (VAE released)" if encoded == total else ""))
+    give_back_freed_memory()  # the released encoders' pages: glibc would keep them (runtime.host_memory)
     return "; ".join(["cached " + (", ".join(report) if report else "nothing"), *notes])

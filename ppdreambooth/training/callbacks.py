@@ -4,6 +4,7 @@ from __future__ import annotations
 from paddlenlp.trainer import TrainerCallback
 
 from ppdreambooth.modeling.ema import WeightEMA
+from ppdreambooth.runtime import phases
 
 
 class StopTextEncoderCallback(TrainerCallback):
@@ -36,3 +37,23 @@ class EMACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ema.update()
+
+
+class PhaseCallback(TrainerCallback):
+    """Phase markers (`runtime.phases`, on with PPDB_PHASE_LOG): the trainer's set-up, the first step (it also
+    creates the optimizer's state), then every later step."""
+
+    def __init__(self):
+        self.first = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        held = trained = 0
+        if model is not None:  # what the floor is computed from: every weight held, and the trained ones
+            layers = [model, *getattr(model, "_frozen", {}).values()]
+            held = sum(int(p.numel()) for layer in layers for p in layer.parameters())
+            trained = sum(int(p.numel()) for p in model.parameters() if not p.stop_gradient)
+        phases.mark("trainer set-up", step=state.global_step, held_parameters=held, trained_parameters=trained)
+        self.first = state.global_step + 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        phases.mark("first step" if state.global_step == self.first else "step", step=state.global_step)

@@ -30,11 +30,11 @@ from ppdreambooth.modeling.ema import WeightEMA
 from ppdreambooth.modeling.losses import MaskedLoss
 from ppdreambooth.modeling.model import DreamBoothModel
 from ppdreambooth.modeling.schedulefree import ScheduleFreeWeights
-from ppdreambooth.runtime import nodes, ranks, run_lock
+from ppdreambooth.runtime import nodes, phases, ranks, run_lock
 from ppdreambooth.runtime.nonfinite import NonFiniteLossError
 from ppdreambooth.runtime.signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
 from ppdreambooth.training.caching import cache_encodings
-from ppdreambooth.training.callbacks import EMACallback, StopTextEncoderCallback
+from ppdreambooth.training.callbacks import EMACallback, PhaseCallback, StopTextEncoderCallback
 from ppdreambooth.training.console import ConsoleCallback, header, quiet_console
 from ppdreambooth.training.fidelity_callback import fidelity_callback_for
 from ppdreambooth.training.preflight import CheckedInputs, check_inputs
@@ -201,8 +201,10 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     base_from_single_file(model_args, args)
     base_prediction = data_args.with_prior_preservation and data_args.prior_preservation_mode == "base_prediction"
     class_photos = None
+    phases.mark("start-up")  # imports, input checks
     if data_args.with_prior_preservation and not base_prediction:
         class_photos = prepare_class_images(family, model_args, data_args, args)
+        phases.mark("class images")
     paddle.seed(args.seed)  # LoRA layers are initialised at random: the same seed gives the same start
     with paddle.utils.unique_name.guard():  # parameter names (and so optimizer state keys) start from zero
         model = build_model(
@@ -215,7 +217,9 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
             masked_loss=MaskedLoss(data_args.masked_loss_unmasked_weight, data_args.masked_loss_normalize)
             if data_args.masked_loss else None,
         )
+    phases.mark("load")
     dataset = build_dataset(model, data_args, instance_photos, class_photos)
+    phases.mark("dataset")
     if rank == 0:
         print(header(family, model_args, data_args, args, dataset, log_path), flush=True)
     if resume is not None:
@@ -224,6 +228,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     validating = bool(args.validation_prompt)
     generating = validating or bool(args.evaluate_every_n_checkpoints or args.evaluate_at_end)  # needs encoders
     cached = cache_encodings(model, dataset, not data_args.no_cache_latents, keep_encoders=generating)
+    phases.mark("caching")
     ema = WeightEMA(model, args.ema_decay) if args.use_ema else None
     # The weights validation images and scoring see: the EMA, or schedule-free AdamW's average x (its optimizer
     # is attached when the trainer builds it); never both (refused with the arguments).
@@ -243,6 +248,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     if fidelity is not None:
         callbacks.append(fidelity)
     callbacks.append(ConsoleCallback())
+    callbacks.append(PhaseCallback())
     trainer = DreamBoothTrainer(
         model=model,
         args=args,
@@ -268,6 +274,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     if stop is not None:
         stop.enter(FINISHING)  # a signal from here lets the final model be written, then stops
     trainer.save_model()
+    phases.mark("final save")
     if args.should_save:
         write_model_card(args.output_dir, model_args, data_args, args, trainer.state.global_step, family, source)
     if stop is not None and stop.requested:

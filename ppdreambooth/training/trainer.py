@@ -36,10 +36,11 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_callback import TrainerState
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, OptimizerNames, TrainOutput
 
-from ppdreambooth.runtime import ranks, signals
+from ppdreambooth.runtime import phases, ranks, signals
 from ppdreambooth.modeling.clipping import faster_clip
 from ppdreambooth.data.dataset import SeededBatchSampler
 from ppdreambooth.modeling.lora import LORA_STAGING_NAME, save_lora_weights
+from ppdreambooth.runtime.streamed_save import save_checkpoint_object
 from ppdreambooth.runtime.nonfinite import NonFiniteGuard, innermost_optimizer
 from ppdreambooth.modeling.adamw8bit import AdamW8bit
 from ppdreambooth.modeling.optimizers import Adafactor
@@ -100,6 +101,8 @@ class DreamBoothTrainer(Trainer):
         self._loss_part_sums: Dict[str, paddle.Tensor] = {}
         self._loss_part_count = 0
         self.nonfinite = NonFiniteGuard(self.args.world_size)
+        if self._save_ckpt_func is paddle.save:  # the optimizer file streamed: no second full copy of its state
+            self._save_ckpt_func = save_checkpoint_object
 
     # ----- loss and logging ---------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False):
@@ -250,6 +253,8 @@ class DreamBoothTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint)
         if self.ema is not None and resume_from_checkpoint:
             self.ema.load(resume_from_checkpoint)
+        if resume_from_checkpoint:
+            phases.mark("resume: weights")
 
     def _checkpoint_folder(self) -> str:
         return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -264,6 +269,7 @@ class DreamBoothTrainer(Trainer):
                 if self.run_settings is not None:
                     write_settings(folder, self.run_settings)  # before the marker: checksummed with the rest
                 mark_complete(folder, self.state.global_step)
+            phases.mark("checkpoint save", step=self.state.global_step)
         except OSError as e:
             if self.args.should_save:
                 delete_checkpoint(folder)  # never complete; deleting it gives back the space it took
