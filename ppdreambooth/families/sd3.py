@@ -57,6 +57,9 @@ class StableDiffusion3(ModelFamily):
                         "transformer.<module>.lora_A/lora_B.weight file is what diffusers' "
                         "StableDiffusion3Pipeline.load_lora_weights reads, and ComfyUI loads that same file as an "
                         "SD3 LoRA (comfy/lora.py maps the diffusers SD3 keys onto its MMDiT weights).",
+        "pivotal": "pivotal tuning (--train_text_encoder_ti) is not implemented for SD3: ppdiffusers 0.29 has no "
+                   "textual-inversion loader for SD3 pipelines, so the new tokens could not be loaded for inference. "
+                   "Train SD3 with its identifier word (drop --train_text_encoder_ti), or use SD 1.x/2.x or SDXL.",
         "export_single-file": "writing an SD3 single-file checkpoint is not implemented. Use --format diffusers "
                               "for a diffusers pipeline folder (StableDiffusion3Pipeline.from_pretrained).",
     }

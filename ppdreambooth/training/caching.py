@@ -91,7 +91,8 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
     """Cache what can be cached exactly for this run and release the encoders training no longer needs;
     returns a one-line report of what was cached (for the closing summary).
 
-    Prompt embeddings are cached when no text encoder trains. With `cache_latents_too` (the default; off with
+    Prompt embeddings are cached when no text encoder trains (with pivotal tuning, not while the new tokens train;
+    once they freeze the model encodes each distinct prompt once, `DreamBoothModel.memoize_prompts`). With `cache_latents_too` (the default; off with
     --no_cache_latents) the latents of every image whose crop is determined are cached, and the VAE is
     released once nothing is left to encode. `keep_encoders` parks released encoders on the CPU instead of
     dropping them (validation needs them).
@@ -102,6 +103,8 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
                     "encoded at each step and the text encoders stay on the training device")
         notes.append("prompts encoded at each step (shuffled or tag-dropped captions; the text encoders stay on "
                      "the device)")
+    elif model.prompts_train():  # new tokens of pivotal tuning still training: cached when they freeze
+        notes.append("prompts encoded at each step while the new tokens train")
     elif not model.trained_text_encoders():
         prompts = cache_prompt_embeddings(model, dataset)
         for name in reversed(model.family.text_encoders):  # the largest (SD3's T5) first
@@ -121,3 +124,4 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
                         "each step; --center_crop makes every crop cacheable)", encoded, total)
         report.append(f"latents of {encoded} of {total} image crops" + (" (VAE released)" if encoded == total else ""))
     return "; ".join(["cached " + (", ".join(report) if report else "nothing"), *notes])
+
