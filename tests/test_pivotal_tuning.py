@@ -287,7 +287,7 @@ def test_the_file_loads_in_diffusers_with_the_same_encoder_output(tiny_model, ph
 
 
 @pytest.mark.slow
-def test_generate_loads_the_tokens_and_rewrites_the_prompt(tiny_model, photos, tmp_path):
+def test_generate_and_evaluate_load_the_tokens_and_rewrite_the_prompt(tiny_model, photos, tmp_path):
     out = tmp_path / "lora"
     train_ok(train_argv(tiny_model, photos, out, steps=2, extra=["--use_lora", *PIVOTAL]))
     result = run_module(["-m", "ppdreambooth.generate", "--model", tiny_model, "--lora", str(out), "--prompt",
@@ -295,3 +295,22 @@ def test_generate_loads_the_tokens_and_rewrites_the_prompt(tiny_model, photos, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loaded the new tokens <s0><s1>" in result.stdout
     assert any("s0-s1-dog" in name for name in os.listdir(tmp_path / "gen"))
+    # evaluate: the trained model's prompts read the tokens, the base model's keep the word
+    import ppdreambooth.evaluation.runs as runs
+
+    seen = {}
+
+    def record(pipe, prompts, *rest, **kw):
+        seen.setdefault("tokens" if "<s0>" in pipe.tokenizer.get_vocab() else "plain", []).extend(prompts)
+        return [None] * len(prompts)
+
+    original = runs.generate_images
+    runs.generate_images = record
+    try:
+        args = SimpleNamespace(model=tiny_model, lora=str(out), base=tiny_model, scheduler=None, model_family=None,
+                               quiet=True, steps=1, height=None, width=None, guidance_scale=7.5, negative_prompt=None,
+                               lora_scale=1.0)
+        runs.generate_runs(args, ["a sks dog in the snow"], [0])
+    finally:
+        runs.generate_images = original
+    assert seen == {"plain": ["a sks dog in the snow"], "tokens": ["a <s0><s1> dog in the snow"]}
