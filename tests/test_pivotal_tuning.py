@@ -314,3 +314,13 @@ def test_generate_and_evaluate_load_the_tokens_and_rewrite_the_prompt(tiny_model
     finally:
         runs.generate_images = original
     assert seen == {"plain": ["a sks dog in the snow"], "tokens": ["a <s0><s1> dog in the snow"]}
+
+
+def test_a_resume_with_other_pivotal_settings_is_refused():
+    from ppdreambooth.training.resume_settings import differences
+
+    saved = {"train_text_encoder_ti": True, "num_new_tokens_per_abstraction": 2}
+    errors, _ = differences(saved, {"train_text_encoder_ti": True, "num_new_tokens_per_abstraction": 3}, "checkpoint-2")
+    assert errors == ["--num_new_tokens_per_abstraction is 3 but checkpoint-2 was trained with 2"]
+    errors, _ = differences(saved, {"train_text_encoder_ti": False, "num_new_tokens_per_abstraction": None}, "c")
+    assert "--train_text_encoder_ti is off but c was trained with on" in errors

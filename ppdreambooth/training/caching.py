@@ -103,7 +103,7 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
                     "encoded at each step and the text encoders stay on the training device")
         notes.append("prompts encoded at each step (shuffled or tag-dropped captions; the text encoders stay on "
                      "the device)")
-    elif model.prompts_train():  # new tokens of pivotal tuning still training: cached when they freeze
+    elif not model.trained_text_encoders() and model.prompts_train():  # pivotal tuning: memoized once frozen
         notes.append("prompts encoded at each step while the new tokens train")
     elif not model.trained_text_encoders():
         prompts = cache_prompt_embeddings(model, dataset)
