@@ -27,9 +27,10 @@ def tokens_of(model, prompt):
 
 
 # ----- the lookup -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_new_ids_read_the_new_vectors_and_only_they_get_gradients(family, tiny_model, tiny_sdxl_model):
-    model = pivotal_model(tiny_model if family == "sd" else tiny_sdxl_model)
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_new_ids_read_the_new_vectors_and_only_they_get_gradients(family, request):
+    model = pivotal_model(request.getfixturevalue({"sd": "tiny_model", "sdxl": "tiny_sdxl_model",
+                                                   "sd3": "tiny_sd3_model"}[family]))
     tokens = model.pivotal_tokens
     names = list(model.family.textual_inversion_keys)
     assert [n for n, _ in model.trainable_named_parameters() if n.startswith("pivotal")] == [
@@ -133,12 +134,6 @@ def test_token_strings_the_tokenizer_already_has_are_refused(tiny_model, photos,
     assert "already has <s1>" in err and "Traceback" not in err, err
 
 
-def test_sd3_is_refused_with_the_reason(tiny_sd3_model, photos, tmp_path, capsys, no_model_loading):
-    assert train.main(train_argv(tiny_sd3_model, photos, tmp_path / "out", extra=["--train_text_encoder_ti"])) == 2
-    err = capsys.readouterr().err
-    assert "no textual-inversion loader for SD3" in err and "Traceback" not in err, err
-
-
 def test_the_abstraction_is_replaced_as_a_word_only():
     from ppdreambooth.modeling.pivotal import PivotalSpec
 
@@ -210,10 +205,12 @@ def test_full_fine_tune_keeps_every_original_row_and_the_file_loads_in_ppdiffuse
 
 
 def assert_file_loads_like_the_trained_encoder(pipeline_dir, run, base_model, extra=None):
-    """The card's loading code in ppdiffusers gives the same encoder outputs as the trained model (its final
-    weights = the last checkpoint's) for a prompt with the new tokens."""
+    """The card's loading code in ppdiffusers (SD3: ppdreambooth's loader) gives the same encoder outputs as the
+    trained model (its final weights = the last checkpoint's) for a prompt with the new tokens."""
     import ppdiffusers
     from safetensors.paddle import load_file
+
+    from ppdreambooth.modeling.pivotal import load_into_pipeline
 
     model = pivotal_model(base_model, **(extra or {}))
     last = max(int(n.split("-")[1]) for n in os.listdir(run) if n.startswith("checkpoint-"))
@@ -224,7 +221,10 @@ def assert_file_loads_like_the_trained_encoder(pipeline_dir, run, base_model, ex
     pipe = getattr(ppdiffusers, family.pipeline_class).from_pretrained(pipeline_dir, **{
         k: v for k, v in family.pipeline_extras.items() if k != "feature_extractor"})
     state = load_file(str(run / f"{run.name}_emb.safetensors"))
-    for n, (encoder, key) in enumerate(family.textual_inversion_keys.items()):
+    if not family.textual_inversion_loader:
+        load_into_pipeline(pipe, str(run / f"{run.name}_emb.safetensors"), family.textual_inversion_keys)
+    for n, (encoder, key) in enumerate(family.textual_inversion_keys.items() if family.textual_inversion_loader
+                                       else ()):
         tokenizer = "tokenizer" if n == 0 else f"tokenizer_{n + 1}"
         pipe.load_textual_inversion(state[key], token=["<s0>", "<s1>"], text_encoder=getattr(pipe, encoder),
                                     tokenizer=getattr(pipe, tokenizer))
@@ -234,7 +234,8 @@ def assert_file_loads_like_the_trained_encoder(pipeline_dir, run, base_model, ex
     for n in range(len(family.tokenizers)):
         np.testing.assert_array_equal(tokens[token_key(n)].numpy()[0], model.tokenize(PROMPT)[token_key(n)])
     with paddle.no_grad():
-        got = family.encode_prompt({n: getattr(pipe, n) for n in family.text_encoders}, tokens, None)
+        got = family.encode_prompt({n: getattr(pipe, n) for n in family.text_encoders}, tokens,
+                                   model.denoiser.config)
     for k in expected:
         np.testing.assert_allclose(got[k].numpy(), expected[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
     return expected
@@ -324,3 +325,30 @@ def test_a_resume_with_other_pivotal_settings_is_refused():
     assert errors == ["--num_new_tokens_per_abstraction is 3 but checkpoint-2 was trained with 2"]
     errors, _ = differences(saved, {"train_text_encoder_ti": False, "num_new_tokens_per_abstraction": None}, "c")
     assert "--train_text_encoder_ti is off but c was trained with on" in errors
+
+
+@pytest.mark.slow
+def test_sd3_trains_the_clip_tokens_and_generate_reads_them(tiny_sd3_model, photos, tmp_path):
+    out = tmp_path / "sd3"
+    train_ok(train_argv(tiny_sd3_model, photos, out, steps=2, extra=["--use_lora", *PIVOTAL, "--checkpointing_steps",
+                                                                     "1", "--validation_prompt", "a sks dog",
+                                                                     "--validation_steps", "2",
+                                                                     "--num_validation_images", "1"]))
+    first, second = checkpoint_state(out, 1), checkpoint_state(out, 2)
+    saved = embeddings(out)
+    assert set(saved) == {"clip_l", "clip_g"}  # the two CLIP encoders; T5 has none
+    paddle.seed(7)
+    start = pivotal_model(tiny_sd3_model, use_lora=True).pivotal_tokens
+    for name, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        moved = np.abs(first[f"pivotal_tokens.{name}"] - getattr(start, name).numpy())
+        assert 0 < moved.max() <= 1.001e-3
+        assert np.array_equal(first[f"pivotal_tokens.{name}"], second[f"pivotal_tokens.{name}"])
+        assert np.array_equal(saved[key], second[f"pivotal_tokens.{name}"])
+    expected = assert_file_loads_like_the_trained_encoder(tiny_sd3_model, out, tiny_sd3_model)
+    assert set(expected) == {"prompt_embeds", "pooled_prompt_embeds"}
+    assert (out / "validation" / "step-2").is_dir()
+    assert "load_into_pipeline" in (out / "README.md").read_text()
+    result = run_module(["-m", "ppdreambooth.generate", "--model", tiny_sd3_model, "--lora", str(out), "--prompt",
+                         "a photo of sks dog", "--num_images", "1", "--steps", "2", "--out", str(tmp_path / "gen")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded the new tokens <s0><s1>" in result.stdout

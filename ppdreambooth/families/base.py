@@ -52,6 +52,7 @@ class ModelFamily:
     card_tag: str = ""  # the model card's tag
     # pivotal tuning: CLIP encoder subfolder -> its key in a textual-inversion file (diffusers' advanced scripts)
     textual_inversion_keys: Dict[str, str] = {"text_encoder": "clip_l"}
+    textual_inversion_loader: bool = True  # the pipeline has `load_textual_inversion` (not SD3's in 0.29)
 
     @property
     def components(self) -> Tuple[str, ...]:

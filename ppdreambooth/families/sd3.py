@@ -40,6 +40,9 @@ class StableDiffusion3(ModelFamily):
     text_encoder_lora_targets = ()  # ppdiffusers' SD3 LoRA loader reads transformer adapters only
     legacy_lora_keys = False  # its loader requires the peft backend and peft names
     card_tag = "stable-diffusion-3"
+    # pivotal tuning: the two CLIP encoders only (T5 reads the token strings as plain text)
+    textual_inversion_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    textual_inversion_loader = False
     unsupported_options = {
         "lora_text_encoder": "SD3 LoRA trains the transformer only: ppdiffusers 0.29 saves and loads SD3 adapters "
                              "for the transformer alone. Drop --train_text_encoder, or train the CLIP encoders "
@@ -57,9 +60,6 @@ class StableDiffusion3(ModelFamily):
                         "transformer.<module>.lora_A/lora_B.weight file is what diffusers' "
                         "StableDiffusion3Pipeline.load_lora_weights reads, and ComfyUI loads that same file as an "
                         "SD3 LoRA (comfy/lora.py maps the diffusers SD3 keys onto its MMDiT weights).",
-        "pivotal": "pivotal tuning (--train_text_encoder_ti) is not implemented for SD3: ppdiffusers 0.29 has no "
-                   "textual-inversion loader for SD3 pipelines, so the new tokens could not be loaded for inference. "
-                   "Train SD3 with its identifier word (drop --train_text_encoder_ti), or use SD 1.x/2.x or SDXL.",
         "export_single-file": "writing an SD3 single-file checkpoint is not implemented. Use --format diffusers "
                               "for a diffusers pipeline folder (StableDiffusion3Pipeline.from_pretrained).",
     }

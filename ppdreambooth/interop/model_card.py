@@ -74,9 +74,19 @@ def pivotal_loading(model_args, family, output_dir: str) -> list:
     lines = ["## New tokens (pivotal tuning)", "",
              f"`{spec.token_abstraction}` was trained as the new tokens `{spec.replacement}` in every CLIP text "
              f"encoder (`{os.path.basename(path)}`); write `{spec.replacement}` where the prompt names the subject. "
-             "`python -m ppdreambooth.generate` loads them and rewrites the word itself. In ppdiffusers or diffusers:",
-             "", "```python", "from safetensors.paddle import load_file  # diffusers: safetensors.torch",
-             f"state = load_file(\"{path}\")"]
+             "`python -m ppdreambooth.generate` loads them and rewrites the word itself."]
+    if not family.textual_inversion_loader:
+        keys = dict(family.textual_inversion_keys)
+        return lines + [
+            "", f"The `{family.pipeline_class}` of ppdiffusers 0.29 (and of diffusers) has no `load_textual_inversion`; "
+            "T5 reads the token strings as plain text. ppdreambooth's loader adds the tokens to both CLIP "
+            "tokenizers and encoders of a pipeline:", "", "```python",
+            "from ppdreambooth.modeling.pivotal import load_into_pipeline",
+            f"spec = load_into_pipeline(pipe, \"{path}\", {keys})",
+            f"image = pipe(spec.apply(\"a photo of {spec.token_abstraction} ...\")).images[0]", "```"]
+    lines += ["In ppdiffusers or diffusers:", "", "```python",
+              "from safetensors.paddle import load_file  # diffusers: safetensors.torch",
+              f"state = load_file(\"{path}\")"]
     for n, (encoder, key) in enumerate(family.textual_inversion_keys.items()):
         tokenizer = "tokenizer" if n == 0 else f"tokenizer_{n + 1}"
         lines.append(f"pipe.load_textual_inversion(state[\"{key}\"], token={spec.tokens}, "

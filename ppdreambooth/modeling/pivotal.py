@@ -79,6 +79,26 @@ def tokens_in_vocabulary(tokenizer, tokens: List[str]) -> List[str]:
     return [t for t in tokens if t in vocab]
 
 
+def add_tokens(encoder, tokenizer, tokens: List[str], vectors: paddle.Tensor) -> int:
+    """Add `tokens` to `tokenizer` and make `encoder` read `vectors` ([len(tokens), width]) for them, its own table
+    (left as it is) for every other id; returns the first new id (the tokenizer's former length)."""
+    offset = len(tokenizer)
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if list(ids) != list(range(offset, offset + len(tokens))):
+        raise ValueError(f"the new tokens got ids {ids}, expected {offset}..{offset + len(tokens) - 1}")
+    table = encoder.get_input_embeddings()
+    weight = table.weight
+
+    def forward(ids):
+        original = paddle.nn.functional.embedding(paddle.clip(ids, max=offset - 1), weight)
+        new = paddle.nn.functional.embedding(paddle.clip(ids - offset, min=0), vectors).astype(original.dtype)
+        return paddle.where((ids >= offset).unsqueeze(-1), new, original)
+
+    table.forward = forward
+    return offset
+
+
 class PivotalTokens(paddle.nn.Layer):
     """The new token vectors of each CLIP encoder (parameter name = the encoder's subfolder name), and their lookup.
 
@@ -98,31 +118,14 @@ class PivotalTokens(paddle.nn.Layer):
                 raise ConfigError(f"--num_new_tokens_per_abstraction: the tokenizer of {name} already has "
                                   f"{', '.join(known)}; pivotal tuning needs token strings of its own. Use a model "
                                   "whose tokenizer has no <sN> tokens.")
-            offset = len(tokenizer)
-            tokenizer.add_tokens(spec.tokens)
-            ids = tokenizer.convert_tokens_to_ids(spec.tokens)
-            if list(ids) != list(range(offset, offset + spec.num_tokens)):
-                raise ValueError(f"the new tokens of {name} got ids {ids}, expected {offset}..")
             table = encoder.get_input_embeddings()
             std = float(table.weight.astype("float32").std())
             vectors = self.create_parameter([spec.num_tokens, table.weight.shape[1]], dtype="float32",
                                             default_initializer=paddle.nn.initializer.Assign(
                                                 paddle.randn([spec.num_tokens, table.weight.shape[1]]) * std))
             self.add_parameter(name, vectors)
-            self.offsets[name] = offset
+            self.offsets[name] = add_tokens(encoder, tokenizer, spec.tokens, vectors)
             table.weight.stop_gradient = True  # even when the encoder trains (--train_text_encoder): rows unchanged
-            table.forward = self._lookup(table, vectors, offset)
-
-    @staticmethod
-    def _lookup(table: paddle.nn.Layer, vectors: paddle.Tensor, offset: int):
-        weight = table.weight
-
-        def forward(ids):
-            original = paddle.nn.functional.embedding(paddle.clip(ids, max=offset - 1), weight)
-            new = paddle.nn.functional.embedding(paddle.clip(ids - offset, min=0), vectors).astype(original.dtype)
-            return paddle.where((ids >= offset).unsqueeze(-1), new, original)
-
-        return forward
 
     def vectors(self) -> Dict[str, paddle.Tensor]:
         return {name: getattr(self, name) for name in self.offsets}
@@ -195,13 +198,19 @@ def kohya_bundle(path: str) -> Dict[str, np.ndarray]:
 
 
 def load_into_pipeline(pipe, path: str, file_keys: Dict[str, str]) -> PivotalSpec:
-    """Load a `*_emb.safetensors` into a ppdiffusers pipeline with its own `load_textual_inversion`, once per CLIP
-    encoder (`file_keys`: encoder subfolder -> key); returns the spec whose `apply` rewrites prompts."""
+    """Load a `*_emb.safetensors` into a ppdiffusers pipeline, once per CLIP encoder (`file_keys`: encoder
+    subfolder -> key): with the pipeline's own `load_textual_inversion` (SD, SDXL), else (SD3, whose pipeline has
+    no such loader in ppdiffusers 0.29) with the lookup training used, so that the pipeline's own prompt encoding
+    (negative prompts and guidance included) reads the tokens; returns the spec whose `apply` rewrites prompts."""
     state, spec = read_embeddings(path)
     for n, (encoder_name, key) in enumerate(file_keys.items()):
         tokenizer_name = "tokenizer" if n == 0 else f"tokenizer_{n + 1}"
-        pipe.load_textual_inversion(paddle.to_tensor(state[key]), token=spec.tokens,
-                                    text_encoder=getattr(pipe, encoder_name), tokenizer=getattr(pipe, tokenizer_name))
+        encoder, tokenizer = getattr(pipe, encoder_name), getattr(pipe, tokenizer_name)
+        if hasattr(pipe, "load_textual_inversion"):  # the loader users call themselves
+            pipe.load_textual_inversion(paddle.to_tensor(state[key]), token=spec.tokens, text_encoder=encoder,
+                                        tokenizer=tokenizer)
+        else:
+            add_tokens(encoder, tokenizer, spec.tokens, paddle.to_tensor(state[key]).astype(encoder.dtype))
     return spec
 
 
@@ -211,6 +220,4 @@ def load_if_present(family, pipe, *folders: Optional[str]) -> Optional[PivotalSp
     path = find_embeddings(*folders)
     if path is None:
         return None
-    if "pivotal" in family.unsupported_options:
-        raise ValueError(f"{path}: {family.unsupported_options['pivotal']}")
     return load_into_pipeline(pipe, path, family.textual_inversion_keys)

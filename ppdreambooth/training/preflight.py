@@ -251,14 +251,12 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
 
 def check_pivotal(family: ModelFamily, model_args: ModelArguments, data_args: DataArguments,
                   args: DreamBoothTrainingArguments, model_folder: str) -> None:
-    """--train_text_encoder_ti: a family that can load the tokens, the abstraction in an instance prompt, a freeze
-    step after step 0, and token strings that the (local) tokenizers do not already have."""
+    """--train_text_encoder_ti: the abstraction in an instance prompt, a freeze step after step 0, and token
+    strings that the (local) tokenizers do not already have."""
     import json
 
     from ppdreambooth.modeling.pivotal import spec_from_arguments
 
-    if "pivotal" in family.unsupported_options:
-        raise ConfigError(f"--train_text_encoder_ti: {family.unsupported_options['pivotal']}")
     spec = spec_from_arguments(model_args)
     if not any(spec.appears_in(c.instance_prompt) for c in data_args.concept_list):
         raise ConfigError(f"--token_abstraction {spec.token_abstraction!r} does not appear (as a word) in the "
