@@ -5,6 +5,8 @@
         --prompts_file prompts.txt --num_images 4 --seed 0 --out ./samples
 
 Writes one PNG per image (`<index>-<prompt slug>-seed<seed>.png`) and a grid `grid.png` into `--out`.
+A run trained with pivotal tuning (`*_emb.safetensors` in the --lora or --model folder) has its new tokens
+loaded with `load_textual_inversion`, and its --token_abstraction in the prompts is written as those tokens.
 Images depend only on prompt, seed, steps, guidance and scheduler (DPM-Solver by default, 25 steps; SD3: its
 flow-matching Euler), ancestral ones (euler_a) included: each image's starting noise and per-step noise are
 drawn from its own seed.
@@ -20,6 +22,7 @@ from typing import List, Optional, Sequence
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.inference.sampling import SCHEDULERS, generate_images, sampling_pipeline
 from ppdreambooth.interop.merge import load_adapters
+from ppdreambooth.modeling.pivotal import load_if_present
 from ppdreambooth.runtime.exiting import exit_process
 
 
@@ -75,6 +78,10 @@ def generate(args) -> List[str]:
     prompts = read_prompts(args)
     family, pipe = sampling_pipeline(args.model, scheduler=args.scheduler)
     options = load_adapters(family, pipe, args.lora, args.lora_scale) if args.lora else {}
+    pivotal = load_if_present(family, pipe, args.lora, args.model)  # pivotal tuning's new tokens, if any
+    if pivotal is not None:
+        prompts = [pivotal.apply(prompt) for prompt in prompts]
+        print(f"loaded the new tokens {pivotal.replacement}: {pivotal.token_abstraction!r} in the prompts means them")
     os.makedirs(args.out, exist_ok=True)
     seeds = [args.seed + i for i in range(args.num_images)]
     paths, images = [], []

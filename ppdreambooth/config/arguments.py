@@ -9,6 +9,7 @@ and are folded into the Trainer's field by `ppdreambooth.config.parsing.parse_ar
 from __future__ import annotations
 
 import logging
+import re
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -74,6 +75,22 @@ class ModelArguments:
     )
     train_text_encoder: bool = field(
         default=False, metadata={"help": "Also train the text encoder (its LoRA adapters with --use_lora)."}
+    )
+    train_text_encoder_ti: bool = field(
+        default=False, metadata={"help": "Pivotal tuning (SD 1.x/2.x, SDXL): replace --token_abstraction in the "
+                                         "instance prompts by new tokens <s0><s1>... added to every CLIP encoder and "
+                                         "trained as textual inversion beside the LoRA or full fine-tune, then frozen."}
+    )
+    token_abstraction: str = field(
+        default="sks", metadata={"help": "With --train_text_encoder_ti: the identifier word of the instance prompt "
+                                         "that the new tokens replace (in training, validation and generate prompts)."}
+    )
+    num_new_tokens_per_abstraction: int = field(
+        default=2, metadata={"help": "With --train_text_encoder_ti: how many new tokens <s0>..<sN-1> replace it."}
+    )
+    train_text_encoder_ti_frac: float = field(
+        default=0.5, metadata={"help": "With --train_text_encoder_ti: the new tokens train for the first "
+                                       "int(frac x max_train_steps) steps, then freeze (0 < frac <= 1)."}
     )
     use_lora: bool = field(
         default=False, metadata={"help": "Train LoRA adapters on the attention projections instead of all weights."}
@@ -184,6 +201,9 @@ class ModelArguments:
                               "python -m ppdreambooth.train_lora).")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
+        if self.train_text_encoder_ti and not re.fullmatch(r"[^\s<>]+", self.token_abstraction or ""):
+            raise ConfigError(f"--token_abstraction {self.token_abstraction!r} must be one word (no spaces, no < or >), "
+                              "the identifier of the instance prompt, e.g. sks.")
 
 
 @dataclass

@@ -160,9 +160,12 @@ def parse_args(
     check_report_to(training_args.report_to)
     if not model_args.pretrained_model_name_or_path:
         raise ConfigError("--pretrained_model_name_or_path is required (a ppdiffusers model folder or hub id).")
-    if (training_args.text_encoder_learning_rate is not None or training_args.stop_text_encoder_training
-            is not None) and not model_args.train_text_encoder:
-        raise ConfigError("--text_encoder_learning_rate and --stop_text_encoder_training need --train_text_encoder.")
+    if training_args.stop_text_encoder_training is not None and not model_args.train_text_encoder:
+        raise ConfigError("--stop_text_encoder_training needs --train_text_encoder.")
+    if training_args.text_encoder_learning_rate is not None and not (model_args.train_text_encoder
+                                                                     or model_args.train_text_encoder_ti):
+        raise ConfigError("--text_encoder_learning_rate needs --train_text_encoder (or --train_text_encoder_ti, "
+                          "whose new tokens it sets the rate of).")
     formats = training_args.export_format_list
     if "kohya" in formats and not model_args.use_lora:
         raise ConfigError("--export_formats kohya exports LoRA adapters; it needs --use_lora.")

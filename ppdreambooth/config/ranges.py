@@ -72,6 +72,8 @@ PIXELS = count(8, 16384, note="a multiple of 8")
 RANGES: Dict[str, Range] = {
     # model and loss
     "lora_rank": count(1, 4096),
+    "num_new_tokens_per_abstraction": count(1, 75, note="a CLIP prompt holds 75 tokens"),
+    "train_text_encoder_ti_frac": Range(0.0, 1.0, low_open=True),
     "rank": count(1, 4096),
     "lora_alpha": positive(1e6),
     "prior_loss_weight": Range(0.0, 1e3, note="0 trains without the prior term"),

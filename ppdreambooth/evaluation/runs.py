@@ -15,6 +15,7 @@ from ppdreambooth.evaluation.report import PAPER, contact_sheet
 from ppdreambooth.evaluation.world import WORLD_METRICS, WorldScorer, world_prompts, world_subject
 from ppdreambooth.inference.sampling import generate_images, sampling_pipeline
 from ppdreambooth.interop.merge import load_adapters
+from ppdreambooth.modeling.pivotal import load_if_present
 from ppdreambooth.interop.model_card import read_model_card
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
 
@@ -51,18 +52,20 @@ def generate_runs(args, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[st
     runs: Dict[str, List[list]] = {}
     total = len(prompts) * len(seeds) * (2 if args.base else 1)
     with tqdm(total=total, desc="images", disable=args.quiet) as progress:
-        def run(pipe, options=None):
-            return [generate_images(pipe, [prompt] * len(seeds), seeds, args.steps, args.height, args.width,
-                                    args.guidance_scale, args.negative_prompt, options or {}, progress=progress)
+        def run(pipe, options=None, pivotal=None):  # pivotal: the trained model's new tokens, if any
+            return [generate_images(pipe, [pivotal.apply(prompt) if pivotal else prompt] * len(seeds), seeds,
+                                    args.steps, args.height, args.width, args.guidance_scale, args.negative_prompt,
+                                    options or {}, progress=progress)
                     for prompt in prompts]
 
         family, pipe = sampling_pipeline(args.model, scheduler=args.scheduler, model_family=args.model_family)
         if args.lora:
             if args.base:  # the base model's images first: the same pipeline before the adapters go in
                 runs["base"] = run(pipe)
-            runs["trained"] = run(pipe, load_adapters(family, pipe, args.lora, args.lora_scale))
+            options = load_adapters(family, pipe, args.lora, args.lora_scale)
+            runs["trained"] = run(pipe, options, load_if_present(family, pipe, args.lora))
         else:
-            runs["trained"] = run(pipe)
+            runs["trained"] = run(pipe, pivotal=load_if_present(family, pipe, args.model))
             if args.base:
                 del pipe
                 gc.collect()

@@ -50,6 +50,9 @@ class ModelFamily:
     # what the family cannot do (yet): option -> the message that says so and what to do instead
     unsupported_options: Dict[str, str] = {}
     card_tag: str = ""  # the model card's tag
+    # pivotal tuning: CLIP encoder subfolder -> its key in a textual-inversion file (diffusers' advanced scripts)
+    textual_inversion_keys: Dict[str, str] = {"text_encoder": "clip_l"}
+    textual_inversion_loader: bool = True  # the pipeline has `load_textual_inversion` (not SD3's in 0.29)
 
     @property
     def components(self) -> Tuple[str, ...]:

@@ -40,6 +40,9 @@ class StableDiffusion3(ModelFamily):
     text_encoder_lora_targets = ()  # ppdiffusers' SD3 LoRA loader reads transformer adapters only
     legacy_lora_keys = False  # its loader requires the peft backend and peft names
     card_tag = "stable-diffusion-3"
+    # pivotal tuning: the two CLIP encoders only (T5 reads the token strings as plain text)
+    textual_inversion_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    textual_inversion_loader = False
     unsupported_options = {
         "lora_text_encoder": "SD3 LoRA trains the transformer only: ppdiffusers 0.29 saves and loads SD3 adapters "
                              "for the transformer alone. Drop --train_text_encoder, or train the CLIP encoders "

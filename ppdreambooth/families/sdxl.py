@@ -24,6 +24,7 @@ class StableDiffusionXL(ModelFamily):
     text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
     pipeline_extras = {"add_watermarker": False}  # the watermark needs the invisible-watermark package
     card_tag = "stable-diffusion-xl"
+    textual_inversion_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
     def encode_prompt(self, text_encoders: Dict[str, object], tokens: Dict[str, object],
                       denoiser_config=None) -> Dict[str, object]:

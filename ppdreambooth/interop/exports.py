@@ -21,6 +21,7 @@ from ppdreambooth.interop.model_card import read_model_card
 from ppdreambooth.interop.single_file import write_single_file
 from ppdreambooth.interop.weights import lora_state_in_torch_layout
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, MAGNITUDE, to_peft_keys
+from ppdreambooth.modeling.pivotal import find_embeddings, kohya_bundle
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
@@ -114,6 +115,18 @@ def kohya_names(output_dir: str, model_family: Optional[str] = None,
     return lambda component, module: name(component, module, config)
 
 
+def copy_embeddings(output_dir: str, out: str) -> List[str]:
+    """Pivotal tuning's `*_emb.safetensors` beside a diffusers export (the same file serves both clients)."""
+    import shutil
+
+    embeddings = find_embeddings(output_dir)
+    if not embeddings:
+        return []
+    target = os.path.join(out, os.path.basename(embeddings))
+    shutil.copyfile(embeddings, target)
+    return [target]
+
+
 def refuse_unsupported(family, fmt: str) -> None:
     """Raise the family's own message when it cannot be exported in `fmt` (e.g. SD3 single files)."""
     message = family.unsupported_options.get(f"export_{fmt}")
@@ -160,7 +173,11 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         names = kohya_names(output_dir, model_family, base_model)  # refuses families without a kohya layout
         path = out if out.endswith(".safetensors") else os.path.join(out, "lora_kohya.safetensors")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(lora_to_kohya(_load_lora(output_dir), names), path + ".tmp", metadata={"format": "pt"})
+        state = lora_to_kohya(_load_lora(output_dir), names)
+        embeddings = find_embeddings(output_dir)
+        if embeddings:  # pivotal tuning: the new tokens travel in the same file, as A1111 bundles them
+            state.update(kohya_bundle(embeddings))
+        save_file(state, path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
         return [path]
     os.makedirs(out, exist_ok=True)
@@ -168,7 +185,7 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         path = os.path.join(out, DIFFUSERS_LORA_NAME)
         save_file(lora_to_diffusers(_load_lora(output_dir)), path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
-        return [path]
+        return [path, *copy_embeddings(output_dir, out)]
     # The family's loader, not DiffusionPipeline's: it passes the components a folder may lack (SD3's T5).
     family = detect_family(output_dir)
     pipeline = family.load_pipeline(output_dir)
@@ -176,4 +193,5 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
     if prepare is not None:
         prepare(pipeline)
     pipeline.save_pretrained(out, to_diffusers=True)
+    copy_embeddings(output_dir, out)
     return [os.path.join(out, name) for name in sorted(os.listdir(out))]

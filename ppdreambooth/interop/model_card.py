@@ -65,6 +65,40 @@ def lora_loading(model_args, family, output_dir: str) -> list:
             f"anywhere: `{merged_command(output_dir)}`."]
 
 
+def pivotal_loading(model_args, family, output_dir: str) -> list:
+    """Model-card lines for pivotal tuning: the embeddings file and how ppdiffusers/diffusers load it."""
+    from ppdreambooth.modeling.pivotal import embeddings_path, spec_from_arguments
+
+    spec = spec_from_arguments(model_args)
+    path = embeddings_path(output_dir)
+    lines = ["## New tokens (pivotal tuning)", "",
+             f"`{spec.token_abstraction}` was trained as the new tokens `{spec.replacement}` in every CLIP text "
+             f"encoder (`{os.path.basename(path)}`); write `{spec.replacement}` where the prompt names the subject. "
+             "`python -m ppdreambooth.generate` loads them and rewrites the word itself."]
+    if not family.textual_inversion_loader:
+        keys = dict(family.textual_inversion_keys)
+        return lines + [
+            "", f"The `{family.pipeline_class}` of ppdiffusers 0.29 (and of diffusers) has no `load_textual_inversion`; "
+            "T5 reads the token strings as plain text. ppdreambooth's loader adds the tokens to both CLIP "
+            "tokenizers and encoders of a pipeline:", "", "```python",
+            "from ppdreambooth.modeling.pivotal import load_into_pipeline",
+            f"spec = load_into_pipeline(pipe, \"{path}\", {keys})",
+            f"image = pipe(spec.apply(\"a photo of {spec.token_abstraction} ...\")).images[0]", "```"]
+    lines += ["In ppdiffusers or diffusers:", "", "```python",
+              "from safetensors.paddle import load_file  # diffusers: safetensors.torch",
+              f"state = load_file(\"{path}\")"]
+    for n, (encoder, key) in enumerate(family.textual_inversion_keys.items()):
+        tokenizer = "tokenizer" if n == 0 else f"tokenizer_{n + 1}"
+        lines.append(f"pipe.load_textual_inversion(state[\"{key}\"], token={spec.tokens}, "
+                     f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
+    lines += [f"image = pipe(\"a photo of {spec.replacement} ...\").images[0]", "```"]
+    if model_args.use_lora:
+        lines += ["", f"With `--export_formats kohya` the tokens are bundled into the kohya LoRA file as "
+                      f"`bundle_emb.{spec.token_abstraction}.*` (A1111 then reads `{spec.token_abstraction}` in "
+                      "prompts as the tokens)."]
+    return lines
+
+
 def write_model_card(output_dir: str, model_args, data_args, args, global_step: int, family,
                      source: Optional[str] = None) -> str:
     """`source`: the model the user named, when training read it from somewhere else (a converted single file)."""
@@ -110,6 +144,8 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
     lines += ["- Training: " + ", ".join(settings), "", "## Use", "", "```bash", usage(model_args, output_dir), "```"]
     if model_args.use_lora:
         lines += ["", *lora_loading(model_args, family, output_dir)]
+    if getattr(model_args, "train_text_encoder_ti", False):
+        lines += ["", *pivotal_loading(model_args, family, output_dir)]
     images = latest_validation_images(output_dir)
     if images:
         lines += ["", f"## Validation images (`{args.validation_prompt}`)", ""]

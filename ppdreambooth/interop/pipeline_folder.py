@@ -30,8 +30,11 @@ def write_pipeline(model, base_model: str, out_dir: str, revision: Optional[str]
     # Components the model no longer holds (released after caching) are read again from the base model.
     family = model.family
     held = {}
+    # With pivotal tuning the model's tokenizers hold the new tokens, which its encoders' tables do not: the folder
+    # gets the base tokenizers, and the tokens are loaded from the embeddings file (`load_textual_inversion`).
+    pivotal = getattr(model, "pivotal_tokens", None) is not None
     for name in (family.denoiser, "vae", *family.text_encoders, *family.tokenizers):
-        if model.has_component(name):
+        if model.has_component(name) and not (pivotal and name in family.tokenizers):
             held[name] = getattr(model, name)
         elif name == "vae" and vae:  # the replacement VAE trained with (--pretrained_vae_model_name_or_path)
             held[name] = AutoencoderKL.from_pretrained(vae)

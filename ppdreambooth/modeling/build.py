@@ -12,6 +12,7 @@ from ppdreambooth.modeling.losses import MaskedLoss
 from ppdreambooth.modeling.lora import LoraSpec
 from ppdreambooth.modeling.model import DreamBoothModel
 from ppdreambooth.modeling.objectives import LossVariants, build_objective
+from ppdreambooth.modeling.pivotal import spec_from_arguments
 
 
 def fit_tokenizers(family: ModelFamily, components: dict, model_args: ModelArguments) -> None:
@@ -87,4 +88,5 @@ def build_model(
         recompute=recompute,
         memory_efficient_attention=memory_efficient_attention,
         masked_loss=masked_loss,
+        pivotal=spec_from_arguments(model_args),
     )

@@ -30,8 +30,10 @@ from ppdreambooth.families import ModelFamily
 from ppdreambooth.modeling.dora import add_dora
 from ppdreambooth.modeling.lora import LoraSpec, add_lora
 from ppdreambooth.modeling.losses import MaskedLoss, dreambooth_loss
+from ppdreambooth.modeling.pivotal import PivotalSpec, PivotalTokens
 
 logger = logging.getLogger(__name__)
+MAX_MEMOIZED_PROMPTS = 4096  # varied captions beyond this are encoded each time
 
 
 def freeze(layer: paddle.nn.Layer) -> None:
@@ -46,7 +48,8 @@ class DreamBoothModel(paddle.nn.Layer):
     noise/target/weighting (`modeling.objectives`); `with_prior_preservation`: batches are [instance; class] halves;
     `base_prediction_prior`: the class half repeats the instance latents under the class prompt and its target is
     the base model's own prediction (adapters off); `masked_loss`: the options of `--masked_loss`, whose batches
-    carry `loss_mask`."""
+    carry `loss_mask`; `pivotal`: new tokens trained as textual inversion in every CLIP encoder (pivotal tuning,
+    `modeling.pivotal`), held in the sub-layer `pivotal_tokens`."""
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class DreamBoothModel(paddle.nn.Layer):
         recompute: bool = False,
         memory_efficient_attention: bool = False,
         masked_loss: Optional[MaskedLoss] = None,
+        pivotal: Optional[PivotalSpec] = None,
     ):
         super().__init__()
         self.masked_loss = masked_loss
@@ -90,6 +94,10 @@ class DreamBoothModel(paddle.nn.Layer):
             else:
                 freeze(encoder)
                 self._frozen[name] = encoder
+        if pivotal is not None:  # after the LoRA adapters: their random start is the same with and without it
+            encoders = {n: components[n] for n in family.textual_inversion_keys}
+            tokenizers = {n: components[family.tokenizers[family.text_encoders.index(n)]] for n in encoders}
+            self.add_sublayer("pivotal_tokens", PivotalTokens(pivotal, encoders, tokenizers))
         vae_config = components["vae"].config
         self.scaling_factor = vae_config.scaling_factor
         self.shift_factor = vae_config.get("shift_factor", None) or 0.0  # SD3's VAE; SD/SDXL have none
@@ -110,6 +118,11 @@ class DreamBoothModel(paddle.nn.Layer):
     @property
     def denoiser(self) -> paddle.nn.Layer:
         return self._sub_layers[self.family.denoiser]
+
+    @property
+    def pivotal_tokens(self) -> Optional[PivotalTokens]:
+        """The new tokens of pivotal tuning (--train_text_encoder_ti), or None."""
+        return self._sub_layers.get("pivotal_tokens")
 
     @property
     def noise_scheduler(self):
@@ -135,7 +148,7 @@ class DreamBoothModel(paddle.nn.Layer):
 
     def trained_layers(self) -> Dict[str, paddle.nn.Layer]:
         """The denoiser and every trained text encoder, by component name (what LoRA adapters are saved from)."""
-        return dict(self._sub_layers)
+        return {name: layer for name, layer in self._sub_layers.items() if name != "pivotal_tokens"}
 
     def trainable_named_parameters(self) -> List[Tuple[str, paddle.Tensor]]:
         return [(n, p) for n, p in self.named_parameters() if not p.stop_gradient]
@@ -159,6 +172,8 @@ class DreamBoothModel(paddle.nn.Layer):
             ratio = text_encoder_learning_rate / learning_rate if learning_rate else 0.0
         for param in self.text_encoder_parameters():
             param.optimize_attr["learning_rate"] = ratio
+        if self.pivotal_tokens is not None:  # the new tokens are text-encoder weights too
+            self.pivotal_tokens.set_learning_rate_ratio(ratio)
 
     def trainable_state_dict(self) -> Dict[str, paddle.Tensor]:
         """What a checkpoint holds: the trained weights only (no frozen VAE or text encoder)."""
@@ -231,10 +246,38 @@ class DreamBoothModel(paddle.nn.Layer):
         """Token ids of `prompt` for every tokenizer of the family (numpy, one row)."""
         return self.family.tokenize(self.tokenizers, prompt)
 
+    def prompts_train(self) -> bool:
+        """True while a prompt's encoding depends on weights being trained (text encoders, or new tokens not frozen
+        yet): its gradient is needed and it cannot be cached."""
+        return bool(self.trained_text_encoders()) or (self.pivotal_tokens is not None and not self.pivotal_tokens.frozen)
+
+    def memoize_prompts(self) -> None:
+        """From now on encode each distinct prompt once and serve it again from memory, as long as nothing in the
+        text encoders trains (pivotal tuning, once its tokens freeze). Each prompt is encoded on its own, so the
+        values depend only on the prompt (not on the batch or on when the memo started: a resume gets the same)."""
+        self._prompt_memo = {}
+
+    @paddle.no_grad()
+    def _encode_memoized(self, tokens: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
+        rows = []
+        for i in range(next(iter(tokens.values())).shape[0]):
+            row = {k: v[i : i + 1] for k, v in tokens.items()}
+            key = b"".join(row[k].numpy().tobytes() for k in sorted(row))
+            encoded = self._prompt_memo.get(key)
+            if encoded is None:
+                with paddle.amp.auto_cast(enable=False):
+                    encoded = self.family.encode_prompt(self.text_encoders(), row, self.denoiser.config)
+                if len(self._prompt_memo) < MAX_MEMOIZED_PROMPTS:
+                    self._prompt_memo[key] = encoded
+            rows.append(encoded)
+        return {k: paddle.concat([r[k] for r in rows]) for k in rows[0]}
+
     def encode_prompts(self, tokens: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
         """The family's prompt conditioning (`prompt_embeds`, maybe `pooled_prompt_embeds`) for token ids."""
         config = self.denoiser.config
-        if self.trained_text_encoders():
+        if self.__dict__.get("_prompt_memo") is not None and not self.prompts_train():
+            return self._encode_memoized(tokens)
+        if self.prompts_train():
             return self.family.encode_prompt(self.text_encoders(), tokens, config)
         with paddle.no_grad(), paddle.amp.auto_cast(enable=False):
             return self.family.encode_prompt(self.text_encoders(), tokens, config)

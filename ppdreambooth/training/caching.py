@@ -92,7 +92,8 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
     """Cache what can be cached exactly for this run and release the encoders training no longer needs;
     returns a one-line report of what was cached (for the closing summary).
 
-    Prompt embeddings are cached when no text encoder trains. With `cache_latents_too` (the default; off with
+    Prompt embeddings are cached when no text encoder trains (with pivotal tuning, not while the new tokens train;
+    once they freeze the model encodes each distinct prompt once, `DreamBoothModel.memoize_prompts`). With `cache_latents_too` (the default; off with
     --no_cache_latents) the latents of every image whose crop is determined are cached, and the VAE is
     released once nothing is left to encode. `keep_encoders` parks released encoders on the CPU instead of
     dropping them (validation needs them).
@@ -103,6 +104,8 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
                     "encoded at each step and the text encoders stay on the training device")
         notes.append("prompts encoded at each step (shuffled or tag-dropped captions; the text encoders stay on "
                      "the device)")
+    elif not model.trained_text_encoders() and model.prompts_train():  # pivotal tuning: memoized once frozen
+        notes.append("prompts encoded at each step while the new tokens train")
     elif not model.trained_text_encoders():
         prompts = cache_prompt_embeddings(model, dataset)
         for name in reversed(model.family.text_encoders):  # the largest (SD3's T5) first
@@ -123,3 +126,4 @@ def cache_encodings(model: DreamBoothModel, dataset: DreamBoothDataset, cache_la
         report.append(f"latents of {encoded} of {total} image crops" + (" (VAE released)" if encoded == total else ""))
     give_back_freed_memory()  # the released encoders' pages: glibc would keep them (runtime.host_memory)
     return "; ".join(["cached " + (", ".join(report) if report else "nothing"), *notes])
+

@@ -31,6 +31,34 @@ class StopTextEncoderCallback(TrainerCallback):
         self._maybe_stop(state.global_step)
 
 
+class PivotalFreezeCallback(TrainerCallback):
+    """Freeze the new tokens of pivotal tuning after step int(--train_text_encoder_ti_frac x max_steps), also on a
+    resume past that step (before its first step), and from then on encode each distinct prompt once.
+
+    With one process the frozen tokens' prompts are then served from the model's memo (they get no gradient);
+    under data parallel they are still encoded each step with a zero rate, because every rank's reducer expects a
+    gradient for every trained parameter."""
+
+    def __init__(self, model, world_size: int = 1):
+        self.model, self.world_size = model, world_size
+        self.freeze_step = None
+
+    def _maybe_freeze(self, step: int) -> None:
+        tokens = self.model.pivotal_tokens
+        if tokens.frozen or step < self.freeze_step:
+            return
+        tokens.freeze()
+        if self.world_size <= 1:
+            self.model.memoize_prompts()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.freeze_step = self.model.pivotal_tokens.spec.freeze_step(state.max_steps)
+        self._maybe_freeze(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._maybe_freeze(state.global_step)
+
+
 class EMACallback(TrainerCallback):
     def __init__(self, ema: WeightEMA):
         self.ema = ema

@@ -92,10 +92,23 @@ def header(family, model_args, data_args, args, dataset, log_path: str) -> str:
         f"  data:      {photos} instance photo(s) in {len(dataset.concepts)} concept(s)"
         + (f", {classes} class image(s)" if classes else "") + f", {len(dataset)} examples per epoch",
         *caption_line,
+        *pivotal_line(model_args, args),
         f"  training:  {steps} steps, batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
         f"accumulation x {max(args.world_size, 1)} process(es), learning rate {args.learning_rate:g}, {precision}",
         f"  output:    {args.output_dir} (full log: {log_path})",
     ])
+
+
+def pivotal_line(model_args, args) -> list:
+    if not getattr(model_args, "train_text_encoder_ti", False):
+        return []
+    from ppdreambooth.modeling.pivotal import spec_from_arguments
+
+    spec = spec_from_arguments(model_args)
+    until = (f"until step {spec.freeze_step(args.max_steps)}" if args.max_steps > 0
+             else f"for {spec.train_fraction:g} of the run")
+    return [f"  pivotal:   {spec.token_abstraction!r} -> {spec.replacement} in the instance prompts; the new tokens "
+            f"train {until}, then freeze"]
 
 
 class ConsoleCallback(TrainerCallback):
@@ -113,6 +126,9 @@ class ConsoleCallback(TrainerCallback):
             parts += [f"{k.split('_', 1)[1]} {logs[k]:.4f}" for k in ("loss_instance", "loss_prior") if k in logs]
             if "learning_rate" in logs:
                 parts.append(f"lr {logs['learning_rate']:.3g}")
+            norms = [f"{logs[k]:.4f}" for k in sorted(logs) if k.startswith("ti_norm_")]
+            if norms:  # pivotal tuning: the new tokens' mean norm, per CLIP encoder
+                parts.append("token norm " + "/".join(norms))
             self._write(state, f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts))
 
     def on_save(self, args, state, control, **kwargs):

@@ -66,6 +66,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
     if model_args.tokenizer_name:
         check_tokenizer_path(model_args.tokenizer_name)
     check_family_options(family, model_args, data_args, args)
+    if model_args.train_text_encoder_ti:
+        check_pivotal(family, model_args, data_args, args, config_source)
     if args.eval_world:  # the subject must be one the toy world can score
         world_subject(*subject_words(data_args.concept_list[0].instance_prompt, args.eval_class_name))
     class_images = data_args.with_prior_preservation and data_args.prior_preservation_mode == "class_images"
@@ -141,3 +143,38 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
     for name, value in sides.items():
         if value is not None and value % step:
             raise ConfigError(f"--{name} {value}: {family.name} needs image sides that are multiples of {step}.")
+
+
+def check_pivotal(family: ModelFamily, model_args: ModelArguments, data_args: DataArguments,
+                  args: DreamBoothTrainingArguments, model_folder: str) -> None:
+    """--train_text_encoder_ti: the abstraction in an instance prompt, a freeze step after step 0, and token
+    strings that the (local) tokenizers do not already have."""
+    import json
+
+    from ppdreambooth.modeling.pivotal import spec_from_arguments
+
+    spec = spec_from_arguments(model_args)
+    if not any(spec.appears_in(c.instance_prompt) for c in data_args.concept_list):
+        raise ConfigError(f"--token_abstraction {spec.token_abstraction!r} does not appear (as a word) in the "
+                          f"instance prompt {data_args.concept_list[0].instance_prompt!r}: pivotal tuning replaces "
+                          "that word by the new tokens. Pass the identifier of your prompt, e.g. --token_abstraction "
+                          "sks for 'a photo of sks dog'.")
+    if args.max_steps > 0 and spec.freeze_step(args.max_steps) == 0:
+        raise ConfigError(f"--train_text_encoder_ti_frac {spec.train_fraction} of {args.max_steps} steps freezes the "
+                          "new tokens at step 0, before they train: raise the fraction or the number of steps.")
+    folders = [os.path.join(model_folder, name) for name in family.tokenizers[:len(family.textual_inversion_keys)]]
+    if model_args.tokenizer_name:
+        folders[0] = model_args.tokenizer_name
+    for folder in folders:
+        known = set()
+        for file_name in ("vocab.json", "added_tokens.json"):
+            path = os.path.join(folder, file_name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    known.update(json.load(f))
+        clash = [t for t in spec.tokens if t in known]
+        if clash:
+            raise ConfigError(f"--train_text_encoder_ti: the tokenizer {folder} already has {', '.join(clash)}; the "
+                              "new tokens need strings of their own. Train from a model without those tokens (not "
+                              "the output of an earlier pivotal-tuning run).")
+

@@ -3,7 +3,8 @@ on a shape mismatch (or silently training something else).
 
 Each checkpoint holds `run_settings.json` (written before its completion marker, so it is checksummed with the
 rest). Settings that decide the shape or meaning of the saved state must match to resume: the family, the base
-model and VAE, LoRA or full and the adapters' type (LoRA/DoRA), rank, alpha and targets, a trained text encoder, T5
+model and VAE, LoRA or full and the adapters' type (LoRA/DoRA), rank, alpha and targets, a trained text encoder,
+pivotal tuning and its number of new tokens, T5
 dropped, the precision, the optimizer, EMA, and the number of processes (each has its own RNG state and data
 shard). Anything else — learning rate, steps, logging, validation — may change freely. Photos added or removed since the checkpoint
 do not stop the run, but the data order then differs from the run that wrote it, and the user is told so.
@@ -31,6 +32,8 @@ MUST_MATCH = {
     "lora_alpha": "--lora_alpha",
     "lora_layers": "--lora_layers",
     "train_text_encoder": "--train_text_encoder",
+    "train_text_encoder_ti": "--train_text_encoder_ti",
+    "num_new_tokens_per_abstraction": "--num_new_tokens_per_abstraction",
     "drop_t5": "--drop_t5",
     "precision": "--mixed_precision",
     "optim": "--optim",
@@ -62,6 +65,9 @@ def current_settings(model_args, args, family, instance_files: Sequence[Sequence
         "lora_alpha": model_args.lora_alpha if lora else None,
         "lora_layers": model_args.lora_layers if lora else None,
         "train_text_encoder": model_args.train_text_encoder,
+        "train_text_encoder_ti": model_args.train_text_encoder_ti,
+        "num_new_tokens_per_abstraction": (model_args.num_new_tokens_per_abstraction
+                                           if model_args.train_text_encoder_ti else None),
         "drop_t5": model_args.drop_t5,
         "precision": precision if precision == "no" else f"{precision} {args.fp16_opt_level}",
         "optim": str(getattr(args.optim, "value", args.optim)),

@@ -5,6 +5,7 @@ others."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -29,12 +30,14 @@ from ppdreambooth.modeling.build import build_model
 from ppdreambooth.modeling.ema import WeightEMA
 from ppdreambooth.modeling.losses import MaskedLoss
 from ppdreambooth.modeling.model import DreamBoothModel
+from ppdreambooth.modeling.pivotal import spec_from_arguments
 from ppdreambooth.modeling.schedulefree import ScheduleFreeWeights
 from ppdreambooth.runtime import nodes, phases, ranks, run_lock
 from ppdreambooth.runtime.nonfinite import NonFiniteLossError
 from ppdreambooth.runtime.signals import ENDING, FINISHING, TrainingInterrupted, graceful_stop
 from ppdreambooth.training.caching import cache_encodings
-from ppdreambooth.training.callbacks import EMACallback, PhaseCallback, StopTextEncoderCallback
+from ppdreambooth.training.callbacks import (EMACallback, PhaseCallback, PivotalFreezeCallback,
+                                             StopTextEncoderCallback)
 from ppdreambooth.training.console import ConsoleCallback, header, quiet_console
 from ppdreambooth.training.fidelity_callback import fidelity_callback_for
 from ppdreambooth.training.preflight import CheckedInputs, check_inputs
@@ -102,7 +105,10 @@ def prepare_class_images(family: ModelFamily, model_args: ModelArguments, data_a
 
 
 def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_photos, class_photos):
-    """One ConceptData per concept; sizes are the training size or, with buckets, each image's bucket."""
+    """One ConceptData per concept; sizes are the training size or, with buckets, each image's bucket. With pivotal
+    tuning the instance prompts and captions read the new tokens in place of the abstraction (class prompts not)."""
+    spec = model.pivotal_tokens.spec if model.pivotal_tokens is not None else None
+    instance_tokenize = model.tokenize if spec is None else (lambda text: model.tokenize(spec.apply(text)))
     if data_args.enable_bucket:
         buckets = make_buckets(data_args.resolution, data_args.min_bucket_reso, data_args.max_bucket_reso,
                                data_args.bucket_reso_steps)
@@ -115,7 +121,7 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_pho
 
     concepts = []
     for n, concept in enumerate(data_args.concept_list):
-        instance = load_image_set(instance_photos[n], concept.instance_prompt, model.tokenize, size_of,
+        instance = load_image_set(instance_photos[n], concept.instance_prompt, instance_tokenize, size_of,
                                   data_args.caption_extension)
         prior, mirrored = None, model.base_prediction_prior
         if mirrored:  # the instance examples again, under the class prompt
@@ -127,7 +133,7 @@ def build_dataset(model: DreamBoothModel, data_args: DataArguments, instance_pho
                               keep_tokens=data_args.keep_tokens, tag_dropout_rate=data_args.caption_tag_dropout_rate)
     return DreamBoothDataset(concepts, center_crop=data_args.center_crop or data_args.enable_bucket,
                              random_flip=data_args.random_flip, size_conditioning=model.family.size_conditioning,
-                             captions=captions, tokenize=model.tokenize,
+                             captions=captions, tokenize=instance_tokenize,
                              mask_factor=model.vae_scale_factor if data_args.masked_loss else None)
 
 
@@ -205,6 +211,11 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     if data_args.with_prior_preservation and not base_prediction:
         class_photos = prepare_class_images(family, model_args, data_args, args)
         phases.mark("class images")
+    pivotal = spec_from_arguments(model_args)
+    if pivotal is not None:  # the identifier becomes the new tokens wherever the subject is prompted
+        data_args.concept_list = [dataclasses.replace(c, instance_prompt=pivotal.apply(c.instance_prompt))
+                                  for c in data_args.concept_list]
+        args.validation_prompt = pivotal.apply(args.validation_prompt)
     paddle.seed(args.seed)  # LoRA layers are initialised at random: the same seed gives the same start
     with paddle.utils.unique_name.guard():  # parameter names (and so optimizer state keys) start from zero
         model = build_model(
@@ -239,6 +250,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
         callbacks.append(EMACallback(ema))  # before validation: images use the updated average
     if args.stop_text_encoder_training is not None:
         callbacks.append(StopTextEncoderCallback(model, args.stop_text_encoder_training))
+    if pivotal is not None:
+        callbacks.append(PivotalFreezeCallback(model, args.world_size))
     if validating:
         callbacks.append(ValidationCallback(model, averaged))
     fidelity = fidelity_callback_for(model, data_args, args, instance_photos[0], averaged)

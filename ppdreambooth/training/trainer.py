@@ -6,7 +6,7 @@ What it changes, and why:
   2.8.1 builds only AdamW) and clips gradients with `clipping.GlobalNormClip` (Paddle's global-norm clip, bit for
   bit, in about half its time); with schedule-free AdamW `create_scheduler` gives a constant rate and the
   optimizer applies the warmup itself.
-- `log` adds the instance and prior losses, with Prodigy its step-size estimate `prodigy_d`, with schedule-free
+- `log` adds the instance and prior losses, with pivotal tuning the mean norm of the new token vectors, with Prodigy its step-size estimate `prodigy_d`, with schedule-free
   AdamW its warmed-up rate `schedulefree_lr`.
 - `_get_train_sampler` returns a sampler whose order and augmentations depend only on (seed, epoch).
 - `_save` writes only trained weights into checkpoints (the stock one dumps the frozen VAE and text
@@ -44,6 +44,7 @@ from ppdreambooth.runtime.streamed_save import save_checkpoint_object
 from ppdreambooth.runtime.nonfinite import NonFiniteGuard, innermost_optimizer
 from ppdreambooth.modeling.adamw8bit import AdamW8bit
 from ppdreambooth.modeling.optimizers import Adafactor
+from ppdreambooth.modeling.pivotal import save_embeddings
 from ppdreambooth.modeling.prodigy import Prodigy
 from ppdreambooth.modeling.schedulefree import AdamWScheduleFree
 from ppdreambooth.runtime.checkpoints import (
@@ -121,6 +122,9 @@ class DreamBoothTrainer(Trainer):
         optimizer = innermost_optimizer(self.optimizer) if self.optimizer is not None else None
         if "loss" in logs and isinstance(optimizer, Prodigy):
             logs["prodigy_d"] = optimizer.d  # its step size is d x the logged learning rate
+        tokens = self.model.pivotal_tokens
+        if "loss" in logs and tokens is not None:  # pivotal tuning: how far the new tokens have grown
+            logs.update({f"ti_norm_{name}": round(norm, 6) for name, norm in tokens.norms().items()})
         if "loss" in logs and isinstance(optimizer, AdamWScheduleFree):
             logs["schedulefree_lr"] = optimizer.scheduled_lr  # the logged learning rate is the one after warmup
         super().log(logs, **kwargs)
@@ -244,6 +248,8 @@ class DreamBoothTrainer(Trainer):
             else:  # the final model
                 write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision,
                                vae=self.base_vae)
+            if self.model.pivotal_tokens is not None:  # the new tokens, as textual-inversion loaders read them
+                save_embeddings(self.model.pivotal_tokens, self.model.family.textual_inversion_keys, output_dir)
         except OSError as e:
             for staging in (STAGING_NAME, LORA_STAGING_NAME):  # half-written files go; the space comes back
                 shutil.rmtree(os.path.join(output_dir, staging), ignore_errors=True)

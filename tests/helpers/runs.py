@@ -39,3 +39,10 @@ def truncate_run_to(run_dir, step, dest):
         keep = name.startswith("checkpoint-") and int(name.split("-")[1]) <= step
         if not keep and name != "logs":
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def client_script(torch_python, script, *args):
+    """Run tests/helpers/<script> in the PyTorch client (it never imports Paddle)."""
+    path = os.path.join(ROOT, "tests", "helpers", script)
+    result = subprocess.run([torch_python, path, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
