@@ -79,9 +79,18 @@ class ModelArguments:
     )
     lora_type: str = field(
         default="lora",
-        metadata={"help": "With --use_lora: lora (the default) or dora (DoRA: the adapted weight is renormalised per "
+        metadata={"help": "With --use_lora: lora (the default), dora (DoRA: the adapted weight is renormalised per "
                           "output feature and scaled by a trained magnitude, one number per output feature; "
-                          "diffusers' --use_dora).", "choices": ["lora", "dora"]},
+                          "diffusers' --use_dora), loha (LyCORIS LoHa: dW = (w1a w1b) * (w2a w2b) elementwise "
+                          "* alpha/rank) or lokr (LyCORIS LoKr: dW = kron(w1, w2), w2 low rank when the rank is "
+                          "small; see --lokr_factor). LoHa/LoKr load in ComfyUI/WebUI (export kohya) or merged, "
+                          "not in diffusers.", "choices": ["lora", "dora", "loha", "lokr"]},
+    )
+    lokr_factor: int = field(
+        default=-1,
+        metadata={"help": "With --lora_type lokr: how each weight dimension is split for the Kronecker product, "
+                          "LyCORIS's `factor`: -1 (the default) splits near the square root (128 -> 8 x 16), "
+                          "f > 0 splits off f where it divides (128, 4 -> 4 x 32)."},
     )
     lora_rank: int = field(default=4, metadata={"help": "Rank of the LoRA matrices (also --rank)."})
     lora_alpha: Optional[float] = field(
@@ -181,6 +190,9 @@ class ModelArguments:
         if self.lora_type != "lora" and not self.use_lora:
             raise ConfigError(f"--lora_type {self.lora_type} is a kind of LoRA adapter; it needs --use_lora (or "
                               "python -m ppdreambooth.train_lora).")
+        if self.lokr_factor != -1 and self.lora_type != "lokr":
+            raise ConfigError(f"--lokr_factor {self.lokr_factor} splits LoKr's Kronecker factors; it needs "
+                              "--lora_type lokr.")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
 

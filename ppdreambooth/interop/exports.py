@@ -17,6 +17,7 @@ from ppdreambooth.interop.model_card import read_model_card
 from ppdreambooth.interop.single_file import write_single_file
 from ppdreambooth.interop.weights import lora_state_in_torch_layout
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, MAGNITUDE, to_peft_keys
+from ppdreambooth.modeling.lycoris import is_lycoris_state, lycoris_export_problem
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 
@@ -50,6 +51,23 @@ def lora_to_kohya(state: Dict[str, np.ndarray],
         if kind.startswith("A"):
             out[f"{name}.alpha"] = np.asarray(value.shape[0], dtype=np.float32)  # rank: scale 1
     return out
+
+
+def lycoris_to_kohya(state: Dict[str, np.ndarray],
+                     name_of: Callable[[str, str], str] = sd_kohya_name) -> Dict[str, np.ndarray]:
+    """LoHa/LoKr adapters `<component>.<module>.<key>` -> `<name_of(component, module)>.<key>`, the layout of a
+    LyCORIS file (`lora_unet_*.hada_w1_a`, `.lokr_w1`, ..., `.alpha`) that ComfyUI and WebUI read. The matrices are
+    saved in PyTorch's layout already; they are written as they are."""
+    out = {}
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        out[f"{name_of(component, module)}.{kind}"] = np.ascontiguousarray(value)
+    return out
+
+
+def lycoris_type(state) -> str:
+    return "loha" if any(k.endswith(".hada_w1_a") for k in state) else "lokr"
 
 
 def lora_to_diffusers(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -138,6 +156,12 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         refuse_unsupported(family, fmt)
         path = out if out.endswith(".safetensors") else os.path.join(out, "model.safetensors")
         return [write_single_file(output_dir, path, family)]
+    if is_lora and fmt in ("diffusers", "kohya") and is_lycoris_state(_load_lora(output_dir)):
+        state = _load_lora(output_dir)
+        family = lora_family(output_dir, model_family, base_model)
+        problem = lycoris_export_problem(fmt, lycoris_type(state), family.name)
+        if problem:
+            raise ExportError(f"--format {fmt}: {problem}")
     if fmt == "merged":
         if not is_lora:
             raise ExportError("--format merged folds LoRA adapters into the base model; this run is a full "
@@ -153,7 +177,9 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         names = kohya_names(output_dir, model_family, base_model)  # refuses families without a kohya layout
         path = out if out.endswith(".safetensors") else os.path.join(out, "lora_kohya.safetensors")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file(lora_to_kohya(_load_lora(output_dir), names), path + ".tmp", metadata={"format": "pt"})
+        state = _load_lora(output_dir)
+        kohya = lycoris_to_kohya(state, names) if is_lycoris_state(state) else lora_to_kohya(state, names)
+        save_file(kohya, path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
         return [path]
     os.makedirs(out, exist_ok=True)

@@ -1,6 +1,7 @@
 """The model card (`output_dir/README.md`) and the closing summary printed after training."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Dict, List, Optional
@@ -49,10 +50,37 @@ def dora_loading(output_dir: str) -> list:
             "`pipe.load_lora_weights(<folder>)`."]
 
 
+def lycoris_kind(model_args) -> str:
+    """"LoHa" / "LoKr" for a LyCORIS run, "" otherwise."""
+    lora_type = getattr(model_args, "lora_type", "lora") if model_args.use_lora else ""
+    return {"loha": "LoHa", "lokr": "LoKr"}.get(lora_type, "")
+
+
+def lycoris_loading(kind: str, output_dir: str, family) -> list:
+    kohya = (f" For ComfyUI and AUTOMATIC1111's WebUI: `python -m ppdreambooth.export {output_dir} --format kohya "
+             "--out <file>.safetensors` writes the LyCORIS keys they read (`lora_unet_*.hada_w1_a` ..., "
+             "`.lokr_w1` ...)." if family.name != "sd3" else "")
+    return [f"These are LyCORIS {kind} adapters. Neither ppdiffusers nor diffusers can load {kind} "
+            "(`load_lora_weights` reads LoRA keys only). Use `python -m ppdreambooth.generate` (it folds them into "
+            f"the weights), or write a full pipeline folder that loads anywhere: `{merged_command(output_dir)}`."
+            + kohya]
+
+
+def adapter_size(path: str) -> str:
+    """"N parameters, X MB" of a saved adapter file (LyCORIS's `.alpha` scalars are settings, not counted)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".alpha"))
+    return f"{count:,} parameters, {os.path.getsize(path) / 1e6:.2f} MB"
+
+
 def lora_loading(model_args, family, output_dir: str) -> list:
     """Model-card lines: how to load the adapters, in plain ppdiffusers first."""
     if is_dora(model_args):
         return dora_loading(output_dir)
+    if lycoris_kind(model_args):
+        return lycoris_loading(lycoris_kind(model_args), output_dir, family)
     base = model_args.pretrained_model_name_or_path
     load = [f"pipe = DiffusionPipeline.from_pretrained(\"{base}\")", f"pipe.load_lora_weights(\"{output_dir}\")", "```"]
     if not needs_peft_backend(model_args, family):
@@ -69,8 +97,10 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
                      source: Optional[str] = None) -> str:
     """`source`: the model the user named, when training read it from somewhere else (a converted single file)."""
     base = source or model_args.pretrained_model_name_or_path
-    kind = "DoRA" if is_dora(model_args) else "LoRA"
-    extra = "; LoRA plus a trained magnitude per output feature" if kind == "DoRA" else ""
+    kind = "DoRA" if is_dora(model_args) else lycoris_kind(model_args) or "LoRA"
+    extra = {"DoRA": "; LoRA plus a trained magnitude per output feature",
+             "LoHa": "; LyCORIS, dW = (w1_a w1_b) * (w2_a w2_b) * alpha/rank",
+             "LoKr": f"; LyCORIS, dW = kron(w1, w2), factor {getattr(model_args, 'lokr_factor', -1)}"}.get(kind, "")
     mode = (f"{kind} (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}{extra}), "
             f"file `{LORA_WEIGHTS_NAME}`" if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
     lines = [
@@ -78,7 +108,8 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
         f"base_model: {base}",
         "library_name: ppdiffusers",
         f"tags: [{family.card_tag}, dreambooth, ppdreambooth" + (", lora" if model_args.use_lora else "")
-        + (", dora]" if is_dora(model_args) else "]"),
+        + (", dora]" if is_dora(model_args) else f", lycoris, {lycoris_kind(model_args).lower()}]"
+           if lycoris_kind(model_args) else "]"),
         "---",
         "",
         "# DreamBooth model trained with ppdreambooth",
@@ -135,7 +166,10 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
         f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in args.export_format_list) or 'none (--export_formats)'}",
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
         *([f"  caching:     {cached}"] if cached else []),
-        *([f"  loading:     DoRA: not by ppdiffusers' load_lora_weights (it drops the magnitudes); "
+        *([f"  adapters:    {adapter_size(what)}"] if model_args.use_lora and os.path.isfile(what) else []),
+        *([f"  loading:     {lycoris_kind(model_args)}: not by ppdiffusers' or diffusers' load_lora_weights; "
+           f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if lycoris_kind(model_args) else
+          [f"  loading:     DoRA: not by ppdiffusers' load_lora_weights (it drops the magnitudes); "
            f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if is_dora(model_args) else
           [f"  loading:     needs ppdiffusers' peft backend (import ppdreambooth first); or {merged_command(output_dir)}"]
           if model_args.use_lora and family is not None and needs_peft_backend(model_args, family) else

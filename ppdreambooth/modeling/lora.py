@@ -35,7 +35,8 @@ class LoraSpec:
     rank: int
     alpha: float
     denoiser_targets: Tuple[str, ...] = ()
-    lora_type: str = "lora"  # or "dora" (ppdreambooth.modeling.dora)
+    lora_type: str = "lora"  # or "dora" (ppdreambooth.modeling.dora), "loha" / "lokr" (modeling.lycoris)
+    lokr_factor: int = -1  # LoKr's split of each dimension (modeling.lycoris.factorization)
 
 
 def lora_config(rank: int, alpha: float, targets):
@@ -98,16 +99,35 @@ def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], 
     `unet.load_attn_procs`) and under the peft backend, where peft names crash the plain loader. Text
     encoders and SD3's transformer keep peft names: ppdiffusers 0.29 loads them only under its peft backend.
     """
+    from ppdreambooth.modeling.lycoris import lycoris_layers
+
     staging = os.path.join(out_dir, LORA_STAGING_NAME)
     shutil.rmtree(staging, ignore_errors=True)
-    states = {name: adapter_state_dict(layer, rank, alpha) for name, layer in layers.items()}
-    if family.legacy_lora_keys:
-        states[family.denoiser] = to_legacy_keys(states[family.denoiser])
-    family.save_lora(staging, LORA_WEIGHTS_NAME, states)
+    if any(lycoris_layers(layer) for layer in layers.values()):
+        save_lycoris_weights(os.path.join(staging, LORA_WEIGHTS_NAME), layers)
+    else:
+        states = {name: adapter_state_dict(layer, rank, alpha) for name, layer in layers.items()}
+        if family.legacy_lora_keys:
+            states[family.denoiser] = to_legacy_keys(states[family.denoiser])
+        family.save_lora(staging, LORA_WEIGHTS_NAME, states)
     target = os.path.join(out_dir, LORA_WEIGHTS_NAME)
     os.replace(os.path.join(staging, LORA_WEIGHTS_NAME), target)
     shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def save_lycoris_weights(path: str, layers: Dict[str, paddle.nn.Layer]) -> None:
+    """LoHa/LoKr adapters (`modeling.lycoris`) as `<component>.<module>.<LyCORIS key>` in PyTorch's layout (the
+    matrices as LyCORIS files hold them) plus `.alpha`; ppdiffusers cannot load these (its loaders know LoRA
+    only): `ppdreambooth.generate`/`evaluate` and `export --format merged` fold them into the base weights."""
+    from safetensors.numpy import save_file
+
+    from ppdreambooth.modeling.lycoris import lycoris_state_dict
+
+    state = {f"{component}.{key}": value for component, layer in layers.items()
+             for key, value in lycoris_state_dict(layer).items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(state, path, metadata={"format": "pt"})
 
 
 def lora_parameter_count(rank: int, unet_config: dict, dora: bool = False) -> int:

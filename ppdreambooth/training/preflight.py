@@ -33,6 +33,7 @@ from ppdreambooth.families.checks import (
     check_vae_path,
 )
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.modeling.lycoris import LYCORIS_TYPES, lycoris_export_problem
 from ppdreambooth.training.folders import check_folders_apart, check_writable
 from ppdreambooth.training.resume_settings import check_resume, class_files_now, current_settings
 from ppdreambooth.runtime.checkpoints import is_complete, newest_good_checkpoint, verify_checkpoint
@@ -215,6 +216,10 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
     if model_args.pretrained_model_name_or_path.endswith(".safetensors") and "single_file" in unsupported:
         raise ConfigError(f"training from a single-file checkpoint: {unsupported['single_file']}")
     for fmt in args.export_format_list:
+        lycoris = model_args.use_lora and model_args.lora_type in LYCORIS_TYPES
+        problem = lycoris_export_problem(fmt, model_args.lora_type, family.name) if lycoris else ""
+        if problem:
+            raise ConfigError(f"--export_formats {fmt}: {problem}")
         if f"export_{fmt}" in unsupported:
             raise ConfigError(f"--export_formats {fmt}: {unsupported[f'export_{fmt}']}")
     if data_args.prior_preservation_mode == "base_prediction":

@@ -1,0 +1,154 @@
+"""LyCORIS LoHa and LoKr (`--lora_type loha|lokr`): the layers against NumPy transcriptions of the published formulas,
+LyCORIS's factorisation, the base model exactly at initialisation, only adapter weights trained, the merged export
+equal to the adapted model, the kohya/LyCORIS file read back the way ComfyUI reads it, exact resume, generate, and
+bad flags refused before any model loads."""
+import json
+
+import numpy as np
+import paddle
+import pytest
+from safetensors.numpy import load_file
+
+from helpers.models import collate, make_model
+from helpers.runs import run_module, train_argv, truncate_run_to
+from ppdreambooth import train
+from ppdreambooth.errors import ConfigError, ExportError
+from ppdreambooth.interop.exports import export
+from ppdreambooth.interop.merge import load_adapters, write_merged
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, save_lora_weights
+from ppdreambooth.modeling.lycoris import (LohaLinear, LokrLinear, add_lycoris, factorization, lokr_shapes,
+                                           lycoris_state_dict, switch_adapters)
+
+
+# ----- NumPy transcriptions of the formulas (PyTorch layout: W [out, in]) --------------------------------------------
+def numpy_loha(p, alpha):
+    rank = p["hada_w1_b"].shape[0]
+    return (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * alpha / rank
+
+
+def numpy_lokr(p, alpha):
+    if "lokr_w2" in p:
+        return np.kron(p["lokr_w1"], p["lokr_w2"])
+    rank = p["lokr_w2_b"].shape[0]
+    return np.kron(p["lokr_w1"], p["lokr_w2_a"] @ p["lokr_w2_b"]) * alpha / rank
+
+
+def comfyui_merge(kohya_file, name, weight_t, strength=1.0):
+    """ComfyUI's reading of one module of a LyCORIS file (comfy/weight_adapter loha.py / lokr.py): LoHa scale
+    alpha / hada_w1_b.shape[0]; LoKr alpha / (w2_b or w1_b).shape[0] when a factor is low rank, else 1; ΔW reshaped
+    to the weight's shape and added times the strength."""
+    f = {k[len(name) + 1:]: v.astype(np.float64) for k, v in kohya_file.items() if k.startswith(name + ".")}
+    alpha = float(f["alpha"]) if "alpha" in f else None
+    if "hada_w1_a" in f:
+        dim = f["hada_w1_b"].shape[0]
+        diff = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+    else:
+        dim = None
+        w1 = f["lokr_w1"]
+        if "lokr_w2" in f:
+            w2 = f["lokr_w2"]
+        else:
+            dim = f["lokr_w2_b"].shape[0]
+            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+        diff = np.kron(w1, w2)
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return weight_t + strength * scale * diff.reshape(weight_t.shape)
+
+
+class Block(paddle.nn.Layer):
+    def __init__(self, fan_in, fan_out):
+        super().__init__()
+        self.proj = paddle.nn.Linear(fan_in, fan_out)
+        self.conv = paddle.nn.Conv2D(3, 4, 3)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def adapted_block(kind, fan_in=12, fan_out=8, rank=2, alpha=6.0, factor=-1, seed=0):
+    """A Linear with `kind` adapters whose matrices are all random (no zero factor) and them as NumPy arrays."""
+    paddle.seed(seed)
+    with paddle.utils.unique_name.guard():
+        block = Block(fan_in, fan_out)
+        add_lycoris(block, ["proj"], kind, rank, alpha, factor)
+    rng = np.random.RandomState(seed)
+    arrays = {}
+    with paddle.no_grad():
+        for name, param in block.proj.named_parameters(include_sublayers=False):
+            arrays[name] = (rng.standard_normal(param.shape) * 0.5).astype("float32")
+            param.set_value(arrays[name])
+        block.proj.base_layer.bias.set_value(rng.standard_normal(fan_out).astype("float32"))
+    return block, arrays
+
+
+@pytest.mark.parametrize("kind, rank, factor, keys", [
+    ("loha", 2, -1, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
+    ("lokr", 1, -1, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),  # 12 x 8 -> (3, 4) x (2, 4): rank 1 < 4 / 2
+    ("lokr", 4, -1, {"lokr_w1", "lokr_w2"}),  # rank 4 >= max(4, 4) / 2: w2 is a full matrix
+    ("lokr", 1, 2, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),  # factor 2: (2, 6) x (2, 4)
+], ids=["loha", "lokr_low_rank_w2", "lokr_full_w2", "lokr_factor_2"])
+def test_the_layer_computes_the_published_formula(kind, rank, factor, keys):
+    block, p = adapted_block(kind, rank=rank, alpha=6.0, factor=factor)
+    assert set(p) == keys
+    x = np.random.RandomState(1).standard_normal((5, 12)).astype("float32")
+    weight = block.proj.base_layer.weight.numpy().astype(np.float64)  # Paddle: [in, out]
+    bias = block.proj.base_layer.bias.numpy()
+    delta = numpy_loha(p, 6.0) if kind == "loha" else numpy_lokr(p, 6.0)
+    assert delta.shape == (8, 12)  # [out, in]
+    want = x @ (weight + delta.T) + bias
+    got = block(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - (x @ weight + bias)).max() > 1e-2  # the adapter does something
+    # the full-w2 LoKr has scale 1 whatever alpha is (as LyCORIS and ComfyUI), the others alpha / rank
+    expected_scale = 1.0 if "lokr_w2" in p else 6.0 / rank
+    assert block.proj.scale == expected_scale
+
+
+def test_lokr_factorisation_follows_lycoris():
+    # LyCORIS's documented examples (lycoris/functional/general.py `factorization` docstring)
+    assert [factorization(d) for d in (127, 128, 250, 512, 1024)] == [(1, 127), (8, 16), (10, 25), (16, 32),
+                                                                       (32, 32)]
+    assert [factorization(d, 4) for d in (127, 128, 250, 360, 512)] == [(1, 127), (4, 32), (2, 125), (4, 90),
+                                                                        (4, 128)]
+    assert factorization(360, 8) == (8, 45) and factorization(1024, 16) == (16, 64)
+    # SD 1.5's 320-wide attention: w1 (16, 16), w2 low rank at rank 4 -> (20, 4) @ (4, 20)
+    assert lokr_shapes(320, 320, 4, -1) == {"lokr_w1": (16, 16), "lokr_w2_a": (20, 4), "lokr_w2_b": (4, 20)}
+    assert lokr_shapes(320, 768, 4, 8) == {"lokr_w1": (8, 8), "lokr_w2_a": (40, 4), "lokr_w2_b": (4, 96)}
+
+
+@pytest.mark.parametrize("kind, rank", [("loha", 3), ("lokr", 1), ("lokr", 8)])
+def test_at_initialisation_the_layer_is_the_base_layer_bit_for_bit_and_switches_off(kind, rank):
+    paddle.seed(0)
+    with paddle.utils.unique_name.guard():
+        block = Block(12, 8)
+        add_lycoris(block, ["proj"], kind, rank, 4.0)
+    layer = block.proj
+    assert isinstance(layer, LohaLinear if kind == "loha" else LokrLinear)
+    assert layer.base_layer.weight.stop_gradient and not any(
+        p.stop_gradient for p in layer.parameters(include_sublayers=False))
+    x = paddle.randn([4, 12])
+    assert np.array_equal(block(x).numpy(), layer.base_layer(x).numpy())
+    assert not np.any(layer.delta().numpy())
+    # a gradient reaches the zero factor: training can move it
+    block(x).sum().backward()
+    zero = "hada_w2_a" if kind == "loha" else "lokr_w2" if rank == 8 else "lokr_w2_b"
+    assert np.abs(getattr(layer, zero).grad.numpy()).max() > 0
+    adapted, _ = adapted_block(kind, rank=rank)
+    base = adapted.proj.base_layer(x).numpy()
+    switch_adapters(adapted, False)
+    assert np.array_equal(adapted(x).numpy(), base)
+    switch_adapters(adapted, True)
+    assert np.abs(adapted(x).numpy() - base).max() > 1e-2
+
+
+def test_a_convolution_named_as_a_target_is_refused():
+    with paddle.utils.unique_name.guard(), pytest.raises(ConfigError, match="Linear layers only; conv is a Conv2D"):
+        add_lycoris(Block(7, 5), ["conv"], "loha", 2, 2.0)
+
+
+def test_the_saved_state_holds_lycoris_names_in_pytorch_layout():
+    block, p = adapted_block("lokr", rank=1, alpha=3.0)
+    state = lycoris_state_dict(block)
+    assert set(state) == {f"proj.{k}" for k in p} | {"proj.alpha"}
+    assert float(state["proj.alpha"]) == 3.0
+    assert state["proj.lokr_w1"].shape == (2, 3) and state["proj.lokr_w2_a"].shape == (4, 1)  # [a, c], [b, r]
