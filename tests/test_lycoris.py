@@ -152,3 +152,81 @@ def test_the_saved_state_holds_lycoris_names_in_pytorch_layout():
     assert set(state) == {f"proj.{k}" for k in p} | {"proj.alpha"}
     assert float(state["proj.alpha"]) == 3.0
     assert state["proj.lokr_w1"].shape == (2, 3) and state["proj.lokr_w2_a"].shape == (4, 1)  # [a, c], [b, r]
+
+
+# ----- every family ----------------------------------------------------------------------------------------------
+TEXT_ENCODERS = {"sd": True, "sdxl": True, "sd3": False}  # SD3 LoRA trains the transformer only
+
+
+def dataset_of(model, photos):
+    from ppdreambooth.data.dataset import ConceptData, DreamBoothDataset
+    from ppdreambooth.data.images import list_image_files
+    from ppdreambooth.data.photos import load_image_set
+
+    files = list_image_files(photos)
+    instance = load_image_set(files, "a photo of sks dog", model.tokenize, lambda h, w: (64, 64))
+    prior = load_image_set(files[::-1], "a photo of dog", model.tokenize, lambda h, w: (64, 64))
+    return DreamBoothDataset([ConceptData(instance, prior)], center_crop=True, random_flip=False,
+                             size_conditioning=model.family.size_conditioning)
+
+
+def loss_of(model, batch):
+    paddle.seed(11)
+    with paddle.no_grad():
+        return model(**batch)["loss"].numpy()
+
+
+def all_adapters(model, on):
+    for layer in model.trained_layers().values():
+        switch_adapters(layer, on)
+
+
+ADAPTER_KEYS = ("hada_", "lokr_")
+
+
+@pytest.mark.slow  # builds three models per family and kind
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_every_family_starts_as_its_base_trains_only_adapters_and_merges(kind, family_model, photos, tmp_path):
+    family, path = family_model
+    base = make_model(path, prior=True)
+    model = make_model(path, prior=True, use_lora=True, lora_type=kind, lora_rank=2, lora_alpha=4.0,
+                       train_text_encoder=TEXT_ENCODERS[family])
+    dataset = dataset_of(model, photos)
+    batch = collate([dataset[(0, 1)], dataset[(1, 2)]])
+    assert np.array_equal(loss_of(model, batch), loss_of(base, batch))  # the base model, bit for bit
+
+    named = dict(model.trainable_named_parameters())
+    assert named and all(any(k in n for k in ADAPTER_KEYS) for n in named)  # only adapter matrices train
+    assert {n.split(".")[0] for n in named} == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl"
+                                                else {"unet", "text_encoder"} if family == "sd" else {"transformer"})
+    before = {n: p.numpy().copy() for n, p in named.items()}
+    frozen = {f"{c}.{k}": v.numpy().copy() for c, layer in model.trained_layers().items()
+              for k, v in layer.state_dict().items() if not any(a in k for a in ADAPTER_KEYS)}
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-2, parameters=model.trainable_parameters())
+    model.train()
+    for step in range(3):
+        paddle.seed(step)
+        model(**batch)["loss"].backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    model.eval()
+    moved = {n for n, p in named.items() if not np.array_equal(p.numpy(), before[n])}
+    # SDXL reads the penultimate layer of its first text encoder: its last layer's adapters get no gradient
+    unused = {"sdxl": ("text_encoder.text_model.encoder.layers.4.",)}.get(family, ())
+    assert set(named) - moved == {n for n in named if any(u in n for u in unused)}
+    now = {f"{c}.{k}": v.numpy() for c, layer in model.trained_layers().items()
+           for k, v in layer.state_dict().items() if not any(a in k for a in ADAPTER_KEYS)}
+    assert all(np.array_equal(now[k], frozen[k]) for k in frozen)  # base weights untouched
+    trained = loss_of(model, batch)
+    assert abs(float(trained) - float(loss_of(base, batch))) > 1e-6
+    all_adapters(model, False)  # adapters off: the base model again, exactly
+    assert np.array_equal(loss_of(model, batch), loss_of(base, batch))
+    all_adapters(model, True)
+
+    # saved under LyCORIS names; folded into the base weights (the merged export) it is the trained model
+    saved = load_file(save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 2, 4.0))
+    modules = {k.rsplit(".", 1)[0] for k in saved}
+    assert all(f"{m}.alpha" in saved for m in modules) and len(saved) > len(modules)
+    write_merged(saved, path, model.family, str(tmp_path / "merged"))
+    merged = make_model(str(tmp_path / "merged"), prior=True)
+    np.testing.assert_allclose(loss_of(merged, batch), trained, rtol=1e-5)
