@@ -230,3 +230,119 @@ def test_every_family_starts_as_its_base_trains_only_adapters_and_merges(kind, f
     write_merged(saved, path, model.family, str(tmp_path / "merged"))
     merged = make_model(str(tmp_path / "merged"), prior=True)
     np.testing.assert_allclose(loss_of(merged, batch), trained, rtol=1e-5)
+
+
+# ----- the command line ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, message", [
+    (["--lora_type", "lokr"], "--lora_type lokr is a kind of LoRA adapter; it needs --use_lora"),
+    (["--use_lora", "--lora_type", "loha", "--lora_rank", "0"], "--lora_rank"),
+    (["--use_lora", "--lora_type", "lokr", "--lokr_factor", "0"], "--lokr_factor"),
+    (["--use_lora", "--lora_type", "lokr", "--lokr_factor", "-2"], "--lokr_factor"),
+    (["--use_lora", "--lora_type", "loha", "--lokr_factor", "4"], "--lokr_factor 4 splits LoKr's Kronecker factors; "
+                                                                   "it needs --lora_type lokr"),
+    (["--use_lora", "--lora_type", "loha", "--export_formats", "diffusers"],
+     "--export_formats diffusers: diffusers cannot load LoHa adapters (its load_lora_weights reads LoRA keys only). "
+     "Use --format merged"),
+], ids=["without_use_lora", "rank_0", "factor_0", "factor_minus_2", "factor_without_lokr", "diffusers_export"])
+def test_bad_lycoris_flags_stop_before_any_model_loads(extra, message, tiny_model, photos, tmp_path, capsys,
+                                                       no_model_loading):
+    assert train.main(train_argv(tiny_model, photos, tmp_path / "out", extra=extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sd3_lycoris_exports_other_than_merged_are_refused_before_training(tiny_sd3_model, photos, tmp_path,
+                                                                          capsys, no_model_loading):
+    for fmt in ("kohya", "diffusers"):
+        argv = train_argv(tiny_sd3_model, photos, tmp_path / "out", extra=["--use_lora", "--lora_type", "lokr",
+                                                                            "--export_formats", fmt])
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--export_formats {fmt}:" in err and "Use --format merged" in err and "Traceback" not in err, err
+
+
+LYCORIS_ARGS = ["--use_lora", "--lora_rank", "2", "--lora_alpha", "4", "--learning_rate", "1e-2",
+                "--checkpointing_steps", "2", "--train_text_encoder"]
+
+
+def lycoris_run(model, photos, out, kind, steps=6, extra=()):
+    argv = train_argv(model, photos, out, steps=steps, extra=["--lora_type", kind, *LYCORIS_ARGS, *extra])
+    argv[argv.index("--learning_rate") + 1] = "1e-2"
+    return run_module(["-m", "ppdreambooth.train", *argv])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_an_sd_run_resumes_exactly_generates_merges_and_exports_lycoris_keys(kind, tiny_model, photos, tmp_path):
+    from ppdiffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from ppdreambooth.families import get_family
+    from ppdreambooth.interop.keymaps_ldm import sd_kohya_name
+
+    full = tmp_path / "full"
+    result = lycoris_run(tiny_model, photos, full, kind, extra=["--export_formats", "kohya,merged"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = {"loha": "LoHa", "lokr": "LoKr"}[kind]
+    settings = json.loads((full / "checkpoint-2" / "run_settings.json").read_text())
+    assert settings["lora_type"] == kind
+    reference = load_file(str(full / LORA_WEIGHTS_NAME))
+    count = sum(v.size for k, v in reference.items() if not k.endswith(".alpha"))
+    assert f"{name} rank 2" in result.stdout and f"adapters:  {count:,} trained parameters" in result.stdout
+    assert f"adapters:    {count:,} parameters, " in result.stdout and " MB" in result.stdout
+    assert f"{name}: not by ppdiffusers' or diffusers' load_lora_weights" in result.stdout
+    card = (full / "README.md").read_text()
+    assert f"{name} (rank 2, alpha 4" in card and f"Neither ppdiffusers nor diffusers can load {name}" in card
+    assert f"lycoris, {kind}]" in card
+    assert any(k.startswith("text_encoder.") for k in reference)
+
+    # stopped at a checkpoint and resumed: the same adapters as the uninterrupted run, bit for bit
+    for step, resume in ((4, "latest"), (2, "checkpoint-2")):
+        resumed = tmp_path / f"resumed-{step}"
+        truncate_run_to(str(full), step, str(resumed))
+        target = resume if resume == "latest" else str(resumed / resume)
+        result = lycoris_run(tiny_model, photos, resumed, kind, extra=["--resume_from_checkpoint", target])
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights = load_file(str(resumed / LORA_WEIGHTS_NAME))
+        assert weights.keys() == reference.keys() and all(np.array_equal(weights[k], reference[k]) for k in weights)
+
+    # the merged export holds W + ΔW; the LyCORIS file, read as ComfyUI reads it, gives the same weights
+    base = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    merged = StableDiffusionPipeline.from_pretrained(str(full / "export-merged"), safety_checker=None)
+    kohya = load_file(str(full / "export-kohya" / "lora_kohya.safetensors"))
+    modules = {k.rsplit(".", 1)[0] for k in reference}
+    assert len(kohya) == len(reference) and {k.rsplit(".", 1)[0] for k in kohya} == {
+        sd_kohya_name(*m.split(".", 1)) for m in modules}
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in kohya
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
+    for module in modules:
+        component, path = module.split(".", 1)
+        before = dict(getattr(base, component).named_sublayers())[path].weight.numpy().T  # PyTorch layout
+        after = dict(getattr(merged, component).named_sublayers())[path].weight.numpy().T
+        want = comfyui_merge(kohya, sd_kohya_name(component, path), before.astype(np.float64))
+        np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-6, err_msg=module)
+    assert any(np.abs(dict(merged.unet.named_sublayers())[m.split(".", 1)[1]].weight.numpy()
+                      - dict(base.unet.named_sublayers())[m.split(".", 1)[1]].weight.numpy()).max() > 1e-4
+               for m in modules if m.startswith("unet."))
+
+    # generate (and evaluate, the same load_adapters) folds the run; --lora_scale 0 is the base model
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    assert load_adapters(get_family("sd"), pipe, str(full), 0.0) == {}
+    assert all(np.array_equal(v.numpy(), base.unet.state_dict()[k].numpy()) for k, v in pipe.unet.state_dict().items())
+    images = {}
+    for label, model_args in (("lora", ["--model", tiny_model, "--lora", str(full)]),
+                              ("merged", ["--model", str(full / "export-merged")])):
+        result = run_module(["-m", "ppdreambooth.generate", *model_args, "--prompt", "a photo of sks dog",
+                             "--num_images", "1", "--steps", "3", "--seed", "5", "--out", str(tmp_path / label)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        images[label] = np.asarray(Image.open(tmp_path / label / "00-00-a-photo-of-sks-dog-seed5.png"))
+    assert np.array_equal(images["lora"], images["merged"])
+
+    with pytest.raises(ExportError, match=f"diffusers cannot load {name} adapters.*--format merged"):
+        export(str(full), "diffusers", str(tmp_path / "d"))
+    other = "lokr" if kind == "loha" else "loha"
+    as_other = tmp_path / "as-other"
+    truncate_run_to(str(full), 4, str(as_other))
+    result = lycoris_run(tiny_model, photos, as_other, other, extra=["--resume_from_checkpoint", "latest"])
+    assert result.returncode == 2 and f"--lora_type is {other} but checkpoint-4 was trained with {kind}" in result.stderr
