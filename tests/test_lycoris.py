@@ -346,3 +346,64 @@ def test_an_sd_run_resumes_exactly_generates_merges_and_exports_lycoris_keys(kin
     truncate_run_to(str(full), 4, str(as_other))
     result = lycoris_run(tiny_model, photos, as_other, other, extra=["--resume_from_checkpoint", "latest"])
     assert result.returncode == 2 and f"--lora_type is {other} but checkpoint-4 was trained with {kind}" in result.stderr
+
+
+def check_merged_against_comfyui(base, merged, kohya, reference, name_of):
+    """Every adapted module's merged weight is ComfyUI's reading of the LyCORIS file over the base weight."""
+    modules = {k.rsplit(".", 1)[0] for k in reference}
+    assert {k.rsplit(".", 1)[0] for k in kohya} == {name_of(*m.split(".", 1)) for m in modules}
+    changed = 0
+    for module in modules:
+        component, path = module.split(".", 1)
+        before = dict(getattr(base, component).named_sublayers())[path].weight.numpy().T
+        after = dict(getattr(merged, component).named_sublayers())[path].weight.numpy().T
+        np.testing.assert_allclose(after, comfyui_merge(kohya, name_of(component, path), before.astype(np.float64)),
+                                   rtol=1e-5, atol=1e-6, err_msg=module)
+        changed += np.abs(after - before).max() > 1e-4
+    assert changed > len(modules) // 2
+
+
+@pytest.mark.slow
+def test_an_sdxl_lokr_run_merges_and_exports_sdxl_lycoris_keys(tiny_sdxl_model, photos, tmp_path):
+    from ppdreambooth.families import get_family
+    from ppdreambooth.interop.exports import kohya_names
+
+    out = tmp_path / "run"
+    result = lycoris_run(tiny_sdxl_model, photos, out, "lokr", steps=2, extra=["--export_formats", "kohya,merged"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoKr rank 2, factor -1 (LyCORIS)" in result.stdout
+    family = get_family("sdxl")
+    reference = load_file(str(out / LORA_WEIGHTS_NAME))
+    assert {k.split(".")[0] for k in reference} == {"unet", "text_encoder", "text_encoder_2"}
+    kohya = load_file(str(out / "export-kohya" / "lora_kohya.safetensors"))
+    assert "lora_te2_text_model_encoder_layers_4_self_attn_out_proj.lokr_w1" in kohya
+    assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)  # SGM names, as kohya's SDXL files
+    check_merged_against_comfyui(family.load_pipeline(tiny_sdxl_model), family.load_pipeline(str(out / "export-merged")),
+                                 kohya, reference, kohya_names(str(out)))
+
+
+@pytest.mark.slow
+def test_an_sd3_loha_run_merges_and_refuses_other_exports(tiny_sd3_model, photos, tmp_path):
+    from ppdreambooth.families import get_family
+    from ppdreambooth.interop.merge import fold_adapters
+
+    out = tmp_path / "run"
+    argv = train_argv(tiny_sd3_model, photos, out, steps=2, extra=["--use_lora", "--lora_type", "loha",
+                                                                   "--lora_rank", "2", "--export_formats", "merged"])
+    argv[argv.index("--learning_rate") + 1] = "1e-2"
+    result = run_module(["-m", "ppdreambooth.train", *argv])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoHa rank 2, alpha 2 (LyCORIS)" in result.stdout
+    family = get_family("sd3")
+    reference = load_file(str(out / LORA_WEIGHTS_NAME))
+    assert {k.split(".")[0] for k in reference} == {"transformer"} and any(".hada_w1_a" in k for k in reference)
+    folded = family.load_pipeline(tiny_sd3_model)
+    fold_adapters(folded, reference)
+    merged = family.load_pipeline(str(out / "export-merged"))
+    got, want = merged.transformer.state_dict(), folded.transformer.state_dict()
+    base = family.load_pipeline(tiny_sd3_model).transformer.state_dict()
+    changed = [k for k in want if not np.array_equal(want[k].numpy(), base[k].numpy())]
+    assert changed and all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in want)
+    for fmt in ("kohya", "diffusers"):
+        with pytest.raises(ExportError, match=f"--format {fmt}: .*Use --format merged"):
+            export(str(out), fmt, str(tmp_path / fmt))
