@@ -407,3 +407,20 @@ def test_an_sd3_loha_run_merges_and_refuses_other_exports(tiny_sd3_model, photos
     for fmt in ("kohya", "diffusers"):
         with pytest.raises(ExportError, match=f"--format {fmt}: .*Use --format merged"):
             export(str(out), fmt, str(tmp_path / fmt))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_the_base_prediction_prior_switches_lycoris_adapters_off(kind, tiny_model, photos):
+    """The prior target is the model with its adapters off: at initialisation exactly its own prediction; with
+    trained (here: randomised) adapters the prior term is no longer zero, so the switch is what made it zero."""
+    model = make_model(tiny_model, prior=True, use_lora=True, lora_type=kind, lora_rank=2)
+    model.base_prediction_prior = True
+    batch = collate([dataset_of(model, photos)[(0, 1)], dataset_of(model, photos)[(1, 2)]])
+    paddle.seed(3)
+    assert float(model(**batch)["loss_prior"]) == 0.0
+    with paddle.no_grad():
+        for name, param in model.trainable_named_parameters():
+            param.set_value(paddle.randn(param.shape) * 0.05)
+    paddle.seed(3)
+    assert float(model(**batch)["loss_prior"]) > 0.0
