@@ -16,7 +16,7 @@ from ppdreambooth.errors import ConfigError, ExportError
 from ppdreambooth.interop.exports import export
 from ppdreambooth.interop.merge import load_adapters, write_merged
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, save_lora_weights
-from ppdreambooth.modeling.lycoris import (LohaLinear, LokrLinear, add_lycoris, factorization, lokr_shapes,
+from ppdreambooth.modeling.lycoris import (LohaAdapter, LokrAdapter, add_lycoris, factorization, lokr_shapes,
                                            lycoris_state_dict, switch_adapters)
 
 
@@ -50,9 +50,16 @@ def comfyui_merge(kohya_file, name, weight_t, strength=1.0):
         else:
             dim = f["lokr_w2_b"].shape[0]
             w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
+        if w2.ndim == 4:  # a convolution's full w2: w1 unsqueezed to [a, c, 1, 1]
+            w1 = w1[:, :, None, None]
         diff = np.kron(w1, w2)
     scale = alpha / dim if alpha is not None and dim is not None else 1.0
     return weight_t + strength * scale * diff.reshape(weight_t.shape)
+
+
+def torch_layout(weight):
+    """A Paddle weight in PyTorch's layout: Linear [in, out] transposed; a Conv2D kernel is the same already."""
+    return weight.T if weight.ndim == 2 else weight
 
 
 class Block(paddle.nn.Layer):
@@ -123,7 +130,7 @@ def test_at_initialisation_the_layer_is_the_base_layer_bit_for_bit_and_switches_
         block = Block(12, 8)
         add_lycoris(block, ["proj"], kind, rank, 4.0)
     layer = block.proj
-    assert isinstance(layer, LohaLinear if kind == "loha" else LokrLinear)
+    assert isinstance(layer, LohaAdapter if kind == "loha" else LokrAdapter)
     assert layer.base_layer.weight.stop_gradient and not any(
         p.stop_gradient for p in layer.parameters(include_sublayers=False))
     x = paddle.randn([4, 12])
@@ -139,6 +146,65 @@ def test_at_initialisation_the_layer_is_the_base_layer_bit_for_bit_and_switches_
     assert np.array_equal(adapted(x).numpy(), base)
     switch_adapters(adapted, True)
     assert np.abs(adapted(x).numpy() - base).max() > 1e-2
+
+
+def numpy_conv(x, kernel, bias, padding):
+    """A direct 2-D convolution (cross-correlation, stride 1) in NumPy: x [n, in, h, w], kernel [out, in, k, k]."""
+    n, _, h, w = x.shape
+    k = kernel.shape[-1]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out = np.zeros((n, kernel.shape[0], h + 2 * padding - k + 1, w + 2 * padding - k + 1))
+    for i in range(out.shape[2]):
+        for j in range(out.shape[3]):
+            out[:, :, i, j] = np.einsum("nchw,ochw->no", xp[:, :, i:i + k, j:j + k], kernel)
+    return out + bias[None, :, None, None]
+
+
+class ConvNet(paddle.nn.Layer):
+    """A UNet-like holder: `resnets.0.conv1` (3x3) and `resnets.0.conv_shortcut` (1x1, not adapted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.resnets = paddle.nn.LayerList([paddle.nn.Layer()])
+        self.resnets[0].conv1 = paddle.nn.Conv2D(4, 6, 3, padding=1)
+        self.resnets[0].conv_shortcut = paddle.nn.Conv2D(4, 6, 1)
+        self.conv_in = paddle.nn.Conv2D(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.resnets[0].conv1(x)
+
+
+@pytest.mark.parametrize("kind, rank, keys, shapes", [
+    ("loha", 2, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, {"hada_w1_b": (2, 36)}),
+    ("lokr", 1, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}, {"lokr_w1": (2, 2), "lokr_w2_a": (3, 1), "lokr_w2_b": (1, 18)}),
+    ("lokr", 4, {"lokr_w1", "lokr_w2"}, {"lokr_w1": (2, 2), "lokr_w2": (3, 2, 3, 3)}),
+], ids=["loha", "lokr_low_rank_w2", "lokr_full_w2"])
+def test_a_3x3_convolution_adapter_is_a_convolution_with_the_merged_kernel(kind, rank, keys, shapes):
+    from ppdreambooth.modeling.lycoris import add_lycoris_convs
+
+    paddle.seed(0)
+    with paddle.utils.unique_name.guard():
+        net = ConvNet()
+        x = paddle.randn([2, 4, 5, 5])
+        assert add_lycoris_convs(net, kind, rank, 3.0) == ["resnets.0.conv1"]  # not the 1x1, not conv_in
+        layer = net.resnets[0].conv1
+        assert np.array_equal(net(x).numpy(), layer.base_layer(x).numpy())  # starts as the base conv exactly
+    rng = np.random.RandomState(0)
+    p = {}
+    with paddle.no_grad():
+        for name, param in layer.named_parameters(include_sublayers=False):
+            p[name] = (rng.standard_normal(param.shape) * 0.5).astype("float32")
+            param.set_value(p[name])
+    assert set(p) == keys and all(p[k].shape == v for k, v in shapes.items())
+    kernel = layer.base_layer.weight.numpy().astype(np.float64)  # [out, in, 3, 3], as PyTorch's
+    if kind == "loha":
+        delta = numpy_loha(p, 3.0)
+    else:  # LyCORIS's kron of w1 [a, c, 1, 1] with w2 [b, d, 3, 3] (rebuilt from w2_a @ w2_b when low rank)
+        w2 = p["lokr_w2"] if "lokr_w2" in p else (p["lokr_w2_a"] @ p["lokr_w2_b"]).reshape(3, 2, 3, 3)
+        delta = np.kron(p["lokr_w1"][:, :, None, None], w2) * (3.0 / rank if "lokr_w2_a" in p else 1.0)
+    want = numpy_conv(x.numpy(), kernel + delta.reshape(kernel.shape), layer.base_layer.bias.numpy(), 1)
+    np.testing.assert_allclose(net(x).numpy(), want, rtol=1e-4, atol=1e-4)
+    assert np.abs(net(x).numpy() - layer.base_layer(x).numpy()).max() > 1e-2
 
 
 def test_a_convolution_named_as_a_target_is_refused():
@@ -189,14 +255,17 @@ ADAPTER_KEYS = ("hada_", "lokr_")
 def test_every_family_starts_as_its_base_trains_only_adapters_and_merges(kind, family_model, photos, tmp_path):
     family, path = family_model
     base = make_model(path, prior=True)
+    conv = {} if family == "sd3" else {"conv_rank": 2, "conv_alpha": 1.0}  # UNets: their 3x3 convolutions too
     model = make_model(path, prior=True, use_lora=True, lora_type=kind, lora_rank=2, lora_alpha=4.0,
-                       train_text_encoder=TEXT_ENCODERS[family])
+                       train_text_encoder=TEXT_ENCODERS[family], **conv)
     dataset = dataset_of(model, photos)
     batch = collate([dataset[(0, 1)], dataset[(1, 2)]])
     assert np.array_equal(loss_of(model, batch), loss_of(base, batch))  # the base model, bit for bit
 
     named = dict(model.trainable_named_parameters())
     assert named and all(any(k in n for k in ADAPTER_KEYS) for n in named)  # only adapter matrices train
+    convs = {n.rsplit(".", 1)[0] for n in named if ".resnets." in n or "samplers." in n}
+    assert (len(convs) > 4 and any(n.endswith(".conv1") for n in convs)) if conv else not convs
     assert {n.split(".")[0] for n in named} == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl"
                                                 else {"unet", "text_encoder"} if family == "sd" else {"transformer"})
     before = {n: p.numpy().copy() for n, p in named.items()}
@@ -243,7 +312,12 @@ def test_every_family_starts_as_its_base_trains_only_adapters_and_merges(kind, f
     (["--use_lora", "--lora_type", "loha", "--export_formats", "diffusers"],
      "--export_formats diffusers: diffusers cannot load LoHa adapters (its load_lora_weights reads LoRA keys only). "
      "Use --format merged"),
-], ids=["without_use_lora", "rank_0", "factor_0", "factor_minus_2", "factor_without_lokr", "diffusers_export"])
+    (["--use_lora", "--conv_rank", "4"], "--conv_rank adapts the UNet's 3x3 convolutions with LoHa or LoKr; it "
+                                         "needs --lora_type loha or lokr"),
+    (["--use_lora", "--lora_type", "loha", "--conv_alpha", "2"], "--conv_alpha scales the --conv_rank adapters"),
+    (["--use_lora", "--lora_type", "loha", "--conv_rank", "0"], "--conv_rank 0 is out of range"),
+], ids=["without_use_lora", "rank_0", "factor_0", "factor_minus_2", "factor_without_lokr", "diffusers_export",
+        "conv_rank_with_lora", "conv_alpha_alone", "conv_rank_0"])
 def test_bad_lycoris_flags_stop_before_any_model_loads(extra, message, tiny_model, photos, tmp_path, capsys,
                                                        no_model_loading):
     assert train.main(train_argv(tiny_model, photos, tmp_path / "out", extra=extra)) == 2
@@ -252,7 +326,7 @@ def test_bad_lycoris_flags_stop_before_any_model_loads(extra, message, tiny_mode
     assert not (tmp_path / "out").exists()
 
 
-def test_sd3_lycoris_exports_other_than_merged_are_refused_before_training(tiny_sd3_model, photos, tmp_path,
+def test_sd3_lycoris_exports_other_than_merged_and_conv_rank_are_refused_before_training(tiny_sd3_model, photos, tmp_path,
                                                                           capsys, no_model_loading):
     for fmt in ("kohya", "diffusers"):
         argv = train_argv(tiny_sd3_model, photos, tmp_path / "out", extra=["--use_lora", "--lora_type", "lokr",
@@ -260,6 +334,11 @@ def test_sd3_lycoris_exports_other_than_merged_are_refused_before_training(tiny_
         assert train.main(argv) == 2
         err = capsys.readouterr().err
         assert f"--export_formats {fmt}:" in err and "Use --format merged" in err and "Traceback" not in err, err
+    argv = train_argv(tiny_sd3_model, photos, tmp_path / "out", extra=["--use_lora", "--lora_type", "loha",
+                                                                        "--conv_rank", "4"])
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--conv_rank: SD3's transformer has no 3x3 convolutions to adapt" in err and "Traceback" not in err, err
 
 
 LYCORIS_ARGS = ["--use_lora", "--lora_rank", "2", "--lora_alpha", "4", "--learning_rate", "1e-2",
@@ -281,8 +360,9 @@ def test_an_sd_run_resumes_exactly_generates_merges_and_exports_lycoris_keys(kin
     from ppdreambooth.families import get_family
     from ppdreambooth.interop.keymaps_ldm import sd_kohya_name
 
+    conv = ["--conv_rank", "2", "--conv_alpha", "1"] if kind == "lokr" else []  # LoKr on the 3x3 convolutions too
     full = tmp_path / "full"
-    result = lycoris_run(tiny_model, photos, full, kind, extra=["--export_formats", "kohya,merged"])
+    result = lycoris_run(tiny_model, photos, full, kind, extra=["--export_formats", "kohya,merged", *conv])
     assert result.returncode == 0, result.stderr[-3000:]
     name = {"loha": "LoHa", "lokr": "LoKr"}[kind]
     settings = json.loads((full / "checkpoint-2" / "run_settings.json").read_text())
@@ -296,13 +376,14 @@ def test_an_sd_run_resumes_exactly_generates_merges_and_exports_lycoris_keys(kin
     assert f"{name} (rank 2, alpha 4" in card and f"Neither ppdiffusers nor diffusers can load {name}" in card
     assert f"lycoris, {kind}]" in card
     assert any(k.startswith("text_encoder.") for k in reference)
+    assert any(k.endswith(".resnets.0.conv1.lokr_w1") for k in reference) == bool(conv)
 
     # stopped at a checkpoint and resumed: the same adapters as the uninterrupted run, bit for bit
     for step, resume in ((4, "latest"), (2, "checkpoint-2")):
         resumed = tmp_path / f"resumed-{step}"
         truncate_run_to(str(full), step, str(resumed))
         target = resume if resume == "latest" else str(resumed / resume)
-        result = lycoris_run(tiny_model, photos, resumed, kind, extra=["--resume_from_checkpoint", target])
+        result = lycoris_run(tiny_model, photos, resumed, kind, extra=["--resume_from_checkpoint", target, *conv])
         assert result.returncode == 0, result.stderr[-3000:]
         weights = load_file(str(resumed / LORA_WEIGHTS_NAME))
         assert weights.keys() == reference.keys() and all(np.array_equal(weights[k], reference[k]) for k in weights)
@@ -318,8 +399,8 @@ def test_an_sd_run_resumes_exactly_generates_merges_and_exports_lycoris_keys(kin
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
     for module in modules:
         component, path = module.split(".", 1)
-        before = dict(getattr(base, component).named_sublayers())[path].weight.numpy().T  # PyTorch layout
-        after = dict(getattr(merged, component).named_sublayers())[path].weight.numpy().T
+        before = torch_layout(dict(getattr(base, component).named_sublayers())[path].weight.numpy())
+        after = torch_layout(dict(getattr(merged, component).named_sublayers())[path].weight.numpy())
         want = comfyui_merge(kohya, sd_kohya_name(component, path), before.astype(np.float64))
         np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-6, err_msg=module)
     assert any(np.abs(dict(merged.unet.named_sublayers())[m.split(".", 1)[1]].weight.numpy()
@@ -355,8 +436,8 @@ def check_merged_against_comfyui(base, merged, kohya, reference, name_of):
     changed = 0
     for module in modules:
         component, path = module.split(".", 1)
-        before = dict(getattr(base, component).named_sublayers())[path].weight.numpy().T
-        after = dict(getattr(merged, component).named_sublayers())[path].weight.numpy().T
+        before = torch_layout(dict(getattr(base, component).named_sublayers())[path].weight.numpy())
+        after = torch_layout(dict(getattr(merged, component).named_sublayers())[path].weight.numpy())
         np.testing.assert_allclose(after, comfyui_merge(kohya, name_of(component, path), before.astype(np.float64)),
                                    rtol=1e-5, atol=1e-6, err_msg=module)
         changed += np.abs(after - before).max() > 1e-4
@@ -369,15 +450,17 @@ def test_an_sdxl_lokr_run_merges_and_exports_sdxl_lycoris_keys(tiny_sdxl_model, 
     from ppdreambooth.interop.exports import kohya_names
 
     out = tmp_path / "run"
-    result = lycoris_run(tiny_sdxl_model, photos, out, "lokr", steps=2, extra=["--export_formats", "kohya,merged"])
+    result = lycoris_run(tiny_sdxl_model, photos, out, "lokr", steps=2, extra=["--export_formats", "kohya,merged",
+                                                                               "--conv_rank", "2"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "LoKr rank 2, factor -1 (LyCORIS)" in result.stdout
+    assert "LoKr rank 2, factor -1; 3x3 convolutions rank 2, alpha 2 (LyCORIS)" in result.stdout
     family = get_family("sdxl")
     reference = load_file(str(out / LORA_WEIGHTS_NAME))
     assert {k.split(".")[0] for k in reference} == {"unet", "text_encoder", "text_encoder_2"}
     kohya = load_file(str(out / "export-kohya" / "lora_kohya.safetensors"))
     assert "lora_te2_text_model_encoder_layers_4_self_attn_out_proj.lokr_w1" in kohya
     assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)  # SGM names, as kohya's SDXL files
+    assert any(k.endswith("_in_layers_2.lokr_w1") for k in kohya)  # a resnet's conv1 under its SGM name
     check_merged_against_comfyui(family.load_pipeline(tiny_sdxl_model), family.load_pipeline(str(out / "export-merged")),
                                  kohya, reference, kohya_names(str(out)))
 

@@ -86,6 +86,16 @@ class ModelArguments:
                           "small; see --lokr_factor). LoHa/LoKr load in ComfyUI/WebUI (export kohya) or merged, "
                           "not in diffusers.", "choices": ["lora", "dora", "loha", "lokr"]},
     )
+    conv_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "With --lora_type loha|lokr: also adapt the UNet's 3x3 convolutions (resnets, down- and "
+                          "upsamplers; LyCORIS's conv_dim) at this rank. Unset: attention projections only. Not "
+                          "for SD3 (its transformer has no such convolutions)."},
+    )
+    conv_alpha: Optional[float] = field(
+        default=None, metadata={"help": "Alpha of the --conv_rank adapters (scaled by alpha/rank). Default: "
+                                        "--conv_rank."}
+    )
     lokr_factor: int = field(
         default=-1,
         metadata={"help": "With --lora_type lokr: how each weight dimension is split for the Kronecker product, "
@@ -193,6 +203,14 @@ class ModelArguments:
         if self.lokr_factor != -1 and self.lora_type != "lokr":
             raise ConfigError(f"--lokr_factor {self.lokr_factor} splits LoKr's Kronecker factors; it needs "
                               "--lora_type lokr.")
+        if self.conv_rank is not None and self.lora_type not in ("loha", "lokr"):
+            raise ConfigError(f"--conv_rank adapts the UNet's 3x3 convolutions with LoHa or LoKr; it needs "
+                              f"--lora_type loha or lokr (with --lora_type {self.lora_type} convolutions are not "
+                              "adapted here).")
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise ConfigError("--conv_alpha scales the --conv_rank adapters; give --conv_rank too.")
+        if self.conv_rank is not None and self.conv_alpha is None:
+            self.conv_alpha = float(self.conv_rank)
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
 

@@ -74,6 +74,8 @@ RANGES: Dict[str, Range] = {
     "lora_rank": count(1, 4096),
     "rank": count(1, 4096),
     "lora_alpha": positive(1e6),
+    "conv_rank": count(1, 4096),
+    "conv_alpha": positive(1e6),
     "lokr_factor": count(1, 4096, special=(-1,), note="-1: split each dimension near its square root"),
     "prior_loss_weight": Range(0.0, 1e3, note="0 trains without the prior term"),
     "noise_offset": Range(0.0, 1.0, note="0 is off"),

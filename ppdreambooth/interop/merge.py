@@ -43,7 +43,7 @@ def dora_weight(weight: np.ndarray, down: np.ndarray, up: np.ndarray, magnitude:
 
 
 def lycoris_delta(arrays: Dict[str, np.ndarray]) -> np.ndarray:
-    """ΔW [out, in] (PyTorch layout, float64) of one module's LoHa or LoKr matrices and `alpha`: LoHa
+    """ΔW [out, in (* k * k)] (PyTorch layout, float64) of one module's LoHa or LoKr matrices and `alpha`: LoHa
     (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank; LoKr kron(w1, w2) times alpha / rank when w2 is low rank
     (w2_a @ w2_b), else 1 (the rank is that of the low-rank factor, as LyCORIS and ComfyUI read it)."""
     a = {k: v.astype(np.float64) for k, v in arrays.items()}
@@ -52,8 +52,8 @@ def lycoris_delta(arrays: Dict[str, np.ndarray]) -> np.ndarray:
         rank = a["hada_w1_b"].shape[0]
         product = (a["hada_w1_a"] @ a["hada_w1_b"]) * (a["hada_w2_a"] @ a["hada_w2_b"])
         return product * (alpha / rank if alpha is not None else 1.0)
-    if "lokr_w2" in a:
-        return np.kron(a["lokr_w1"], a["lokr_w2"])
+    if "lokr_w2" in a:  # a convolution's full w2 [b, d, k, k] flattened: the same ΔW, [out, in * k * k]
+        return np.kron(a["lokr_w1"], a["lokr_w2"].reshape(a["lokr_w2"].shape[0], -1))
     rank = a["lokr_w2_b"].shape[0]
     return np.kron(a["lokr_w1"], a["lokr_w2_a"] @ a["lokr_w2_b"]) * (alpha / rank if alpha is not None else 1.0)
 
@@ -69,19 +69,23 @@ def lycoris_modules(state: Dict[str, np.ndarray]) -> Dict[Tuple[str, str], Dict[
 
 
 def fold_lycoris(pipeline, state: Dict[str, np.ndarray], strength: float = 1.0) -> List[str]:
-    """W + strength * ΔW for every LoHa/LoKr module of `state` (Linear weights: ΔW.T, Paddle's layout)."""
+    """W + strength * ΔW for every LoHa/LoKr module of `state` (Linear weights: ΔW.T, Paddle's layout; 3x3
+    convolutions, `--conv_rank`: ΔW reshaped to the kernel)."""
     import paddle
 
     folded, layers = [], {}
     for (component, module), arrays in sorted(lycoris_modules(state).items()):
         if component not in layers:
             layers[component] = dict(getattr(pipeline, component).named_sublayers())
-        linear = layers[component].get(module)
-        if not isinstance(linear, paddle.nn.Linear):
-            raise ValueError(f"the adapters name {component}.{module}, which is no Linear of the base model")
-        weight = linear.weight.astype("float32").numpy().astype(np.float64)
-        new = weight + strength * lycoris_delta(arrays).T
-        linear.weight.set_value(paddle.to_tensor(new.astype(np.float32), dtype=linear.weight.dtype))
+        target = layers[component].get(module)
+        if not isinstance(target, (paddle.nn.Linear, paddle.nn.Conv2D)):
+            raise ValueError(f"the adapters name {component}.{module}, which is no Linear or Conv2D of the base model")
+        weight = target.weight.astype("float32").numpy().astype(np.float64)
+        delta = lycoris_delta(arrays)
+        # Paddle's Linear weight is [in, out] (ΔW transposed); its Conv2D kernel is PyTorch's [out, in, k, k]
+        delta = delta.T if isinstance(target, paddle.nn.Linear) else delta.reshape(weight.shape)
+        new = weight + strength * delta
+        target.weight.set_value(paddle.to_tensor(new.astype(np.float32), dtype=target.weight.dtype))
         folded.append(f"{component}.{module}")
     return folded
 

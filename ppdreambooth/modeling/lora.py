@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import paddle
 
@@ -37,6 +37,8 @@ class LoraSpec:
     denoiser_targets: Tuple[str, ...] = ()
     lora_type: str = "lora"  # or "dora" (ppdreambooth.modeling.dora), "loha" / "lokr" (modeling.lycoris)
     lokr_factor: int = -1  # LoKr's split of each dimension (modeling.lycoris.factorization)
+    conv_rank: Optional[int] = None  # LoHa/LoKr on the UNet's 3x3 convolutions too (`--conv_rank`)
+    conv_alpha: Optional[float] = None
 
 
 def lora_config(rank: int, alpha: float, targets):

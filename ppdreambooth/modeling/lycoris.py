@@ -51,32 +51,39 @@ def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-def lokr_shapes(out_dim: int, in_dim: int, rank: int, factor: int) -> Dict[str, Tuple[int, ...]]:
-    """The LoKr matrices of an [out, in] weight: lokr_w1 [a, c] and lokr_w2 [b, d] or lokr_w2_a/_b."""
+def lokr_shapes(out_dim: int, in_dim: int, rank: int, factor: int,
+                kernel: Tuple[int, ...] = ()) -> Dict[str, Tuple[int, ...]]:
+    """The LoKr matrices of an [out, in, *kernel] weight: lokr_w1 [a, c] and lokr_w2 [b, d, *kernel] or
+    lokr_w2_a [b, rank] @ lokr_w2_b [rank, d * kernel size] (2-D, the product ComfyUI computes with `mm`)."""
     a, b = factorization(out_dim, factor)
     c, d = factorization(in_dim, factor)
     if rank < max(b, d) / 2:
-        return {"lokr_w1": (a, c), "lokr_w2_a": (b, rank), "lokr_w2_b": (rank, d)}
-    return {"lokr_w1": (a, c), "lokr_w2": (b, d)}
+        return {"lokr_w1": (a, c), "lokr_w2_a": (b, rank), "lokr_w2_b": (rank, d * math.prod(kernel))}
+    return {"lokr_w1": (a, c), "lokr_w2": (b, d, *kernel)}
 
 
-class LycorisLinear(paddle.nn.Layer):
-    """A frozen Linear (`base_layer`) plus a LyCORIS ΔW; `enable_adapters(False)` gives the base layer alone."""
+class LycorisAdapter(paddle.nn.Layer):
+    """A frozen Linear or Conv2D (`base_layer`) plus a LyCORIS ΔW; `enable_adapters(False)` gives the base layer
+    alone. For a Conv2D (Paddle's kernel is [out, in, kh, kw], PyTorch's layout) ΔW has the kernel's shape."""
 
     kind = ""
 
-    def __init__(self, base: paddle.nn.Linear, rank: int, alpha: float, factor: int = -1):
+    def __init__(self, base: paddle.nn.Layer, rank: int, alpha: float, factor: int = -1):
         super().__init__()
         self.base_layer = base
         self.rank, self.alpha, self.factor = rank, float(alpha), factor
         self.adapters_on = True
-        in_dim, out_dim = base.weight.shape  # Paddle's [in, out]
-        for name, (shape, init) in self.parameter_plan(out_dim, in_dim).items():
+        if isinstance(base, paddle.nn.Conv2D):
+            out_dim, in_dim, *kernel = base.weight.shape
+        else:
+            (in_dim, out_dim), kernel = base.weight.shape, []  # Paddle's Linear: [in, out]
+        self.torch_shape = (out_dim, in_dim, *kernel)
+        for name, (shape, init) in self.parameter_plan(out_dim, in_dim, tuple(kernel)).items():
             param = self.create_parameter(list(shape), dtype=base.weight.dtype, default_initializer=init)
             param.stop_gradient = False
             setattr(self, name, param)
 
-    def parameter_plan(self, out_dim: int, in_dim: int) -> Dict[str, tuple]:
+    def parameter_plan(self, out_dim: int, in_dim: int, kernel: Tuple[int, ...]) -> Dict[str, tuple]:
         raise NotImplementedError
 
     @property
@@ -84,7 +91,11 @@ class LycorisLinear(paddle.nn.Layer):
         return self.alpha / self.rank
 
     def delta(self) -> paddle.Tensor:
-        """ΔW in PyTorch's layout [out, in], scale included."""
+        """ΔW in PyTorch's layout [out, in, *kernel], scale included."""
+        return self.flat_delta().reshape(self.torch_shape)
+
+    def flat_delta(self) -> paddle.Tensor:
+        """ΔW as [out, in * kernel size]."""
         raise NotImplementedError
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -94,6 +105,10 @@ class LycorisLinear(paddle.nn.Layer):
         base = self.base_layer
         if not self.adapters_on:
             return base(x)
+        if isinstance(base, paddle.nn.Conv2D):
+            weight = base.weight + self.delta().astype(base.weight.dtype)
+            return F.conv2d(x, weight, base.bias, stride=base._stride, padding=base._padding,
+                            dilation=base._dilation, groups=base._groups, data_format=base._data_format)
         weight = base.weight + self.delta().T.astype(base.weight.dtype)
         return F.linear(x, weight, base.bias)
 
@@ -114,24 +129,24 @@ def _kaiming_uniform(fan_in: int):
     return paddle.nn.initializer.Uniform(-bound, bound)
 
 
-class LohaLinear(LycorisLinear):
+class LohaAdapter(LycorisAdapter):
     kind = "loha"
 
-    def parameter_plan(self, out_dim, in_dim):
-        r = self.rank
-        return {"hada_w1_a": ((out_dim, r), _normal(0.1)), "hada_w1_b": ((r, in_dim), _normal(1.0)),
+    def parameter_plan(self, out_dim, in_dim, kernel):
+        r, flat = self.rank, in_dim * math.prod(kernel)
+        return {"hada_w1_a": ((out_dim, r), _normal(0.1)), "hada_w1_b": ((r, flat), _normal(1.0)),
                 "hada_w2_a": ((out_dim, r), paddle.nn.initializer.Constant(0.0)),
-                "hada_w2_b": ((r, in_dim), _normal(1.0))}
+                "hada_w2_b": ((r, flat), _normal(1.0))}
 
-    def delta(self):
+    def flat_delta(self):
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scale
 
 
-class LokrLinear(LycorisLinear):
+class LokrAdapter(LycorisAdapter):
     kind = "lokr"
 
-    def parameter_plan(self, out_dim, in_dim):
-        shapes = lokr_shapes(out_dim, in_dim, self.rank, self.factor)
+    def parameter_plan(self, out_dim, in_dim, kernel):
+        shapes = lokr_shapes(out_dim, in_dim, self.rank, self.factor, kernel)
         zero = paddle.nn.initializer.Constant(0.0)
         plan = {"lokr_w1": (shapes["lokr_w1"], _kaiming_uniform(shapes["lokr_w1"][1]))}
         if "lokr_w2" in shapes:
@@ -149,12 +164,13 @@ class LokrLinear(LycorisLinear):
     def scale(self) -> float:
         return self.alpha / self.rank if self.low_rank else 1.0
 
-    def delta(self):
-        w2 = self.lokr_w2_a @ self.lokr_w2_b if self.low_rank else self.lokr_w2
+    def flat_delta(self):
+        # kron(w1, w2) of w2 flattened to [b, d * k * k] is kron(w1[:, :, None, None], w2) reshaped: the same ΔW
+        w2 = self.lokr_w2_a @ self.lokr_w2_b if self.low_rank else self.lokr_w2.reshape([self.lokr_w2.shape[0], -1])
         return paddle.kron(self.lokr_w1, w2) * self.scale
 
 
-LAYER_CLASSES = {"loha": LohaLinear, "lokr": LokrLinear}
+LAYER_CLASSES = {"loha": LohaAdapter, "lokr": LokrAdapter}
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -185,8 +201,32 @@ def add_lycoris(layer: paddle.nn.Layer, targets: Sequence[str], lora_type: str, 
     return [name for name, _ in chosen]
 
 
-def lycoris_layers(layer: paddle.nn.Layer) -> Dict[str, LycorisLinear]:
-    return {name: sub for name, sub in layer.named_sublayers() if isinstance(sub, LycorisLinear)}
+CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")  # the UNet's 3x3 convolutions LyCORIS/kohya adapt
+
+
+def add_lycoris_convs(layer: paddle.nn.Layer, lora_type: str, rank: int, alpha: float, factor: int = -1) -> List[str]:
+    """Wrap every 3x3 Conv2D of the UNet's resnets, downsamplers and upsamplers (kohya's LoCon set: conv_in and
+    conv_out stay out) in a LoHa/LoKr adapter of rank `rank` (`--conv_rank`); returns the modules adapted."""
+    from ppdreambooth.errors import ConfigError
+
+    chosen = [name for name, sub in layer.named_sublayers()
+              if type(sub) is paddle.nn.Conv2D and any(b in f".{name}." for b in CONV_BLOCKS)
+              and tuple(sub.weight.shape[2:]) != (1, 1) and sub._groups == 1]
+    if not chosen:
+        raise ConfigError(f"--conv_rank: {type(layer).__name__} has no 3x3 convolutions in resnets or samplers.")
+    cls = LAYER_CLASSES[lora_type]
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = layer.get_sublayer(parent_name)
+        conv = parent._sub_layers[child]
+        for param in conv.parameters():
+            param.stop_gradient = True
+        parent._sub_layers[child] = cls(conv, rank, alpha, factor)
+    return chosen
+
+
+def lycoris_layers(layer: paddle.nn.Layer) -> Dict[str, LycorisAdapter]:
+    return {name: sub for name, sub in layer.named_sublayers() if isinstance(sub, LycorisAdapter)}
 
 
 def lycoris_state_dict(layer: paddle.nn.Layer) -> Dict[str, np.ndarray]:
@@ -219,5 +259,5 @@ def switch_adapters(layer: paddle.nn.Layer, on: bool) -> None:
         sub.enable_adapters(on)
 
 
-__all__ = ["LYCORIS_TYPES", "LohaLinear", "LokrLinear", "LycorisLinear", "add_lycoris", "factorization",
+__all__ = ["LYCORIS_TYPES", "LohaAdapter", "LokrAdapter", "LycorisAdapter", "add_lycoris", "add_lycoris_convs", "factorization",
            "is_lycoris_state", "lokr_shapes", "lycoris_export_problem", "lycoris_state_dict", "switch_adapters"]

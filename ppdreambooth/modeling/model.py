@@ -29,7 +29,7 @@ from ppdreambooth.batch import (
 from ppdreambooth.families import ModelFamily
 from ppdreambooth.modeling.dora import add_dora
 from ppdreambooth.modeling.lora import LoraSpec, add_lora
-from ppdreambooth.modeling.lycoris import LYCORIS_TYPES, add_lycoris, switch_adapters
+from ppdreambooth.modeling.lycoris import LYCORIS_TYPES, add_lycoris, add_lycoris_convs, switch_adapters
 from ppdreambooth.modeling.losses import MaskedLoss, dreambooth_loss
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class DreamBoothModel(paddle.nn.Layer):
         if lora is not None:
             add_adapters = adapter_maker(lora)
             add_adapters(denoiser, lora.denoiser_targets or family.denoiser_lora_targets, lora.rank, lora.alpha)
+            if lora.conv_rank is not None:
+                add_lycoris_convs(denoiser, lora.lora_type, lora.conv_rank, lora.conv_alpha, lora.lokr_factor)
         family.freeze_unused(denoiser)
         self.add_sublayer(family.denoiser, denoiser)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)

@@ -215,6 +215,8 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
     unsupported = dict(family.unsupported_options)
     if model_args.pretrained_model_name_or_path.endswith(".safetensors") and "single_file" in unsupported:
         raise ConfigError(f"training from a single-file checkpoint: {unsupported['single_file']}")
+    if model_args.use_lora and model_args.conv_rank is not None and "conv_rank" in unsupported:
+        raise ConfigError(f"--conv_rank: {unsupported['conv_rank']}")
     for fmt in args.export_format_list:
         lycoris = model_args.use_lora and model_args.lora_type in LYCORIS_TYPES
         problem = lycoris_export_problem(fmt, model_args.lora_type, family.name) if lycoris else ""
