@@ -101,6 +101,8 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
     extra = {"DoRA": "; LoRA plus a trained magnitude per output feature",
              "LoHa": "; LyCORIS, dW = (w1_a w1_b) * (w2_a w2_b) * alpha/rank",
              "LoKr": f"; LyCORIS, dW = kron(w1, w2), factor {getattr(model_args, 'lokr_factor', -1)}"}.get(kind, "")
+    if kind in ("LoHa", "LoKr") and getattr(model_args, "conv_rank", None):
+        extra += f"; 3x3 convolutions too, rank {model_args.conv_rank}, alpha {model_args.conv_alpha:g}"
     mode = (f"{kind} (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}{extra}), "
             f"file `{LORA_WEIGHTS_NAME}`" if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
     lines = [
