@@ -39,7 +39,11 @@ def comfyui_merge(kohya_file, name, weight_t, strength=1.0):
     to the weight's shape and added times the strength."""
     f = {k[len(name) + 1:]: v.astype(np.float64) for k, v in kohya_file.items() if k.startswith(name + ".")}
     alpha = float(f["alpha"]) if "alpha" in f else None
-    if "hada_w1_a" in f:
+    if "lora_down.weight" in f:  # LoRA / LoCon (comfy/weight_adapter/lora.py): up.flatten(1) @ down.flatten(1)
+        down, up = f["lora_down.weight"], f["lora_up.weight"]
+        dim = down.shape[0]
+        diff = up.reshape(up.shape[0], -1) @ down.reshape(dim, -1)
+    elif "hada_w1_a" in f:
         dim = f["hada_w1_b"].shape[0]
         diff = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
     else:
@@ -178,7 +182,8 @@ class ConvNet(paddle.nn.Layer):
     ("loha", 2, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, {"hada_w1_b": (2, 36)}),
     ("lokr", 1, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}, {"lokr_w1": (2, 2), "lokr_w2_a": (3, 1), "lokr_w2_b": (1, 18)}),
     ("lokr", 4, {"lokr_w1", "lokr_w2"}, {"lokr_w1": (2, 2), "lokr_w2": (3, 2, 3, 3)}),
-], ids=["loha", "lokr_low_rank_w2", "lokr_full_w2"])
+    ("lora", 2, {"locon_down", "locon_up"}, {"locon_down": (2, 4, 3, 3), "locon_up": (6, 2, 1, 1)}),  # LoCon
+], ids=["loha", "lokr_low_rank_w2", "lokr_full_w2", "locon"])
 def test_a_3x3_convolution_adapter_is_a_convolution_with_the_merged_kernel(kind, rank, keys, shapes):
     from ppdreambooth.modeling.lycoris import add_lycoris_convs
 
@@ -199,6 +204,8 @@ def test_a_3x3_convolution_adapter_is_a_convolution_with_the_merged_kernel(kind,
     kernel = layer.base_layer.weight.numpy().astype(np.float64)  # [out, in, 3, 3], as PyTorch's
     if kind == "loha":
         delta = numpy_loha(p, 3.0)
+    elif kind == "lora":  # LoCon: a 1x1 up conv after a 3x3 down conv is the conv with kernel up @ down
+        delta = np.einsum("or,rikl->oikl", p["locon_up"][:, :, 0, 0], p["locon_down"]) * 3.0 / 2
     else:  # LyCORIS's kron of w1 [a, c, 1, 1] with w2 [b, d, 3, 3] (rebuilt from w2_a @ w2_b when low rank)
         w2 = p["lokr_w2"] if "lokr_w2" in p else (p["lokr_w2_a"] @ p["lokr_w2_b"]).reshape(3, 2, 3, 3)
         delta = np.kron(p["lokr_w1"][:, :, None, None], w2) * (3.0 / rank if "lokr_w2_a" in p else 1.0)
@@ -312,12 +319,14 @@ def test_every_family_starts_as_its_base_trains_only_adapters_and_merges(kind, f
     (["--use_lora", "--lora_type", "loha", "--export_formats", "diffusers"],
      "--export_formats diffusers: diffusers cannot load LoHa adapters (its load_lora_weights reads LoRA keys only). "
      "Use --format merged"),
-    (["--use_lora", "--conv_rank", "4"], "--conv_rank adapts the UNet's 3x3 convolutions with LoHa or LoKr; it "
-                                         "needs --lora_type loha or lokr"),
+    (["--use_lora", "--lora_type", "dora", "--conv_rank", "4"], "--conv_rank adapts the UNet's 3x3 convolutions "
+                                                                 "with LoCon (--lora_type lora), LoHa or LoKr; DoRA"),
+    (["--use_lora", "--conv_rank", "4", "--export_formats", "diffusers"],
+     "--export_formats diffusers: this LoRA run also trained LoCon adapters"),
     (["--use_lora", "--lora_type", "loha", "--conv_alpha", "2"], "--conv_alpha scales the --conv_rank adapters"),
     (["--use_lora", "--lora_type", "loha", "--conv_rank", "0"], "--conv_rank 0 is out of range"),
 ], ids=["without_use_lora", "rank_0", "factor_0", "factor_minus_2", "factor_without_lokr", "diffusers_export",
-        "conv_rank_with_lora", "conv_alpha_alone", "conv_rank_0"])
+        "conv_rank_with_dora", "locon_diffusers_export", "conv_alpha_alone", "conv_rank_0"])
 def test_bad_lycoris_flags_stop_before_any_model_loads(extra, message, tiny_model, photos, tmp_path, capsys,
                                                        no_model_loading):
     assert train.main(train_argv(tiny_model, photos, tmp_path / "out", extra=extra)) == 2
@@ -507,3 +516,94 @@ def test_the_base_prediction_prior_switches_lycoris_adapters_off(kind, tiny_mode
             param.set_value(paddle.randn(param.shape) * 0.05)
     paddle.seed(3)
     assert float(model(**batch)["loss_prior"]) > 0.0
+
+
+# ----- LoCon: plain LoRA with --conv_rank --------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family_name", ["sd", "sdxl"])
+def test_locon_starts_as_the_base_trains_its_convolutions_and_merges(family_name, tiny_model, tiny_sdxl_model,
+                                                                     photos, tmp_path):
+    from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME, to_peft_keys
+
+    path = tiny_model if family_name == "sd" else tiny_sdxl_model
+    base = make_model(path, prior=True)
+    model = make_model(path, prior=True, use_lora=True, lora_rank=2, conv_rank=2, conv_alpha=1.0)
+    batch = collate([dataset_of(model, photos)[(0, 1)], dataset_of(model, photos)[(1, 2)]])
+    assert np.array_equal(loss_of(model, batch), loss_of(base, batch))
+    named = dict(model.trainable_named_parameters())
+    convs = {n: p.numpy().copy() for n, p in named.items() if ".locon_" in n}
+    assert len(convs) > 8 and any(".resnets.0.conv1.locon_up" in n for n in convs)
+    optimizer = paddle.optimizer.AdamW(learning_rate=1e-2, parameters=model.trainable_parameters())
+    model.train()
+    for step in range(3):
+        paddle.seed(step)
+        model(**batch)["loss"].backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    model.eval()
+    assert all(not np.array_equal(named[n].numpy(), v) for n, v in convs.items())  # every conv adapter trained
+    trained = loss_of(model, batch)
+    model.adapters_on(False)  # the base-prediction prior's switch: LoRA and LoCon both off
+    assert np.array_equal(loss_of(model, batch), loss_of(base, batch))
+    model.adapters_on(True)
+    save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 2, 2.0)
+    conv_state = load_file(str(tmp_path / LOCON_WEIGHTS_NAME))
+    assert {k.rsplit(".", 1)[1] for k in conv_state} == {"locon_down", "locon_up", "alpha"}
+    lora_state = load_file(str(tmp_path / LORA_WEIGHTS_NAME))
+    assert not any("locon" in k or "conv" in k for k in lora_state)  # the LoRA file stays what ppdiffusers loads
+    write_merged(to_peft_keys(lora_state), path, model.family, str(tmp_path / "merged"), conv_state)
+    np.testing.assert_allclose(loss_of(make_model(str(tmp_path / "merged"), prior=True), batch), trained, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_sd_locon_run_resumes_exactly_generates_and_exports_kohya_locon(tiny_model, photos, tmp_path):
+    from ppdiffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from ppdreambooth.interop.keymaps_ldm import sd_kohya_name
+    from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME
+
+    extra = ["--use_lora", "--lora_rank", "2", "--conv_rank", "2", "--conv_alpha", "1", "--checkpointing_steps", "2"]
+    full = tmp_path / "full"
+    argv = train_argv(tiny_model, photos, full, steps=6, extra=[*extra, "--export_formats", "kohya,merged"])
+    argv[argv.index("--learning_rate") + 1] = "1e-2"
+    result = run_module(["-m", "ppdreambooth.train", *argv])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA rank 2; LoCon 3x3 convolutions rank 2, alpha 1" in result.stdout
+    assert "LoCon:       " in result.stdout and "load_lora_weights reads the LoRA file only" in result.stdout
+    assert "LoCon adapters on the UNet's 3x3 convolutions" in (full / "README.md").read_text()
+    reference = {n: load_file(str(full / n)) for n in (LORA_WEIGHTS_NAME, LOCON_WEIGHTS_NAME)}
+    for step in (4, 2):
+        resumed = tmp_path / f"resumed-{step}"
+        truncate_run_to(str(full), step, str(resumed))
+        argv = train_argv(tiny_model, photos, resumed, steps=6, extra=[
+            *extra, "--resume_from_checkpoint", str(resumed / f"checkpoint-{step}")])
+        argv[argv.index("--learning_rate") + 1] = "1e-2"
+        result = run_module(["-m", "ppdreambooth.train", *argv])
+        assert result.returncode == 0, result.stderr[-3000:]
+        for name, want in reference.items():
+            got = load_file(str(resumed / name))
+            assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got), name
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    merged = StableDiffusionPipeline.from_pretrained(str(full / "export-merged"), safety_checker=None)
+    kohya = load_file(str(full / "export-kohya" / "lora_kohya.safetensors"))
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert kohya[f"{conv}.lora_down.weight"].shape == (2, 32, 3, 3) and kohya[f"{conv}.lora_up.weight"].shape == (
+        32, 2, 1, 1) and float(kohya[f"{conv}.alpha"]) == 1.0
+    for module in {k.rsplit(".", 1)[0] for k in reference[LOCON_WEIGHTS_NAME]}:
+        component, path = module.split(".", 1)
+        before = dict(base.unet.named_sublayers())[path].weight.numpy()
+        after = dict(merged.unet.named_sublayers())[path].weight.numpy()
+        np.testing.assert_allclose(after, comfyui_merge(kohya, sd_kohya_name(component, path), before.astype(
+            np.float64)), rtol=1e-5, atol=1e-6, err_msg=module)
+    images = {}
+    for label, model_args in (("lora", ["--model", tiny_model, "--lora", str(full)]),
+                              ("merged", ["--model", str(full / "export-merged")])):
+        result = run_module(["-m", "ppdreambooth.generate", *model_args, "--prompt", "a photo of sks dog",
+                             "--num_images", "1", "--steps", "3", "--seed", "5", "--out", str(tmp_path / label)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        images[label] = np.asarray(Image.open(tmp_path / label / "00-00-a-photo-of-sks-dog-seed5.png")).astype(int)
+    assert np.abs(images["lora"] - images["merged"]).max() <= 1  # LoRA applied by ppdiffusers, LoCon folded
+    with pytest.raises(ExportError, match="LoCon adapters .* Use --format kohya"):
+        export(str(full), "diffusers", str(tmp_path / "d"))

@@ -88,8 +88,9 @@ class ModelArguments:
     )
     conv_rank: Optional[int] = field(
         default=None,
-        metadata={"help": "With --lora_type loha|lokr: also adapt the UNet's 3x3 convolutions (resnets, down- and "
-                          "upsamplers; LyCORIS's conv_dim) at this rank. Unset: attention projections only. Not "
+        metadata={"help": "With --use_lora: also adapt the UNet's 3x3 convolutions (resnets, down- and upsamplers; "
+                          "kohya's and LyCORIS's conv_dim) at this rank: LoCon for --lora_type lora, LoHa/LoKr "
+                          "for those types. Unset: attention projections only. Not "
                           "for SD3 (its transformer has no such convolutions)."},
     )
     conv_alpha: Optional[float] = field(
@@ -203,10 +204,9 @@ class ModelArguments:
         if self.lokr_factor != -1 and self.lora_type != "lokr":
             raise ConfigError(f"--lokr_factor {self.lokr_factor} splits LoKr's Kronecker factors; it needs "
                               "--lora_type lokr.")
-        if self.conv_rank is not None and self.lora_type not in ("loha", "lokr"):
-            raise ConfigError(f"--conv_rank adapts the UNet's 3x3 convolutions with LoHa or LoKr; it needs "
-                              f"--lora_type loha or lokr (with --lora_type {self.lora_type} convolutions are not "
-                              "adapted here).")
+        if self.conv_rank is not None and self.lora_type == "dora":
+            raise ConfigError("--conv_rank adapts the UNet's 3x3 convolutions with LoCon (--lora_type lora), LoHa or "
+                              "LoKr; DoRA here adapts Linear layers only.")
         if self.conv_alpha is not None and self.conv_rank is None:
             raise ConfigError("--conv_alpha scales the --conv_rank adapters; give --conv_rank too.")
         if self.conv_rank is not None and self.conv_alpha is None:

@@ -48,6 +48,10 @@ def lycoris_delta(arrays: Dict[str, np.ndarray]) -> np.ndarray:
     (w2_a @ w2_b), else 1 (the rank is that of the low-rank factor, as LyCORIS and ComfyUI read it)."""
     a = {k: v.astype(np.float64) for k, v in arrays.items()}
     alpha = float(a["alpha"]) if "alpha" in a else None
+    if "locon_down" in a:  # LoCon: up [out, r, 1, 1] @ down [r, in, k, k], flattened
+        rank = a["locon_down"].shape[0]
+        product = a["locon_up"].reshape(-1, rank) @ a["locon_down"].reshape(rank, -1)
+        return product * (alpha / rank if alpha is not None else 1.0)
     if "hada_w1_a" in a:
         rank = a["hada_w1_b"].shape[0]
         product = (a["hada_w1_a"] @ a["hada_w1_b"]) * (a["hada_w2_a"] @ a["hada_w2_b"])
@@ -133,7 +137,7 @@ def load_adapters(family, pipeline, lora: str, lora_scale: Optional[float]) -> d
     from safetensors import safe_open
 
     from ppdreambooth.inference.sampling import lora_scale_options
-    from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, is_dora_state, to_peft_keys
+    from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME, LORA_WEIGHTS_NAME, is_dora_state, to_peft_keys
     from ppdreambooth.modeling.lycoris import is_lycoris_state
 
     path = os.path.join(lora, LORA_WEIGHTS_NAME) if os.path.isdir(lora) else lora
@@ -145,12 +149,21 @@ def load_adapters(family, pipeline, lora: str, lora_scale: Optional[float]) -> d
                 fold_adapters(pipeline, to_peft_keys(load_file(path)), 1.0 if lora_scale is None else lora_scale)
                 return {}
     pipeline.load_lora_weights(lora)
+    convs = os.path.join(os.path.dirname(path), LOCON_WEIGHTS_NAME)
+    if os.path.isfile(convs):  # LoCon: ppdiffusers' loader has no convolution adapters; they are folded
+        from safetensors.numpy import load_file
+
+        fold_lycoris(pipeline, load_file(convs), 1.0 if lora_scale is None else lora_scale)
     return lora_scale_options(family, lora_scale)
 
 
-def write_merged(lora_state: Dict[str, np.ndarray], base_model: str, family, out: str) -> List[str]:
-    """The base pipeline with the adapters folded in, saved (ppdiffusers layout) to `out`; returns its entries."""
+def write_merged(lora_state: Dict[str, np.ndarray], base_model: str, family, out: str,
+                 conv_state: Optional[Dict[str, np.ndarray]] = None) -> List[str]:
+    """The base pipeline with the adapters (and a LoRA run's LoCon `conv_state`) folded in, saved (ppdiffusers
+    layout) to `out`; returns its entries."""
     pipeline = family.load_pipeline(base_model)
     fold_adapters(pipeline, lora_state)
+    if conv_state:
+        fold_lycoris(pipeline, conv_state)
     pipeline.save_pretrained(out)
     return [os.path.join(out, name) for name in sorted(os.listdir(out))]

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Dict, List, Optional
 
-from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from ppdreambooth.runtime.checkpoints import complete_checkpoints
 
 
@@ -81,6 +81,13 @@ def lora_loading(model_args, family, output_dir: str) -> list:
         return dora_loading(output_dir)
     if lycoris_kind(model_args):
         return lycoris_loading(lycoris_kind(model_args), output_dir, family)
+    if getattr(model_args, "conv_rank", None):
+        return [f"These are LoRA adapters plus LoCon adapters on the UNet's 3x3 convolutions (`{LOCON_WEIGHTS_NAME}`), "
+                "which ppdiffusers' `load_lora_weights` does not read: loading only the LoRA file gives another "
+                "model. Use `python -m ppdreambooth.generate` (it loads both), write a full pipeline folder that "
+                f"loads anywhere: `{merged_command(output_dir)}`, or for ComfyUI and AUTOMATIC1111's WebUI "
+                f"`python -m ppdreambooth.export {output_dir} --format kohya --out <file>.safetensors` (both in "
+                "kohya's LoRA/LoCon keys)."]
     base = model_args.pretrained_model_name_or_path
     load = [f"pipe = DiffusionPipeline.from_pretrained(\"{base}\")", f"pipe.load_lora_weights(\"{output_dir}\")", "```"]
     if not needs_peft_backend(model_args, family):
@@ -158,6 +165,9 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
     checkpoints = complete_checkpoints(output_dir)
     images = latest_validation_images(output_dir)
     what = os.path.join(output_dir, LORA_WEIGHTS_NAME) if model_args.use_lora else output_dir
+    convs = os.path.join(output_dir, LOCON_WEIGHTS_NAME)
+    lora_with_convs = (model_args.use_lora and getattr(model_args, "conv_rank", None) is not None
+                       and not lycoris_kind(model_args))
     lines = [
         "",
         "Training finished.",
@@ -169,7 +179,12 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
         *([f"  caching:     {cached}"] if cached else []),
         *([f"  adapters:    {adapter_size(what)}"] if model_args.use_lora and os.path.isfile(what) else []),
-        *([f"  loading:     {lycoris_kind(model_args)}: not by ppdiffusers' or diffusers' load_lora_weights; "
+        *([f"  LoCon:       {adapter_size(convs)} in {convs} (the 3x3 convolutions' adapters)"]
+          if model_args.use_lora and os.path.isfile(convs) else []),
+        *([f"  loading:     LoRA + LoCon: load_lora_weights reads the LoRA file only; ppdreambooth.generate loads "
+           f"both, or {merged_command(output_dir)}"] if lora_with_convs else []),
+        *([] if lora_with_convs else
+          [f"  loading:     {lycoris_kind(model_args)}: not by ppdiffusers' or diffusers' load_lora_weights; "
            f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if lycoris_kind(model_args) else
           [f"  loading:     DoRA: not by ppdiffusers' load_lora_weights (it drops the magnitudes); "
            f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if is_dora(model_args) else

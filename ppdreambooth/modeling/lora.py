@@ -23,6 +23,7 @@ import paddle
 
 
 LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
+LOCON_WEIGHTS_NAME = "paddle_locon_weights.safetensors"  # --lora_type lora --conv_rank: the convolutions' adapters
 LORA_STAGING_NAME = ".lora-staging"  # written there first, then moved into place
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: PEFT's (and diffusers') name, `<module>.lora_magnitude_vector`
 
@@ -105,13 +106,17 @@ def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], 
 
     staging = os.path.join(out_dir, LORA_STAGING_NAME)
     shutil.rmtree(staging, ignore_errors=True)
-    if any(lycoris_layers(layer) for layer in layers.values()):
+    kinds = {sub.kind for layer in layers.values() for sub in lycoris_layers(layer).values()}
+    if kinds - {"locon"}:  # LoHa / LoKr: one LyCORIS file
         save_lycoris_weights(os.path.join(staging, LORA_WEIGHTS_NAME), layers)
     else:
         states = {name: adapter_state_dict(layer, rank, alpha) for name, layer in layers.items()}
         if family.legacy_lora_keys:
             states[family.denoiser] = to_legacy_keys(states[family.denoiser])
         family.save_lora(staging, LORA_WEIGHTS_NAME, states)
+        if kinds:  # LoCon: the convolutions' adapters in a file of their own, which ppdiffusers' loader never sees
+            save_lycoris_weights(os.path.join(staging, LOCON_WEIGHTS_NAME), layers)
+            os.replace(os.path.join(staging, LOCON_WEIGHTS_NAME), os.path.join(out_dir, LOCON_WEIGHTS_NAME))
     target = os.path.join(out_dir, LORA_WEIGHTS_NAME)
     os.replace(os.path.join(staging, LORA_WEIGHTS_NAME), target)
     shutil.rmtree(staging, ignore_errors=True)

@@ -170,7 +170,25 @@ class LokrAdapter(LycorisAdapter):
         return paddle.kron(self.lokr_w1, w2) * self.scale
 
 
+class LoconAdapter(LycorisAdapter):
+    """LoCon (LoRA on a convolution, kohya's and LyCORIS's): ΔW = up @ down * alpha / rank, `locon_down` a
+    [rank, in, k, k] kernel (Kaiming-uniform), `locon_up` a 1x1 [out, rank, 1, 1] kernel (zero at the start);
+    written as `lora_down.weight` / `lora_up.weight` in kohya files. `--lora_type lora` with `--conv_rank`."""
+
+    kind = "locon"
+
+    def parameter_plan(self, out_dim, in_dim, kernel):
+        r = self.rank
+        return {"locon_down": ((r, in_dim, *kernel), _kaiming_uniform(in_dim * math.prod(kernel))),
+                "locon_up": ((out_dim, r, 1, 1), paddle.nn.initializer.Constant(0.0))}
+
+    def flat_delta(self):
+        down = self.locon_down.reshape([self.rank, -1])
+        return self.locon_up.reshape([self.locon_up.shape[0], self.rank]) @ down * self.scale
+
+
 LAYER_CLASSES = {"loha": LohaAdapter, "lokr": LokrAdapter}
+CONV_CLASSES = {"loha": LohaAdapter, "lokr": LokrAdapter, "lora": LoconAdapter}
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -206,7 +224,8 @@ CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")  # the UNet's 3x3 
 
 def add_lycoris_convs(layer: paddle.nn.Layer, lora_type: str, rank: int, alpha: float, factor: int = -1) -> List[str]:
     """Wrap every 3x3 Conv2D of the UNet's resnets, downsamplers and upsamplers (kohya's LoCon set: conv_in and
-    conv_out stay out) in a LoHa/LoKr adapter of rank `rank` (`--conv_rank`); returns the modules adapted."""
+    conv_out stay out) in a LoHa/LoKr adapter, or LoCon for `lora_type` lora, of rank `rank` (`--conv_rank`);
+    returns the modules adapted."""
     from ppdreambooth.errors import ConfigError
 
     chosen = [name for name, sub in layer.named_sublayers()
@@ -214,7 +233,7 @@ def add_lycoris_convs(layer: paddle.nn.Layer, lora_type: str, rank: int, alpha: 
               and tuple(sub.weight.shape[2:]) != (1, 1) and sub._groups == 1]
     if not chosen:
         raise ConfigError(f"--conv_rank: {type(layer).__name__} has no 3x3 convolutions in resnets or samplers.")
-    cls = LAYER_CLASSES[lora_type]
+    cls = CONV_CLASSES[lora_type]
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = layer.get_sublayer(parent_name)
@@ -259,5 +278,5 @@ def switch_adapters(layer: paddle.nn.Layer, on: bool) -> None:
         sub.enable_adapters(on)
 
 
-__all__ = ["LYCORIS_TYPES", "LohaAdapter", "LokrAdapter", "LycorisAdapter", "add_lycoris", "add_lycoris_convs", "factorization",
+__all__ = ["LYCORIS_TYPES", "LohaAdapter", "LokrAdapter", "LoconAdapter", "LycorisAdapter", "add_lycoris", "add_lycoris_convs", "factorization",
            "is_lycoris_state", "lokr_shapes", "lycoris_export_problem", "lycoris_state_dict", "switch_adapters"]

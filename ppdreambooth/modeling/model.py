@@ -231,12 +231,9 @@ class DreamBoothModel(paddle.nn.Layer):
 
     def adapters_on(self, on: bool) -> None:
         """The denoiser's adapters on or off (off: the base denoiser)."""
-        if self.lora is not None and self.lora.lora_type in LYCORIS_TYPES:
-            switch_adapters(self.denoiser, on)
-        elif on:
-            self.denoiser.enable_adapters()
-        else:
-            self.denoiser.disable_adapters()
+        switch_adapters(self.denoiser, on)  # LoHa/LoKr, and LoCon's convolution adapters of a LoRA run
+        if self.lora is not None and self.lora.lora_type not in LYCORIS_TYPES:  # peft's LoRA / DoRA layers
+            self.denoiser.enable_adapters() if on else self.denoiser.disable_adapters()
 
     def encode_missing_rows(self, pixel_values, latent_mean, latent_std, latent_cached):
         """Moments of a mixed batch: the cached rows as given, the others encoded now."""

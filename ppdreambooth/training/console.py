@@ -73,14 +73,16 @@ def adapter_mode(model_args) -> str:
     if not model_args.use_lora:
         return "full fine-tuning"
     lora_type = getattr(model_args, "lora_type", "lora")
-    if lora_type == "dora":
-        return f"DoRA rank {model_args.lora_rank} (LoRA + a magnitude per output feature)"
     conv = (f"; 3x3 convolutions rank {model_args.conv_rank}, alpha {model_args.conv_alpha:g}"
             if getattr(model_args, "conv_rank", None) else "")
+    if lora_type == "dora":
+        return f"DoRA rank {model_args.lora_rank} (LoRA + a magnitude per output feature)"
     if lora_type == "loha":
         return f"LoHa rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}{conv} (LyCORIS)"
     if lora_type == "lokr":
         return f"LoKr rank {model_args.lora_rank}, factor {model_args.lokr_factor}{conv} (LyCORIS)"
+    if conv:
+        return f"LoRA rank {model_args.lora_rank}; LoCon{conv[1:]}"
     return f"LoRA rank {model_args.lora_rank}"
 
 

@@ -222,6 +222,10 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
         problem = lycoris_export_problem(fmt, model_args.lora_type, family.name) if lycoris else ""
         if problem:
             raise ConfigError(f"--export_formats {fmt}: {problem}")
+        if fmt == "diffusers" and model_args.use_lora and model_args.conv_rank is not None:
+            from ppdreambooth.interop.exports import LOCON_DIFFUSERS
+
+            raise ConfigError(f"--export_formats diffusers: {LOCON_DIFFUSERS}")
         if f"export_{fmt}" in unsupported:
             raise ConfigError(f"--export_formats {fmt}: {unsupported[f'export_{fmt}']}")
     if data_args.prior_preservation_mode == "base_prediction":
