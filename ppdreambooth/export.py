@@ -45,6 +45,13 @@ encoders: `...lora_magnitude_vector.weight`, the name transformers 5 loads), whi
 DoRA; `kohya` adds `<name>.dora_scale` shaped [out, 1] (LyCORIS's per-output `wd_on_out` layout; see the README
 for which readers compute it exactly); `merged` bakes W' = m (W + BA) / ||W + BA|| into the weights.
 
+LoHa / LoKr runs (`--lora_type loha|lokr`): `kohya` writes the LyCORIS layout (`lora_unet_*.hada_w1_a` ...,
+`.lokr_w1` ..., `.alpha`) that ComfyUI and WebUI read (SD and SDXL); `merged` folds W + ΔW into the weights;
+`diffusers` is refused (diffusers cannot load LoHa/LoKr), and so is SD3's `kohya`: use merged.
+LoRA runs with LoCon (`--conv_rank`, the convolutions' adapters in `paddle_locon_weights.safetensors`): `kohya`
+adds them as `lora_down.weight` [r, in, 3, 3] / `lora_up.weight` [out, r, 1, 1] / `alpha`, `merged` folds them,
+`diffusers` is refused (it would drop them).
+
 Formats a family cannot write are refused with its `unsupported_options["export_<format>"]` message (the
 training entry refuses the same `--export_formats` before training).
 

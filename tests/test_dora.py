@@ -254,7 +254,8 @@ def test_the_base_prediction_prior_runs_with_dora(tiny_model, photos):
 # ----- the command line ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, message", [
     (["--lora_type", "dora"], "--lora_type dora is a kind of LoRA adapter; it needs --use_lora"),
-    (["--use_lora", "--lora_type", "loha"], "invalid choice: 'loha' (choose from 'lora', 'dora')"),
+    (["--use_lora", "--lora_type", "lycoris"], "invalid choice: 'lycoris' (choose from 'lora', 'dora', 'loha', "
+                                                "'lokr')"),
 ], ids=["without_use_lora", "unknown_type"])
 def test_bad_lora_type_flags_stop_before_any_model_loads(extra, message, tiny_model, photos, tmp_path, capsys,
                                                           no_model_loading):

@@ -97,9 +97,29 @@ class ModelArguments:
     )
     lora_type: str = field(
         default="lora",
-        metadata={"help": "With --use_lora: lora (the default) or dora (DoRA: the adapted weight is renormalised per "
+        metadata={"help": "With --use_lora: lora (the default), dora (DoRA: the adapted weight is renormalised per "
                           "output feature and scaled by a trained magnitude, one number per output feature; "
-                          "diffusers' --use_dora).", "choices": ["lora", "dora"]},
+                          "diffusers' --use_dora), loha (LyCORIS LoHa: dW = (w1a w1b) * (w2a w2b) elementwise "
+                          "* alpha/rank) or lokr (LyCORIS LoKr: dW = kron(w1, w2), w2 low rank when the rank is "
+                          "small; see --lokr_factor). LoHa/LoKr load in ComfyUI/WebUI (export kohya) or merged, "
+                          "not in diffusers.", "choices": ["lora", "dora", "loha", "lokr"]},
+    )
+    conv_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "With --use_lora: also adapt the UNet's 3x3 convolutions (resnets, down- and upsamplers; "
+                          "kohya's and LyCORIS's conv_dim) at this rank: LoCon for --lora_type lora, LoHa/LoKr "
+                          "for those types. Unset: attention projections only. Not "
+                          "for SD3 (its transformer has no such convolutions)."},
+    )
+    conv_alpha: Optional[float] = field(
+        default=None, metadata={"help": "Alpha of the --conv_rank adapters (scaled by alpha/rank). Default: "
+                                        "--conv_rank."}
+    )
+    lokr_factor: int = field(
+        default=-1,
+        metadata={"help": "With --lora_type lokr: how each weight dimension is split for the Kronecker product, "
+                          "LyCORIS's `factor`: -1 (the default) splits near the square root (128 -> 8 x 16), "
+                          "f > 0 splits off f where it divides (128, 4 -> 4 x 32)."},
     )
     lora_rank: int = field(default=4, metadata={"help": "Rank of the LoRA matrices (also --rank)."})
     lora_alpha: Optional[float] = field(
@@ -199,6 +219,16 @@ class ModelArguments:
         if self.lora_type != "lora" and not self.use_lora:
             raise ConfigError(f"--lora_type {self.lora_type} is a kind of LoRA adapter; it needs --use_lora (or "
                               "python -m ppdreambooth.train_lora).")
+        if self.lokr_factor != -1 and self.lora_type != "lokr":
+            raise ConfigError(f"--lokr_factor {self.lokr_factor} splits LoKr's Kronecker factors; it needs "
+                              "--lora_type lokr.")
+        if self.conv_rank is not None and self.lora_type == "dora":
+            raise ConfigError("--conv_rank adapts the UNet's 3x3 convolutions with LoCon (--lora_type lora), LoHa or "
+                              "LoKr; DoRA here adapts Linear layers only.")
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise ConfigError("--conv_alpha scales the --conv_rank adapters; give --conv_rank too.")
+        if self.conv_rank is not None and self.conv_alpha is None:
+            self.conv_alpha = float(self.conv_rank)
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if self.train_text_encoder_ti and not re.fullmatch(r"[^\s<>]+", self.token_abstraction or ""):

@@ -44,6 +44,9 @@ class StableDiffusion3(ModelFamily):
     textual_inversion_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
     textual_inversion_loader = False
     unsupported_options = {
+        "conv_rank": "SD3's transformer has no 3x3 convolutions to adapt: its only convolution is the 2x2 patch "
+                     "embedding (pos_embed.proj), outside what LyCORIS's conv adapters cover; drop --conv_rank "
+                     "(the attention projections carry the adapters).",
         "lora_text_encoder": "SD3 LoRA trains the transformer only: ppdiffusers 0.29 saves and loads SD3 adapters "
                              "for the transformer alone. Drop --train_text_encoder, or train the CLIP encoders "
                              "fully without --use_lora.",

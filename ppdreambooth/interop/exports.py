@@ -20,7 +20,8 @@ from ppdreambooth.interop.merge import write_merged
 from ppdreambooth.interop.model_card import read_model_card
 from ppdreambooth.interop.single_file import write_single_file
 from ppdreambooth.interop.weights import lora_state_in_torch_layout
-from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, MAGNITUDE, to_peft_keys
+from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME, LORA_WEIGHTS_NAME, MAGNITUDE, to_peft_keys
+from ppdreambooth.modeling.lycoris import is_lycoris_state, lycoris_export_problem
 from ppdreambooth.modeling.pivotal import find_embeddings, kohya_bundle
 
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
@@ -31,6 +32,14 @@ def _load_lora(output_dir: str) -> Dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return to_peft_keys(load_file(os.path.join(output_dir, LORA_WEIGHTS_NAME)))
+
+
+def _load_convs(output_dir: str) -> Dict[str, np.ndarray]:
+    """A LoRA run's LoCon adapters (`--conv_rank`), `<component>.<module>.locon_down` ...; empty without them."""
+    from safetensors.numpy import load_file
+
+    path = os.path.join(output_dir, LOCON_WEIGHTS_NAME)
+    return load_file(path) if os.path.isfile(path) else {}
 
 
 def lora_to_kohya(state: Dict[str, np.ndarray],
@@ -55,6 +64,32 @@ def lora_to_kohya(state: Dict[str, np.ndarray],
         if kind.startswith("A"):
             out[f"{name}.alpha"] = np.asarray(value.shape[0], dtype=np.float32)  # rank: scale 1
     return out
+
+
+def lycoris_to_kohya(state: Dict[str, np.ndarray],
+                     name_of: Callable[[str, str], str] = sd_kohya_name) -> Dict[str, np.ndarray]:
+    """LoHa/LoKr adapters `<component>.<module>.<key>` -> `<name_of(component, module)>.<key>`, the layout of a
+    LyCORIS file (`lora_unet_*.hada_w1_a`, `.lokr_w1`, ..., `.alpha`) that ComfyUI and WebUI read. The matrices are
+    saved in PyTorch's layout already; they are written as they are. LoCon's convolution adapters (a LoRA run's
+    `--conv_rank`) become `<name>.lora_down.weight` [r, in, k, k] / `.lora_up.weight` [out, r, 1, 1] / `.alpha`."""
+    out = {}
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        kind = KOHYA_LOCON_KEYS.get(kind, kind)
+        out[f"{name_of(component, module)}.{kind}"] = np.ascontiguousarray(value)
+    return out
+
+
+KOHYA_LOCON_KEYS = {"locon_down": "lora_down.weight", "locon_up": "lora_up.weight"}  # LoCon in kohya's names
+
+
+LOCON_DIFFUSERS = ("this LoRA run also trained LoCon adapters on the UNet's 3x3 convolutions (--conv_rank), "
+                   "which this export does not carry. Use --format kohya (ComfyUI/WebUI read LoCon) or merged.")
+
+
+def lycoris_type(state) -> str:
+    return "loha" if any(k.endswith(".hada_w1_a") for k in state) else "lokr"
 
 
 def lora_to_diffusers(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -158,6 +193,14 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         refuse_unsupported(family, fmt)
         path = out if out.endswith(".safetensors") else os.path.join(out, "model.safetensors")
         return [write_single_file(output_dir, path, family)]
+    if is_lora and fmt in ("diffusers", "kohya") and is_lycoris_state(_load_lora(output_dir)):
+        state = _load_lora(output_dir)
+        family = lora_family(output_dir, model_family, base_model)
+        problem = lycoris_export_problem(fmt, lycoris_type(state), family.name)
+        if problem:
+            raise ExportError(f"--format {fmt}: {problem}")
+    if is_lora and fmt == "diffusers" and _load_convs(output_dir):
+        raise ExportError(f"--format diffusers: {LOCON_DIFFUSERS}")
     if fmt == "merged":
         if not is_lora:
             raise ExportError("--format merged folds LoRA adapters into the base model; this run is a full "
@@ -166,18 +209,20 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
         base = base_model or read_model_card(output_dir).get("base_model")
         if not base:
             raise ExportError(f"{output_dir} has no model card naming its base model; pass --base_model.")
-        return write_merged(_load_lora(output_dir), base, family, out)
+        return write_merged(_load_lora(output_dir), base, family, out, _load_convs(output_dir))
     if fmt == "kohya":
         if not is_lora:
             raise ExportError("--format kohya writes LoRA adapters; this run is a full fine-tune (use diffusers).")
         names = kohya_names(output_dir, model_family, base_model)  # refuses families without a kohya layout
         path = out if out.endswith(".safetensors") else os.path.join(out, "lora_kohya.safetensors")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        state = lora_to_kohya(_load_lora(output_dir), names)
+        state = _load_lora(output_dir)
+        kohya = lycoris_to_kohya(state, names) if is_lycoris_state(state) else lora_to_kohya(state, names)
+        kohya.update(lycoris_to_kohya(_load_convs(output_dir), names))
         embeddings = find_embeddings(output_dir)
         if embeddings:  # pivotal tuning: the new tokens travel in the same file, as A1111 bundles them
-            state.update(kohya_bundle(embeddings))
-        save_file(state, path + ".tmp", metadata={"format": "pt"})
+            kohya.update(kohya_bundle(embeddings))
+        save_file(kohya, path + ".tmp", metadata={"format": "pt"})
         os.replace(path + ".tmp", path)
         return [path]
     os.makedirs(out, exist_ok=True)

@@ -1,11 +1,12 @@
 """The model card (`output_dir/README.md`) and the closing summary printed after training."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Dict, List, Optional
 
-from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from ppdreambooth.runtime.checkpoints import complete_checkpoints
 
 
@@ -49,10 +50,44 @@ def dora_loading(output_dir: str) -> list:
             "`pipe.load_lora_weights(<folder>)`."]
 
 
+def lycoris_kind(model_args) -> str:
+    """"LoHa" / "LoKr" for a LyCORIS run, "" otherwise."""
+    lora_type = getattr(model_args, "lora_type", "lora") if model_args.use_lora else ""
+    return {"loha": "LoHa", "lokr": "LoKr"}.get(lora_type, "")
+
+
+def lycoris_loading(kind: str, output_dir: str, family) -> list:
+    kohya = (f" For ComfyUI and AUTOMATIC1111's WebUI: `python -m ppdreambooth.export {output_dir} --format kohya "
+             "--out <file>.safetensors` writes the LyCORIS keys they read (`lora_unet_*.hada_w1_a` ..., "
+             "`.lokr_w1` ...)." if family.name != "sd3" else "")
+    return [f"These are LyCORIS {kind} adapters. Neither ppdiffusers nor diffusers can load {kind} "
+            "(`load_lora_weights` reads LoRA keys only). Use `python -m ppdreambooth.generate` (it folds them into "
+            f"the weights), or write a full pipeline folder that loads anywhere: `{merged_command(output_dir)}`."
+            + kohya]
+
+
+def adapter_size(path: str) -> str:
+    """"N parameters, X MB" of a saved adapter file (LyCORIS's `.alpha` scalars are settings, not counted)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".alpha"))
+    return f"{count:,} parameters, {os.path.getsize(path) / 1e6:.2f} MB"
+
+
 def lora_loading(model_args, family, output_dir: str) -> list:
     """Model-card lines: how to load the adapters, in plain ppdiffusers first."""
     if is_dora(model_args):
         return dora_loading(output_dir)
+    if lycoris_kind(model_args):
+        return lycoris_loading(lycoris_kind(model_args), output_dir, family)
+    if getattr(model_args, "conv_rank", None):
+        return [f"These are LoRA adapters plus LoCon adapters on the UNet's 3x3 convolutions (`{LOCON_WEIGHTS_NAME}`), "
+                "which ppdiffusers' `load_lora_weights` does not read: loading only the LoRA file gives another "
+                "model. Use `python -m ppdreambooth.generate` (it loads both), write a full pipeline folder that "
+                f"loads anywhere: `{merged_command(output_dir)}`, or for ComfyUI and AUTOMATIC1111's WebUI "
+                f"`python -m ppdreambooth.export {output_dir} --format kohya --out <file>.safetensors` (both in "
+                "kohya's LoRA/LoCon keys)."]
     base = model_args.pretrained_model_name_or_path
     load = [f"pipe = DiffusionPipeline.from_pretrained(\"{base}\")", f"pipe.load_lora_weights(\"{output_dir}\")", "```"]
     if not needs_peft_backend(model_args, family):
@@ -103,8 +138,12 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
                      source: Optional[str] = None) -> str:
     """`source`: the model the user named, when training read it from somewhere else (a converted single file)."""
     base = source or model_args.pretrained_model_name_or_path
-    kind = "DoRA" if is_dora(model_args) else "LoRA"
-    extra = "; LoRA plus a trained magnitude per output feature" if kind == "DoRA" else ""
+    kind = "DoRA" if is_dora(model_args) else lycoris_kind(model_args) or "LoRA"
+    extra = {"DoRA": "; LoRA plus a trained magnitude per output feature",
+             "LoHa": "; LyCORIS, dW = (w1_a w1_b) * (w2_a w2_b) * alpha/rank",
+             "LoKr": f"; LyCORIS, dW = kron(w1, w2), factor {getattr(model_args, 'lokr_factor', -1)}"}.get(kind, "")
+    if kind in ("LoHa", "LoKr") and getattr(model_args, "conv_rank", None):
+        extra += f"; 3x3 convolutions too, rank {model_args.conv_rank}, alpha {model_args.conv_alpha:g}"
     mode = (f"{kind} (rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}{extra}), "
             f"file `{LORA_WEIGHTS_NAME}`" if model_args.use_lora else "full fine-tuning, a ppdiffusers pipeline folder")
     lines = [
@@ -112,7 +151,8 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
         f"base_model: {base}",
         "library_name: ppdiffusers",
         f"tags: [{family.card_tag}, dreambooth, ppdreambooth" + (", lora" if model_args.use_lora else "")
-        + (", dora]" if is_dora(model_args) else "]"),
+        + (", dora]" if is_dora(model_args) else f", lycoris, {lycoris_kind(model_args).lower()}]"
+           if lycoris_kind(model_args) else "]"),
         "---",
         "",
         "# DreamBooth model trained with ppdreambooth",
@@ -161,6 +201,9 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
     checkpoints = complete_checkpoints(output_dir)
     images = latest_validation_images(output_dir)
     what = os.path.join(output_dir, LORA_WEIGHTS_NAME) if model_args.use_lora else output_dir
+    convs = os.path.join(output_dir, LOCON_WEIGHTS_NAME)
+    lora_with_convs = (model_args.use_lora and getattr(model_args, "conv_rank", None) is not None
+                       and not lycoris_kind(model_args))
     lines = [
         "",
         "Training finished.",
@@ -171,7 +214,15 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
         f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in args.export_format_list) or 'none (--export_formats)'}",
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
         *([f"  caching:     {cached}"] if cached else []),
-        *([f"  loading:     DoRA: not by ppdiffusers' load_lora_weights (it drops the magnitudes); "
+        *([f"  adapters:    {adapter_size(what)}"] if model_args.use_lora and os.path.isfile(what) else []),
+        *([f"  LoCon:       {adapter_size(convs)} in {convs} (the 3x3 convolutions' adapters)"]
+          if model_args.use_lora and os.path.isfile(convs) else []),
+        *([f"  loading:     LoRA + LoCon: load_lora_weights reads the LoRA file only; ppdreambooth.generate loads "
+           f"both, or {merged_command(output_dir)}"] if lora_with_convs else []),
+        *([] if lora_with_convs else
+          [f"  loading:     {lycoris_kind(model_args)}: not by ppdiffusers' or diffusers' load_lora_weights; "
+           f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if lycoris_kind(model_args) else
+          [f"  loading:     DoRA: not by ppdiffusers' load_lora_weights (it drops the magnitudes); "
            f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if is_dora(model_args) else
           [f"  loading:     needs ppdiffusers' peft backend (import ppdreambooth first); or {merged_command(output_dir)}"]
           if model_args.use_lora and family is not None and needs_peft_backend(model_args, family) else

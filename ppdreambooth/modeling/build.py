@@ -72,7 +72,8 @@ def build_model(
     lora = None
     if model_args.use_lora:
         targets = tuple(model_args.lora_layers.split(",")) if model_args.lora_layers else ()
-        lora = LoraSpec(model_args.lora_rank, model_args.lora_alpha, targets, model_args.lora_type)
+        lora = LoraSpec(model_args.lora_rank, model_args.lora_alpha, targets, model_args.lora_type,
+                        model_args.lokr_factor, model_args.conv_rank, model_args.conv_alpha)
     return DreamBoothModel(
         family,
         components,

@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import paddle
 
 
 LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
+LOCON_WEIGHTS_NAME = "paddle_locon_weights.safetensors"  # --lora_type lora --conv_rank: the convolutions' adapters
 LORA_STAGING_NAME = ".lora-staging"  # written there first, then moved into place
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: PEFT's (and diffusers') name, `<module>.lora_magnitude_vector`
 
@@ -35,7 +36,10 @@ class LoraSpec:
     rank: int
     alpha: float
     denoiser_targets: Tuple[str, ...] = ()
-    lora_type: str = "lora"  # or "dora" (ppdreambooth.modeling.dora)
+    lora_type: str = "lora"  # or "dora" (ppdreambooth.modeling.dora), "loha" / "lokr" (modeling.lycoris)
+    lokr_factor: int = -1  # LoKr's split of each dimension (modeling.lycoris.factorization)
+    conv_rank: Optional[int] = None  # LoHa/LoKr on the UNet's 3x3 convolutions too (`--conv_rank`)
+    conv_alpha: Optional[float] = None
 
 
 def lora_config(rank: int, alpha: float, targets):
@@ -98,6 +102,21 @@ def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], 
     `unet.load_attn_procs`) and under the peft backend, where peft names crash the plain loader. Text
     encoders and SD3's transformer keep peft names: ppdiffusers 0.29 loads them only under its peft backend.
     """
+    from ppdreambooth.modeling.lycoris import lycoris_layers
+
+    kinds = {sub.kind for layer in layers.values() for sub in lycoris_layers(layer).values()}
+    if kinds - {"locon"}:  # LoHa / LoKr: one LyCORIS file
+        staging = os.path.join(out_dir, LORA_STAGING_NAME)
+        shutil.rmtree(staging, ignore_errors=True)
+        save_lycoris_weights(os.path.join(staging, LORA_WEIGHTS_NAME), layers)
+        target = os.path.join(out_dir, LORA_WEIGHTS_NAME)
+        os.replace(os.path.join(staging, LORA_WEIGHTS_NAME), target)
+        shutil.rmtree(staging, ignore_errors=True)
+        return target
+    if kinds:  # LoCon: the convolutions' adapters in a file of their own, which ppdiffusers' loader never sees
+        partial = os.path.join(out_dir, LOCON_WEIGHTS_NAME + ".partial")
+        save_lycoris_weights(partial, layers)
+        os.replace(partial, os.path.join(out_dir, LOCON_WEIGHTS_NAME))
     return write_lora_states(out_dir, family, {name: adapter_state_dict(layer, rank, alpha)
                                                 for name, layer in layers.items()})
 
@@ -127,6 +146,20 @@ def _components_in(path: str) -> set:
 
     with safe_open(path, framework="np") as f:
         return {key.split(".", 1)[0] for key in f.keys()}
+
+
+def save_lycoris_weights(path: str, layers: Dict[str, paddle.nn.Layer]) -> None:
+    """LoHa/LoKr adapters (`modeling.lycoris`) as `<component>.<module>.<LyCORIS key>` in PyTorch's layout (the
+    matrices as LyCORIS files hold them) plus `.alpha`; ppdiffusers cannot load these (its loaders know LoRA
+    only): `ppdreambooth.generate`/`evaluate` and `export --format merged` fold them into the base weights."""
+    from safetensors.numpy import save_file
+
+    from ppdreambooth.modeling.lycoris import lycoris_state_dict
+
+    state = {f"{component}.{key}": value for component, layer in layers.items()
+             for key, value in lycoris_state_dict(layer).items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(state, path, metadata={"format": "pt"})
 
 
 def lora_parameter_count(rank: int, unet_config: dict, dora: bool = False) -> int:

@@ -29,6 +29,7 @@ from ppdreambooth.batch import (
 from ppdreambooth.families import ModelFamily
 from ppdreambooth.modeling.dora import add_dora
 from ppdreambooth.modeling.lora import LoraSpec, add_lora
+from ppdreambooth.modeling.lycoris import LYCORIS_TYPES, add_lycoris, add_lycoris_convs, switch_adapters
 from ppdreambooth.modeling.losses import MaskedLoss, dreambooth_loss
 from ppdreambooth.modeling.pivotal import PivotalSpec, PivotalTokens
 
@@ -40,6 +41,14 @@ def freeze(layer: paddle.nn.Layer) -> None:
     for param in layer.parameters():
         param.stop_gradient = True
     layer.eval()
+
+
+def adapter_maker(lora: LoraSpec):
+    """The function that adds `lora`'s kind of adapter: (layer, targets, rank, alpha) -> None."""
+    if lora.lora_type in LYCORIS_TYPES:
+        return lambda layer, targets, rank, alpha: add_lycoris(layer, targets, lora.lora_type, rank, alpha,
+                                                               lora.lokr_factor)
+    return add_dora if lora.lora_type == "dora" else add_lora
 
 
 class DreamBoothModel(paddle.nn.Layer):
@@ -76,8 +85,10 @@ class DreamBoothModel(paddle.nn.Layer):
         self.tokenizers = {name: components[name] for name in family.tokenizers if name in components}
         denoiser = components[family.denoiser]
         if lora is not None:
-            add_adapters = add_dora if lora.lora_type == "dora" else add_lora
+            add_adapters = adapter_maker(lora)
             add_adapters(denoiser, lora.denoiser_targets or family.denoiser_lora_targets, lora.rank, lora.alpha)
+            if lora.conv_rank is not None:
+                add_lycoris_convs(denoiser, lora.lora_type, lora.conv_rank, lora.conv_alpha, lora.lokr_factor)
         family.freeze_unused(denoiser)
         self.add_sublayer(family.denoiser, denoiser)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
@@ -224,14 +235,20 @@ class DreamBoothModel(paddle.nn.Layer):
         """The target with its class half replaced by the base model's prediction there (adapters off)."""
         n = target.shape[0] // 2
         rows = {k: v[n:] for k, v in conditioning.items()}
-        self.denoiser.disable_adapters()
+        self.adapters_on(False)
         try:
             raw = self.family.predict(self.denoiser, noisy_latents[n:].astype(self.denoiser.dtype), timesteps[n:], rows)
         finally:
-            self.denoiser.enable_adapters()
+            self.adapters_on(True)
         with paddle.amp.auto_cast(enable=False):
             base = self.objective.prediction(raw.astype("float32"), noisy_latents[n:], timesteps[n:])
         return paddle.concat([target[:n], base.astype(target.dtype)])
+
+    def adapters_on(self, on: bool) -> None:
+        """The denoiser's adapters on or off (off: the base denoiser)."""
+        switch_adapters(self.denoiser, on)  # LoHa/LoKr, and LoCon's convolution adapters of a LoRA run
+        if self.lora is not None and self.lora.lora_type not in LYCORIS_TYPES:  # peft's LoRA / DoRA layers
+            self.denoiser.enable_adapters() if on else self.denoiser.disable_adapters()
 
     def encode_missing_rows(self, pixel_values, latent_mean, latent_std, latent_cached):
         """Moments of a mixed batch: the cached rows as given, the others encoded now."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Optional
 
 from paddlenlp.trainer import TrainerCallback
 
@@ -64,14 +65,34 @@ def quiet_console(output_dir: str, log_level: str = "passive", rank: int = 0) ->
     return path
 
 
-def header(family, model_args, data_args, args, dataset, log_path: str) -> str:
-    """The few lines a user wants before the first step."""
+LYCORIS_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
+
+
+def adapter_mode(model_args) -> str:
+    """What the run trains, in words (the header's first line)."""
+    if not model_args.use_lora:
+        return "full fine-tuning"
+    lora_type = getattr(model_args, "lora_type", "lora")
+    conv = (f"; 3x3 convolutions rank {model_args.conv_rank}, alpha {model_args.conv_alpha:g}"
+            if getattr(model_args, "conv_rank", None) else "")
+    if lora_type == "dora":
+        return f"DoRA rank {model_args.lora_rank} (LoRA + a magnitude per output feature)"
+    if lora_type == "loha":
+        return f"LoHa rank {model_args.lora_rank}, alpha {model_args.lora_alpha:g}{conv} (LyCORIS)"
+    if lora_type == "lokr":
+        return f"LoKr rank {model_args.lora_rank}, factor {model_args.lokr_factor}{conv} (LyCORIS)"
+    if conv:
+        return f"LoRA rank {model_args.lora_rank}; LoCon{conv[1:]}"
+    return f"LoRA rank {model_args.lora_rank}"
+
+
+def header(family, model_args, data_args, args, dataset, log_path: str,
+           adapter_parameters: Optional[int] = None) -> str:
+    """The few lines a user wants before the first step (`adapter_parameters`: the trained adapters' size)."""
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     if args.fp16 or args.bf16:
         precision += f" {args.fp16_opt_level}"
-    mode = f"LoRA rank {model_args.lora_rank}" if model_args.use_lora else "full fine-tuning"
-    if model_args.use_lora and getattr(model_args, "lora_type", "lora") == "dora":
-        mode = f"DoRA rank {model_args.lora_rank} (LoRA + a magnitude per output feature)"
+    mode = adapter_mode(model_args)
     photos = sum(len(c.instance.images) for c in dataset.concepts)
     classes = sum(len(c.prior.images) for c in dataset.concepts if c.prior is not None)
     steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)"
@@ -93,6 +114,7 @@ def header(family, model_args, data_args, args, dataset, log_path: str) -> str:
         + (f", {classes} class image(s)" if classes else "") + f", {len(dataset)} examples per epoch",
         *caption_line,
         *pivotal_line(model_args, args),
+        *([f"  adapters:  {adapter_parameters:,} trained parameters"] if adapter_parameters is not None else []),
         f"  training:  {steps} steps, batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
         f"accumulation x {max(args.world_size, 1)} process(es), learning rate {args.learning_rate:g}, {precision}",
         f"  output:    {args.output_dir} (full log: {log_path})",

@@ -31,6 +31,8 @@ from ppdreambooth.families.checks import (
     check_tokenizer_path,
     check_vae_path,
 )
+from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME
+from ppdreambooth.modeling.lycoris import LYCORIS_TYPES, lycoris_export_problem
 from ppdreambooth.training.folders import check_folders_apart, check_writable
 from ppdreambooth.training.resume_settings import check_resume, class_files_now, current_settings
 from ppdreambooth.training.run_folder import check_output_dir, claim_output_dir, resolve_resume
@@ -112,7 +114,17 @@ def check_family_options(family: ModelFamily, model_args: ModelArguments, data_a
     unsupported = dict(family.unsupported_options)
     if model_args.pretrained_model_name_or_path.endswith(".safetensors") and "single_file" in unsupported:
         raise ConfigError(f"training from a single-file checkpoint: {unsupported['single_file']}")
+    if model_args.use_lora and model_args.conv_rank is not None and "conv_rank" in unsupported:
+        raise ConfigError(f"--conv_rank: {unsupported['conv_rank']}")
     for fmt in args.export_format_list:
+        lycoris = model_args.use_lora and model_args.lora_type in LYCORIS_TYPES
+        problem = lycoris_export_problem(fmt, model_args.lora_type, family.name) if lycoris else ""
+        if problem:
+            raise ConfigError(f"--export_formats {fmt}: {problem}")
+        if fmt == "diffusers" and model_args.use_lora and model_args.conv_rank is not None:
+            from ppdreambooth.interop.exports import LOCON_DIFFUSERS
+
+            raise ConfigError(f"--export_formats diffusers: {LOCON_DIFFUSERS}")
         if f"export_{fmt}" in unsupported:
             raise ConfigError(f"--export_formats {fmt}: {unsupported[f'export_{fmt}']}")
     if data_args.prior_preservation_mode == "base_prediction":

@@ -232,7 +232,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     dataset = build_dataset(model, data_args, instance_photos, class_photos)
     phases.mark("dataset")
     if rank == 0:
-        print(header(family, model_args, data_args, args, dataset, log_path), flush=True)
+        adapters = sum(int(p.numel()) for p in model.trainable_parameters()) if model_args.use_lora else None
+        print(header(family, model_args, data_args, args, dataset, log_path, adapters), flush=True)
     if resume is not None:
         step = int(os.path.basename(os.path.normpath(resume)).rsplit("-", 1)[-1])
         logger.info("resuming from %s at global step %d", resume, step)
