@@ -122,7 +122,7 @@ class DreamBoothTrainer(Trainer):
         optimizer = innermost_optimizer(self.optimizer) if self.optimizer is not None else None
         if "loss" in logs and isinstance(optimizer, Prodigy):
             logs["prodigy_d"] = optimizer.d  # its step size is d x the logged learning rate
-        tokens = self.model.pivotal_tokens
+        tokens = getattr(self.model, "pivotal_tokens", None)  # a DreamBoothModel's; None without pivotal tuning
         if "loss" in logs and tokens is not None:  # pivotal tuning: how far the new tokens have grown
             logs.update({f"ti_norm_{name}": round(norm, 6) for name, norm in tokens.norms().items()})
         if "loss" in logs and isinstance(optimizer, AdamWScheduleFree):
