@@ -48,14 +48,18 @@ if point in ("kill_in_step", "nan_in_step"):
 
     DreamBoothModel.forward = forward
 elif point == "kill_in_checkpoint":
-    original_paddle_save = paddle.save
+    # state dicts are written by ppdreambooth.runtime.streamed_save (anything else by paddle.save): hook both
+    from ppdreambooth.runtime import streamed_save as streamed
 
-    def save(obj, path, *args, **kwargs):
-        if str(path).endswith("optimizer.pdopt") and hit():
-            die()
-        return original_paddle_save(obj, path, *args, **kwargs)
+    def dying_before_optimizer_state(original):
+        def save(obj, path, *args, **kwargs):
+            if str(path).endswith("optimizer.pdopt") and hit():
+                die()
+            return original(obj, path, *args, **kwargs)
+        return save
 
-    paddle.save = save
+    paddle.save = dying_before_optimizer_state(paddle.save)
+    streamed.streamed_save = dying_before_optimizer_state(streamed.streamed_save)
 elif point == "kill_in_final_save":
     original_replace = os.replace
 
