@@ -60,6 +60,8 @@ SETTINGS = {
     "full-prior-multires-noise": PRIOR + ["--multires_noise_iterations", "6", "--multires_noise_discount", "0.3"],
     "full-prior-debiased": PRIOR + ["--debiased_estimation_loss"],
     "full-prior-noise-offset": PRIOR + ["--noise_offset", "0.05"],
+    "full-prior-pivotal": PRIOR + ["--train_text_encoder_ti", "true"],
+    "lora-none-loha": LORA + NO_PRIOR + ["--lora_type", "loha"],
     # every photo on the same background (blue), as when all are taken in one room: where background leakage shows
     "full-none-one-background": NO_PRIOR + ["--max_train_steps", "{2x}"],
     "full-none-one-background-masked": NO_PRIOR + ["--max_train_steps", "{2x}"] + MASKED,
