@@ -40,7 +40,6 @@ accumulators, neither of which this class has); PaddleNLP's unified checkpoints 
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, Dict, Optional, Tuple
 
 import paddle
@@ -48,7 +47,6 @@ import paddle
 from ppdreambooth.modeling.optimizers import HandWrittenOptimizer, _float32, _fp32_copy, _to_tensor
 from ppdreambooth.modeling.quantization import BLOCK_SIZE, BlockQuantizer
 
-logger = logging.getLogger(__name__)
 
 _SUFFIX = "_adamw8bit_"
 _SCALAR_PREFIX = "adamw8bit_"
@@ -198,32 +196,20 @@ class AdamW8bit(HandWrittenOptimizer):
     def set_state_dict(self, state_dict: dict) -> None:
         """Load what `state_dict()` returned (tensors are copied), for the parameters this optimizer holds. Each
         parameter keeps the form its state was saved in (8-bit codes or float32)."""
-        ours = [key for key in state_dict if _SUFFIX in key]
         scalars = self._checked_scalars(state_dict, _SUFFIX, _SCALAR_PREFIX, _SCALARS, "an AdamW8bit")
         if int(scalars["block_size"]) != self._block_size:
             raise ValueError(f"the saved 8-bit state uses blocks of {int(scalars['block_size'])} values, this "
                              f"optimizer blocks of {self._block_size}")
         self._load_shared_state(state_dict)
 
-        loaded = set()
-        for param, _ in self._params_with_decay():
-            step_key = param.name + _SUFFIX + "step"
-            if step_key not in state_dict:
-                continue  # no state saved for it (no gradient or a rate of 0 so far): it starts fresh
+        def shapes_of(param):  # each parameter keeps the form its state was saved in
             quantized = param.name + _SUFFIX + "exp_avg_codes" in state_dict
-            state = {"step": int(_to_tensor(state_dict[step_key]).item())}
-            for kind, (shape, dtype) in self._state_shapes(param, quantized).items():
-                key = param.name + _SUFFIX + kind
-                if key not in state_dict:
-                    raise ValueError(f"optimizer state {key} missing from the state dict")
-                value = _to_tensor(state_dict[key])
-                state[kind] = value.astype("uint8").clone() if dtype == "uint8" else _fp32_copy(value)
-                if list(state[kind].shape) != shape:
-                    raise ValueError(f"optimizer state {key} has shape {list(state[kind].shape)}, expected {shape}")
-            self._state[param.name] = state
-            loaded.update(param.name + _SUFFIX + kind for kind in state)
-        unused = sorted(set(ours) - loaded)
-        if unused:
-            logger.warning("AdamW8bit: %d saved state tensors match no parameter, e.g. %s", len(unused), unused[:3])
+            return {kind: shape for kind, (shape, _) in self._state_shapes(param, quantized).items()}
+
+        self._load_per_parameter_state(state_dict, _SUFFIX, shapes_of)
+
+    def _restored(self, kind: str, value) -> paddle.Tensor:
+        """Codes stay uint8 copies; absmax and float32 moments are float32 copies."""
+        return _to_tensor(value).astype("uint8").clone() if kind.endswith("_codes") else _fp32_copy(value)
 
     load_state_dict = set_state_dict

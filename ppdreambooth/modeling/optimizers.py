@@ -128,6 +128,34 @@ class HandWrittenOptimizer(paddle.optimizer.Optimizer):
         for pname, value in (state_dict.get("master_weights") or {}).items():
             self._master_weights[pname] = _fp32_copy(value)
 
+    def _load_per_parameter_state(self, state_dict: dict, suffix: str, shapes_of) -> None:
+        """For each parameter with a saved `<param.name><suffix>step`: its step and its state tensors (copied by
+        `_restored`), each checked against `shapes_of(param)` ({kind: shape}); a parameter without one starts
+        fresh (it never had a gradient). Saved tensors that match no parameter are named in a warning."""
+        loaded = set()
+        for param, _ in self._params_with_decay():
+            step_key = param.name + suffix + "step"
+            if step_key not in state_dict:
+                continue
+            state = {"step": int(_to_tensor(state_dict[step_key]).item())}
+            for kind, shape in shapes_of(param).items():
+                key = param.name + suffix + kind
+                if key not in state_dict:
+                    raise ValueError(f"optimizer state {key} missing from the state dict")
+                state[kind] = self._restored(kind, state_dict[key])
+                if list(state[kind].shape) != shape:
+                    raise ValueError(f"optimizer state {key} has shape {list(state[kind].shape)}, expected {shape}")
+            self._state[param.name] = state
+            loaded.update(param.name + suffix + kind for kind in state)
+        unused = sorted({key for key in state_dict if suffix in key} - loaded)
+        if unused:
+            logger.warning("%s: %d saved state tensors match no parameter, e.g. %s", type(self).__name__,
+                           len(unused), unused[:3])
+
+    def _restored(self, kind: str, value) -> paddle.Tensor:
+        """A saved state tensor as this optimizer keeps it: a float32 copy."""
+        return _fp32_copy(value)
+
     @staticmethod
     def _checked_scalars(state_dict: dict, suffix: str, prefix: str, scalars, what: str) -> dict:
         """The optimizer-wide numbers saved as `<prefix><name>`, after checking that every other key is
@@ -275,24 +303,7 @@ class Adafactor(HandWrittenOptimizer):
         if others and not ours:
             raise ValueError(f"not an Adafactor state dict (keys such as {others[:3]})")
 
-        loaded = set()
-        for param, _ in self._params_with_decay():
-            step_key = param.name + _SUFFIX + "step"
-            if step_key not in state_dict:
-                continue  # no state saved for it (it never had a gradient): it starts fresh
-            state = {"step": int(_to_tensor(state_dict[step_key]).item())}
-            for kind, shape in self._state_shapes(param).items():
-                key = param.name + _SUFFIX + kind
-                if key not in state_dict:
-                    raise ValueError(f"optimizer state {key} missing from the state dict")
-                state[kind] = _fp32_copy(state_dict[key])
-                if list(state[kind].shape) != shape:
-                    raise ValueError(f"optimizer state {key} has shape {list(state[kind].shape)}, expected {shape}")
-            self._state[param.name] = state
-            loaded.update(param.name + _SUFFIX + kind for kind in state)
-        unused = sorted(set(ours) - loaded)
-        if unused:
-            logger.warning("Adafactor: %d saved state tensors match no parameter, e.g. %s", len(unused), unused[:3])
+        self._load_per_parameter_state(state_dict, _SUFFIX, self._state_shapes)
 
     load_state_dict = set_state_dict
 
