@@ -61,6 +61,11 @@ SETTINGS = {
     "full-prior-debiased": PRIOR + ["--debiased_estimation_loss"],
     "full-prior-noise-offset": PRIOR + ["--noise_offset", "0.05"],
     "full-prior-pivotal": PRIOR + ["--train_text_encoder_ti", "true"],
+    # one new token keeps the prompt as long as the toy captions; two make it longer than any the encoder saw
+    "full-prior-pivotal-1-token": PRIOR + ["--train_text_encoder_ti", "true", "--num_new_tokens_per_abstraction", "1"],
+    "full-prior-pivotal-1-token-from-cross": PRIOR + ["--train_text_encoder_ti", "true",
+                                                      "--num_new_tokens_per_abstraction", "1",
+                                                      "--initializer_concept", "cross"],
     "lora-none-loha": LORA + NO_PRIOR + ["--lora_type", "loha"],
     # every photo on the same background (blue), as when all are taken in one room: where background leakage shows
     "full-none-one-background": NO_PRIOR + ["--max_train_steps", "{2x}"],

@@ -57,6 +57,23 @@ def test_new_ids_read_the_new_vectors_and_only_they_get_gradients(family, reques
         assert getattr(model, name).get_input_embeddings().weight.grad is None
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_initializer_concept_starts_each_token_at_the_concepts_rows_in_turn(family, request):
+    model = pivotal_model(request.getfixturevalue({"sd": "tiny_model", "sdxl": "tiny_sdxl_model",
+                                                   "sd3": "tiny_sd3_model"}[family]), initializer_concept="dog")
+    for n, name in enumerate(model.family.textual_inversion_keys):
+        tokenizer = getattr(model, model.family.tokenizers[n])
+        ids = tokenizer("dog", add_special_tokens=False)["input_ids"]  # the tiny tokenizers read characters: 3 ids
+        assert len(ids) == 3
+        rows = getattr(model, name).get_input_embeddings().weight.numpy()
+        vectors = getattr(model.pivotal_tokens, name).numpy()
+        np.testing.assert_array_equal(vectors, rows[ids[:2]])  # <s0> = 'd', <s1> = 'o'
+    one = pivotal_model(request.getfixturevalue({"sd": "tiny_model", "sdxl": "tiny_sdxl_model",
+                                                 "sd3": "tiny_sd3_model"}[family]), initializer_concept="x")
+    vectors = one.pivotal_tokens.text_encoder.numpy()
+    np.testing.assert_array_equal(vectors[0], vectors[1])  # a one-token concept starts both tokens at its row
+
+
 def test_full_text_encoder_training_keeps_the_table_frozen(tiny_model):
     model = pivotal_model(tiny_model, train_text_encoder=True)
     trained = {n for n, _ in model.trainable_named_parameters()}
@@ -117,12 +134,20 @@ def test_a_resume_past_the_freeze_freezes_before_the_first_step(tiny_model):
     (["--token_abstraction", "zwx"], "'zwx' does not appear (as a word) in the instance prompt"),
     (["--token_abstraction", "two words"], "must be one word"),
     (["--train_text_encoder_ti_frac", "0.1"], "freezes the new tokens at step 0"),
+    (["--initializer_concept", " "], "--initializer_concept is empty"),
 ])
 def test_bad_pivotal_values_are_refused_before_any_model_loads(extra, message, tiny_model, photos, tmp_path, capsys,
                                                               no_model_loading):
     assert train.main(train_argv(tiny_model, photos, tmp_path / "out", extra=["--train_text_encoder_ti", *extra])) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_an_initializer_concept_without_pivotal_tuning_is_refused(tiny_model, photos, tmp_path, capsys,
+                                                                  no_model_loading):
+    assert train.main(train_argv(tiny_model, photos, tmp_path / "out", extra=["--initializer_concept", "dog"])) == 2
+    err = capsys.readouterr().err
+    assert "it needs --train_text_encoder_ti" in err and "Traceback" not in err, err
 
 
 def test_token_strings_the_tokenizer_already_has_are_refused(tiny_model, photos, tmp_path, capsys, no_model_loading):

@@ -92,6 +92,13 @@ class ModelArguments:
         default=0.5, metadata={"help": "With --train_text_encoder_ti: the new tokens train for the first "
                                        "int(frac x max_train_steps) steps, then freeze (0 < frac <= 1)."}
     )
+    initializer_concept: Optional[str] = field(
+        default=None,
+        metadata={"help": "With --train_text_encoder_ti: start the new tokens at the embeddings of these words (e.g. "
+                          "the class word, `dog`; token i starts at the concept's token i modulo its length), as "
+                          "diffusers' advanced script does. Unset: random vectors with the spread of the existing "
+                          "rows."},
+    )
     use_lora: bool = field(
         default=False, metadata={"help": "Train LoRA adapters on the attention projections instead of all weights."}
     )
@@ -234,6 +241,12 @@ class ModelArguments:
         if self.train_text_encoder_ti and not re.fullmatch(r"[^\s<>]+", self.token_abstraction or ""):
             raise ConfigError(f"--token_abstraction {self.token_abstraction!r} must be one word (no spaces, no < or >), "
                               "the identifier of the instance prompt, e.g. sks.")
+        if self.initializer_concept is not None and not self.train_text_encoder_ti:
+            raise ConfigError("--initializer_concept sets where the new tokens of pivotal tuning start; it needs "
+                              "--train_text_encoder_ti.")
+        if self.initializer_concept is not None and not self.initializer_concept.strip():
+            raise ConfigError("--initializer_concept is empty: give one or more words (e.g. the class word) or "
+                              "leave it unset for random new tokens.")
 
 
 @dataclass

@@ -11,7 +11,11 @@ optimizer state holds n_new x width values per encoder. The table's lookup is re
 (ids below the original vocabulary read the table, the others the new vectors); ppdiffusers has no embedding
 that keeps added rows apart from a frozen table, hence this small wrapper. The vectors start as diffusers'
 advanced script starts them: random normal with the standard deviation of the existing rows (not the
-identifier's own embedding: pivotal tuning exists to drop the meaning that word already has).
+identifier's own embedding: pivotal tuning exists to drop the meaning that word already has), or, with
+`--initializer_concept`, at the embedding rows of the concept's tokens (token i at the concept's token i modulo
+its length; diffusers' `--initializer_concept`, kohya's `--init_word`). In the toy world the default two tokens
+make a prompt one word longer than any caption the small encoder saw, and it then ignores the background words
+however the tokens start; one token works there (README, pivotal tuning).
 
 The final vectors are written as diffusers' advanced script writes them (`<name>_emb.safetensors` with `clip_l`,
 and `clip_g` for SDXL), which `load_textual_inversion(state["clip_l"], token=[...], text_encoder=...,
@@ -38,6 +42,7 @@ class PivotalSpec:
     token_abstraction: str = "sks"
     num_tokens: int = 2
     train_fraction: float = 0.5
+    initializer_concept: Optional[str] = None
 
     @property
     def tokens(self) -> List[str]:
@@ -70,7 +75,13 @@ def spec_from_arguments(model_args) -> Optional[PivotalSpec]:
     if not getattr(model_args, "train_text_encoder_ti", False):
         return None
     return PivotalSpec(model_args.token_abstraction, model_args.num_new_tokens_per_abstraction,
-                       model_args.train_text_encoder_ti_frac)
+                       model_args.train_text_encoder_ti_frac, getattr(model_args, "initializer_concept", None))
+
+
+def concept_ids(tokenizer, concept: str) -> List[int]:
+    """The token ids of `--initializer_concept` (no start/end tokens). CLIP's byte-level BPE reads any text, so
+    unknown words come out as pieces, never as nothing."""
+    return [int(i) for i in tokenizer(concept, add_special_tokens=False)["input_ids"]]
 
 
 def tokens_in_vocabulary(tokenizer, tokens: List[str]) -> List[str]:
@@ -119,13 +130,23 @@ class PivotalTokens(paddle.nn.Layer):
                                   f"{', '.join(known)}; pivotal tuning needs token strings of its own. Use a model "
                                   "whose tokenizer has no <sN> tokens.")
             table = encoder.get_input_embeddings()
-            std = float(table.weight.astype("float32").std())
             vectors = self.create_parameter([spec.num_tokens, table.weight.shape[1]], dtype="float32",
                                             default_initializer=paddle.nn.initializer.Assign(
-                                                paddle.randn([spec.num_tokens, table.weight.shape[1]]) * std))
+                                                self.start_vectors(spec, table.weight, tokenizer)))
             self.add_parameter(name, vectors)
             self.offsets[name] = add_tokens(encoder, tokenizer, spec.tokens, vectors)
             table.weight.stop_gradient = True  # even when the encoder trains (--train_text_encoder): rows unchanged
+
+    @staticmethod
+    def start_vectors(spec: PivotalSpec, table: paddle.Tensor, tokenizer) -> paddle.Tensor:
+        """[num_tokens, width]: the concept's rows in turn with --initializer_concept, else random normal with the
+        standard deviation of the table's rows."""
+        if spec.initializer_concept:
+            ids = concept_ids(tokenizer, spec.initializer_concept)
+            picks = paddle.to_tensor([ids[i % len(ids)] for i in range(spec.num_tokens)])
+            return paddle.gather(table.astype("float32"), picks)
+        std = float(table.astype("float32").std())
+        return paddle.randn([spec.num_tokens, table.shape[1]]) * std
 
     def vectors(self) -> Dict[str, paddle.Tensor]:
         return {name: getattr(self, name) for name in self.offsets}

@@ -129,8 +129,9 @@ def pivotal_line(model_args, args) -> list:
     spec = spec_from_arguments(model_args)
     until = (f"until step {spec.freeze_step(args.max_steps)}" if args.max_steps > 0
              else f"for {spec.train_fraction:g} of the run")
+    start = f" from {spec.initializer_concept!r}" if spec.initializer_concept else ""
     return [f"  pivotal:   {spec.token_abstraction!r} -> {spec.replacement} in the instance prompts; the new tokens "
-            f"train {until}, then freeze"]
+            f"train{start} {until}, then freeze"]
 
 
 class ConsoleCallback(TrainerCallback):
