@@ -61,7 +61,7 @@ SETTINGS = {
     "full-prior-debiased": PRIOR + ["--debiased_estimation_loss"],
     "full-prior-noise-offset": PRIOR + ["--noise_offset", "0.05"],
     "full-prior-pivotal": PRIOR + ["--train_text_encoder_ti", "true"],
-    # one new token keeps the prompt as long as the toy captions; two make it longer than any the encoder saw
+    # one new token keeps the toy captions' one-word look ('a sks cross'); two make a two-word look no caption has
     "full-prior-pivotal-1-token": PRIOR + ["--train_text_encoder_ti", "true", "--num_new_tokens_per_abstraction", "1"],
     "full-prior-pivotal-1-token-from-cross": PRIOR + ["--train_text_encoder_ti", "true",
                                                       "--num_new_tokens_per_abstraction", "1",

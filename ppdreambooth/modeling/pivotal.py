@@ -14,8 +14,9 @@ advanced script starts them: random normal with the standard deviation of the ex
 identifier's own embedding: pivotal tuning exists to drop the meaning that word already has), or, with
 `--initializer_concept`, at the embedding rows of the concept's tokens (token i at the concept's token i modulo
 its length; diffusers' `--initializer_concept`, kohya's `--init_word`). In the toy world the default two tokens
-make a prompt one word longer than any caption the small encoder saw, and it then ignores the background words
-however the tokens start; one token works there (README, pivotal tuning).
+make a two-word look ('a <s0><s1> cross'), a form none of its captions has (their looks are one word or four), and
+the small encoder then loses the background words however the tokens start; one token works (README, pivotal
+tuning).
 
 The final vectors are written as diffusers' advanced script writes them (`<name>_emb.safetensors` with `clip_l`,
 and `clip_g` for SDXL), which `load_textual_inversion(state["clip_l"], token=[...], text_encoder=...,
