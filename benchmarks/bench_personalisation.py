@@ -41,6 +41,9 @@ SETTINGS = {
     "full-prior-2x-steps": PRIOR + ["--max_train_steps", "{2x}"],
     "full-none-2x-steps": NO_PRIOR + ["--max_train_steps", "{2x}"],
     "full-prior-2x-steps-weight-3": PRIOR + ["--max_train_steps", "{2x}", "--prior_loss_weight", "3"],
+    # class images from a full caption, which the toy model draws as plain crosses (it draws noise for "a cross")
+    "full-prior-2x-steps-captioned-class": PRIOR + ["--max_train_steps", "{2x}",
+                                                    "--class_prompt", "a red cross on a black background"],
     "full-prior-half-lr": PRIOR + ["--learning_rate", "{half_lr}"],
     "full-prior-3x-lr": PRIOR + ["--learning_rate", "{3x_lr}"],
     "full-none-3x-lr": NO_PRIOR + ["--learning_rate", "{3x_lr}"],
@@ -52,6 +55,8 @@ SETTINGS = {
     "full-prior-masked": PRIOR + MASKED,
     "full-prior-prodigy": PRIOR + ["--optim", "prodigy", "--learning_rate", "1.0"],
     "full-prior-adamw-8bit": PRIOR + ["--optim", "adamw_8bit"],
+    "full-prior-schedule-free": PRIOR + ["--optim", "adamw_schedulefree"],
+    "lora-none-lokr": LORA + NO_PRIOR + ["--lora_type", "lokr"],
     "lora-none-dora": LORA + NO_PRIOR + ["--lora_type", "dora"],
     "full-prior-min-snr": PRIOR + ["--snr_gamma", "5"],
     "full-prior-huber": PRIOR + ["--loss_type", "huber", "--huber_schedule", "snr"],
