@@ -115,8 +115,13 @@ def test_seed_lora_command_output_loads_and_reproduces_validation_images(tiny_mo
     result = run_module(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(out / LORA_WEIGHTS_NAME) and not os.path.exists(out / "unet")
-    assert "load in plain ppdiffusers" in (out / "README.md").read_text()  # UNet-only adapters: no backend needed
+    card = (out / "README.md").read_text()
+    assert "load in plain ppdiffusers" in card  # UNet-only adapters: no backend needed
     assert "loading:     plain ppdiffusers" in result.stdout
+    # default targets: header, summary and card say nothing of --lora_layers (README "Where adapters go")
+    adapter_lines = [line for line in result.stdout.splitlines() if line.lstrip().startswith("adapters:")]
+    assert len(adapter_lines) == 2 and adapter_lines[0].endswith("trained parameters"), adapter_lines
+    assert "modules:" not in adapter_lines[1] and "Adapter targets" not in card
     assert os.path.getsize(out / LORA_WEIGHTS_NAME) < 200_000
     ckpt = paddle.load(str(out / "checkpoint-4" / "model_state.pdparams"))
     assert ckpt and all(".lora_" in k for k in ckpt)

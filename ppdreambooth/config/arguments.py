@@ -8,6 +8,7 @@ and are folded into the Trainer's field by `ppdreambooth.config.parsing.parse_ar
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import os
@@ -33,6 +34,9 @@ LR_SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup", "polyno
 OPTIMIZERS = ("adamw", "adafactor", "prodigy", "adamw_schedulefree", "adamw_8bit")
 OWN_OPTIMIZERS = ("prodigy", "adamw_schedulefree", "adamw_8bit")
 SCHEDULE_FREE_SCHEDULERS = ("constant", "constant_with_warmup")  # --optim adamw_schedulefree: constant after warmup
+# --lora_layers and --text_encoder_lora_layers presets (what each adapts: ppdreambooth.modeling.lora_targets)
+DENOISER_PRESETS = ("attn", "attn_ff", "all_linear")
+TEXT_ENCODER_PRESETS = ("attn", "attn_mlp")
 
 
 def base_prediction_prior_problem(use_lora: bool, train_text_encoder: bool,
@@ -148,8 +152,29 @@ class ModelArguments:
     )
     lora_layers: Optional[str] = field(
         default=None,
-        metadata={"help": "Comma-separated module names that get LoRA adapters in the denoiser (default: the "
-                          "family's; SD3: to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out)."},
+        metadata={"help": "Where the denoiser's adapters go: attn (the default: to_q,to_k,to_v,to_out.0 of every "
+                          "attention; SD3 also add_q_proj,add_k_proj,add_v_proj,to_add_out), attn_ff (plus the "
+                          "feed-forward Linears ff.net.0.proj, ff.net.2; SD3 also ff_context), all_linear (every "
+                          "Linear inside the transformer blocks), or comma-separated module names."},
+    )
+    text_encoder_lora_layers: Optional[str] = field(
+        default=None,
+        metadata={"help": "With --use_lora --train_text_encoder (SD, SDXL): attn (the default: q/k/v/out_proj of "
+                          "each CLIP self-attention) or attn_mlp (plus mlp.fc1, mlp.fc2).",
+                  "choices": [None, *TEXT_ENCODER_PRESETS]},
+    )
+    lora_block_ranks: Optional[str] = field(
+        default=None,
+        metadata={"help": "Per-block LoRA ranks of the denoiser: down=4,mid=8,up=2 (UNets; down.N/up.N for one "
+                          "block) or 0-5=8,6-11=4 (SD3 joint blocks). Unlisted blocks: --lora_rank."},
+    )
+    lora_block_alphas: Optional[str] = field(
+        default=None, metadata={"help": "Per-block LoRA alphas, as --lora_block_ranks. Unlisted blocks: --lora_alpha."}
+    )
+    lora_block_lr: Optional[str] = field(
+        default=None,
+        metadata={"help": "Per-block learning-rate multipliers of the adapters, as --lora_block_ranks (0 freezes "
+                          "that block's adapters). Unlisted blocks: 1."},
     )
     # loss and noise variants (kohya's sd-scripts options; README "Loss and noise variants")
     loss_type: str = field(
@@ -232,6 +257,7 @@ class ModelArguments:
         if self.conv_rank is not None and self.lora_type == "dora":
             raise ConfigError("--conv_rank adapts the UNet's 3x3 convolutions with LoCon (--lora_type lora), LoHa or "
                               "LoKr; DoRA here adapts Linear layers only.")
+        self.check_lora_targets()
         if self.conv_alpha is not None and self.conv_rank is None:
             raise ConfigError("--conv_alpha scales the --conv_rank adapters; give --conv_rank too.")
         if self.conv_rank is not None and self.conv_alpha is None:
@@ -247,6 +273,27 @@ class ModelArguments:
         if self.initializer_concept is not None and not self.initializer_concept.strip():
             raise ConfigError("--initializer_concept is empty: give one or more words (e.g. the class word) or "
                               "leave it unset for random new tokens.")
+
+    def check_lora_targets(self) -> None:
+        """--lora_layers, --text_encoder_lora_layers and the --lora_block_* flags: syntax, values, and the LoRA
+        settings they need (the family's block naming and count are checked once the model's config is read)."""
+        from ppdreambooth.config.lora_blocks import BLOCK_FLAGS, parse_block_values
+
+        for flag in BLOCK_FLAGS:
+            if parse_block_values(flag, getattr(self, flag)) and not self.use_lora:
+                raise ConfigError(f"--{flag} sets LoRA adapters per block; it needs --use_lora.")
+        layers = self.lora_layers
+        if layers is not None:
+            names = [n.strip() for n in layers.split(",")]
+            bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][\w.]*", n)]
+            near = difflib.get_close_matches(names[0], DENOISER_PRESETS, n=1, cutoff=0.75) if len(names) == 1 else []
+            if (bad or near) and layers not in DENOISER_PRESETS:
+                hint = f"did you mean {near[0]}? " if near else ""
+                raise ConfigError(f"--lora_layers {layers!r}: {hint}give a preset ({', '.join(DENOISER_PRESETS)}) or "
+                                  "comma-separated module names (e.g. to_q,to_v,ff.net.2).")
+        if self.text_encoder_lora_layers not in (None, "attn") and not (self.use_lora and self.train_text_encoder):
+            raise ConfigError(f"--text_encoder_lora_layers {self.text_encoder_lora_layers} chooses the text encoders' "
+                              "LoRA targets; it needs --use_lora and --train_text_encoder.")
 
 
 @dataclass

@@ -44,6 +44,13 @@ class ModelFamily:
     # LoRA targets: module names adapted in the denoiser and in each text encoder
     denoiser_lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder_lora_targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # what the --lora_layers / --text_encoder_lora_layers presets add (ppdreambooth.modeling.lora_targets): the
+    # feed-forward Linears of a transformer block (attn_ff), where the transformer blocks are (all_linear: every
+    # Linear in a module whose name this matches), CLIP's MLP (attn_mlp)
+    denoiser_ff_targets: Tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
+    denoiser_block_pattern: str = r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\."
+    text_encoder_mlp_targets: Tuple[str, ...] = ("mlp.fc1", "mlp.fc2")
+    lora_blocks_numbered: bool = False  # --lora_block_*: down/mid/up (UNets) or numbered joint blocks (SD3)
     # denoiser adapters saved with attention-processor names, which ppdiffusers 0.29 loads without its peft
     # backend too (UNets); False: peft names, loadable only under that backend (SD3's transformer)
     legacy_lora_keys: bool = True

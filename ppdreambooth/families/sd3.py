@@ -38,6 +38,10 @@ class StableDiffusion3(ModelFamily):
     denoiser_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                              "to_add_out")
     text_encoder_lora_targets = ()  # ppdiffusers' SD3 LoRA loader reads transformer adapters only
+    text_encoder_mlp_targets = ()
+    denoiser_ff_targets = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+    denoiser_block_pattern = r"transformer_blocks\.\d+\."
+    lora_blocks_numbered = True
     legacy_lora_keys = False  # its loader requires the peft backend and peft names
     card_tag = "stable-diffusion-3"
     # pivotal tuning: the two CLIP encoders only (T5 reads the token strings as plain text)

@@ -3,6 +3,7 @@ who reads it). Formats a family cannot write are refused with its `unsupported_o
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -51,18 +52,31 @@ def lora_to_kohya(state: Dict[str, np.ndarray],
 
     `dora_scale` is LyCORIS's key. Its [out, 1] shape is LyCORIS's `wd_on_out` layout (a magnitude per output
     feature, the norm over each row of the PyTorch weight: what we train, as PEFT does); LyCORIS's default layout is
-    [1, in], per input feature, and some readers apply only that one (see the README's DoRA section)."""
+    [1, in], per input feature, and some readers apply only that one (see the README's DoRA section).
+
+    Every module gets a `.alpha`, and all of them the same value: the most common rank c. Our file has each module's
+    alpha / rank folded into lora_B already (scale 1), so a module of rank r gets lora_up * r / c, and every reader's
+    up @ down * alpha / rank is the trained update; with one rank (c = r) the matrices are written as they are.
+    Different alphas per module (per-block ranks) would be the kohya way to state them, but diffusers reads them
+    wrongly from SD/SDXL kohya files (seen with diffusers 0.42.1: its alpha_pattern keeps the old processor key
+    names, matches no module and is dropped, so those modules get the common alpha)."""
+    torch_state = lora_state_in_torch_layout(state)
+    ranks = {key[: -len(".lora_A.weight")]: value.shape[0] for key, value in torch_state.items()
+             if key.endswith(".lora_A.weight")}
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     out = {}
-    for key, value in lora_state_in_torch_layout(state).items():
+    for key, value in torch_state.items():
         component, rest = key.split(".", 1)
         module, kind = rest.rsplit(".lora_", 1)
         name = name_of(component, module)
         if kind == MAGNITUDE[len("lora_"):]:
             out[f"{name}.dora_scale"] = np.ascontiguousarray(value.reshape(-1, 1))
             continue
+        if kind.startswith("B") and ranks[f"{component}.{module}"] != common:
+            value = (value.astype(np.float64) * (ranks[f"{component}.{module}"] / common)).astype(value.dtype)
         out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
         if kind.startswith("A"):
-            out[f"{name}.alpha"] = np.asarray(value.shape[0], dtype=np.float32)  # rank: scale 1
+            out[f"{name}.alpha"] = np.asarray(common, dtype=np.float32)
     return out
 
 
@@ -105,6 +119,42 @@ def lora_to_diffusers(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
             key += ".weight"
         out[key] = value
     return out
+
+
+def diffusers_lora_metadata(state: Dict[str, np.ndarray]) -> Optional[Dict[str, str]]:
+    """diffusers' `lora_adapter_metadata` (the LoraConfig of each component, read by its `load_lora_weights` since
+    0.34) for adapters in PyTorch's layout (`lora_to_diffusers`), or None when every component has one rank.
+
+    Written only for per-block ranks. A diffusers LoRA file has no per-module alpha of its own (only kohya files'
+    `.alpha` keys become network alphas), so each module's alpha / rank is folded into its lora_B (as in our file)
+    and every module's alpha equals its rank. Without metadata some diffusers releases take one module's rank as
+    the alpha of all modules (`get_peft_kwargs`), which mis-scales the others; the metadata states rank and alpha
+    per module, for every component in the file (diffusers reads an absent component's config as PEFT's defaults).
+    """
+    import json
+
+    ranks: Dict[str, Dict[str, int]] = {}
+    dora = set()
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        if rest.endswith(".lora_A.weight"):
+            # transformers 5's CLIPTextModel has no `text_model.` level (diffusers strips it from the keys, not from
+            # the metadata); without it the name still matches older ones as a suffix, as PEFT matches targets
+            module = rest[:-len(".lora_A.weight")].removeprefix("text_model.")
+            ranks.setdefault(component, {})[module] = int(value.shape[0])
+        elif MAGNITUDE in rest:
+            dora.add(component)
+    if all(len(set(modules.values())) <= 1 for modules in ranks.values()):
+        return None
+    config = {}
+    for component, modules in ranks.items():
+        common = Counter(modules.values()).most_common(1)[0][0]
+        pattern = {module: rank for module, rank in modules.items() if rank != common}
+        config.update({f"{component}.r": common, f"{component}.lora_alpha": common,
+                       f"{component}.rank_pattern": pattern, f"{component}.alpha_pattern": dict(pattern),
+                       f"{component}.target_modules": sorted(modules),
+                       f"{component}.use_dora": component in dora})
+    return {"lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
 
 
 def lora_family(output_dir: str, model_family: Optional[str] = None, base_model: Optional[str] = None):
@@ -228,7 +278,8 @@ def export(output_dir: str, fmt: str, out: str, model_family: Optional[str] = No
     os.makedirs(out, exist_ok=True)
     if is_lora:
         path = os.path.join(out, DIFFUSERS_LORA_NAME)
-        save_file(lora_to_diffusers(_load_lora(output_dir)), path + ".tmp", metadata={"format": "pt"})
+        state = lora_to_diffusers(_load_lora(output_dir))
+        save_file(state, path + ".tmp", metadata={"format": "pt", **(diffusers_lora_metadata(state) or {})})
         os.replace(path + ".tmp", path)
         return [path, *copy_embeddings(output_dir, out)]
     # The family's loader, not DiffusionPipeline's: it passes the components a folder may lack (SD3's T5).

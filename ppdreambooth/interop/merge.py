@@ -131,30 +131,35 @@ def load_adapters(family, pipeline, lora: str, lora_scale: Optional[float]) -> d
     scale them (`lora_scale_options`).
 
     LoRA goes through ppdiffusers' `load_lora_weights`. LoHa/LoKr are folded (ppdiffusers has no loader for them).
+    So is LoRA whose modules have different ranks (`--lora_block_ranks`): under its peft backend, ppdiffusers 0.29
+    gives every module the first module's rank as alpha (`get_peft_kwargs`, no alpha in the file), which scales the
+    modules of other ranks wrongly.
     DoRA (the file holds `lora_magnitude_vector` keys) cannot be loaded either:
     ppdiffusers 0.29 has no DoRA and its loader drops the magnitudes without a word, so DoRA adapters are folded
     into the weights (`fold_adapters`), `lora_scale` then weighting the change to each weight."""
     from safetensors import safe_open
+    from safetensors.numpy import load_file
 
     from ppdreambooth.inference.sampling import lora_scale_options
-    from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME, LORA_WEIGHTS_NAME, is_dora_state, to_peft_keys
+    from ppdreambooth.modeling.lora import (LOCON_WEIGHTS_NAME, LORA_WEIGHTS_NAME, has_mixed_ranks, is_dora_state,
+                                            to_peft_keys)
     from ppdreambooth.modeling.lycoris import is_lycoris_state
 
     path = os.path.join(lora, LORA_WEIGHTS_NAME) if os.path.isdir(lora) else lora
+    strength = 1.0 if lora_scale is None else lora_scale
+    folding = False
     if os.path.isfile(path) and path.endswith(".safetensors"):
         with safe_open(path, framework="np") as f:
-            if is_dora_state(f.keys()) or is_lycoris_state(f.keys()):
-                from safetensors.numpy import load_file
-
-                fold_adapters(pipeline, to_peft_keys(load_file(path)), 1.0 if lora_scale is None else lora_scale)
-                return {}
-    pipeline.load_lora_weights(lora)
+            folding = is_dora_state(f.keys()) or is_lycoris_state(f.keys())
+        folding = folding or has_mixed_ranks(path)
+    if folding:
+        fold_adapters(pipeline, to_peft_keys(load_file(path)), strength)
+    else:
+        pipeline.load_lora_weights(lora)
     convs = os.path.join(os.path.dirname(path), LOCON_WEIGHTS_NAME)
     if os.path.isfile(convs):  # LoCon: ppdiffusers' loader has no convolution adapters; they are folded
-        from safetensors.numpy import load_file
-
-        fold_lycoris(pipeline, load_file(convs), 1.0 if lora_scale is None else lora_scale)
-    return lora_scale_options(family, lora_scale)
+        fold_lycoris(pipeline, load_file(convs), strength)
+    return {} if folding else lora_scale_options(family, lora_scale)
 
 
 def write_merged(lora_state: Dict[str, np.ndarray], base_model: str, family, out: str,

@@ -6,7 +6,8 @@ import os
 import re
 from typing import Dict, List, Optional
 
-from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from ppdreambooth.modeling.lora import LOCON_WEIGHTS_NAME, LORA_WEIGHTS_NAME, has_mixed_ranks
+from ppdreambooth.modeling.lora_targets import targets_chosen
 from ppdreambooth.runtime.checkpoints import complete_checkpoints
 
 
@@ -75,12 +76,59 @@ def adapter_size(path: str) -> str:
     return f"{count:,} parameters, {os.path.getsize(path) / 1e6:.2f} MB"
 
 
+def adapter_modules(path: str) -> str:
+    """"unet 60, text_encoder 30": how many modules of each component a saved adapter file adapts."""
+    from safetensors import safe_open
+
+    counts: Dict[str, set] = {}
+    with safe_open(path, framework="np") as f:
+        for key in f.keys():
+            module = ADAPTER_KEY_SUFFIX.sub("", key)
+            counts.setdefault(module.split(".", 1)[0], set()).add(module)
+    return ", ".join(f"{component} {len(modules)}" for component, modules in counts.items())
+
+
+ADAPTER_KEY_SUFFIX = re.compile(r"\.(lora_[AB]\.weight|lora\.(down|up)\.weight|lora_magnitude_vector|alpha|"
+                                r"hada_w[12]_[ab]|lokr_w[12](_[ab])?|locon_(down|up))$")
+
+
+def targets_description(model_args, family) -> str:
+    """Where the adapters are, in the flags' words: "unet attn_ff; text encoders attn_mlp; block ranks down=2"."""
+    from ppdreambooth.config.lora_blocks import describe, parse_block_values
+
+    parts = [f"{family.denoiser} {getattr(model_args, 'lora_layers', None) or 'attn'}"]
+    if model_args.train_text_encoder and family.text_encoder_lora_targets:
+        parts.append(f"text encoders {getattr(model_args, 'text_encoder_lora_layers', None) or 'attn'}")
+    for flag in ("lora_block_ranks", "lora_block_alphas", "lora_block_lr"):
+        entries = parse_block_values(flag, getattr(model_args, flag, None))
+        if entries:
+            parts.append(f"{flag[len('lora_'):].replace('_', ' ')} {describe(entries)}")
+    return "; ".join(parts)
+
+
+def mixed_rank_loading(model_args, family, output_dir: str) -> list:
+    """Model-card lines for LoRA whose modules have different ranks (--lora_block_ranks)."""
+    note = ("These adapters have different ranks per block. ppdiffusers 0.29's loader under its peft backend gives "
+            "every module the first module's rank as alpha and so scales the others wrongly; ")
+    if needs_peft_backend(model_args, family):  # text-encoder or SD3 adapters load only under that backend
+        note += "these adapters need that backend, so load them another way: "
+    else:
+        note += ("in a plain ppdiffusers session (`USE_PEFT_BACKEND` unset, ppdreambooth not imported) "
+                 f"`pipe.load_lora_weights(\"{output_dir}\")` loads the UNet adapters exactly. Otherwise: ")
+    return [note + "`python -m ppdreambooth.generate` (it folds them into the weights), a full pipeline folder that "
+            f"loads anywhere: `{merged_command(output_dir)}`, or for PyTorch diffusers `python -m ppdreambooth.export "
+            f"{output_dir} --format diffusers --out <folder>` (its file states each module's rank and alpha)."]
+
+
 def lora_loading(model_args, family, output_dir: str) -> list:
     """Model-card lines: how to load the adapters, in plain ppdiffusers first."""
     if is_dora(model_args):
         return dora_loading(output_dir)
     if lycoris_kind(model_args):
         return lycoris_loading(lycoris_kind(model_args), output_dir, family)
+    weights = os.path.join(output_dir, LORA_WEIGHTS_NAME)
+    if os.path.isfile(weights) and has_mixed_ranks(weights) and not getattr(model_args, "conv_rank", None):
+        return mixed_rank_loading(model_args, family, output_dir)
     if getattr(model_args, "conv_rank", None):
         return [f"These are LoRA adapters plus LoCon adapters on the UNet's 3x3 convolutions (`{LOCON_WEIGHTS_NAME}`), "
                 "which ppdiffusers' `load_lora_weights` does not read: loading only the LoRA file gives another "
@@ -161,6 +209,9 @@ def write_model_card(output_dir: str, model_args, data_args, args, global_step: 
         f"`{family.pipeline_class}`)",
         f"- Weights: {mode}",
     ]
+    if model_args.use_lora and targets_chosen(model_args):
+        lines.append(f"- Adapter targets: {targets_description(model_args, family)} (`--lora_layers`, "
+                     "`--text_encoder_lora_layers`, `--lora_block_*`)")
     for concept in data_args.concept_list:
         line = f"- Instance prompt: `{concept.instance_prompt}` ({concept.instance_data_dir})"
         if data_args.with_prior_preservation:
@@ -204,6 +255,8 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
     convs = os.path.join(output_dir, LOCON_WEIGHTS_NAME)
     lora_with_convs = (model_args.use_lora and getattr(model_args, "conv_rank", None) is not None
                        and not lycoris_kind(model_args))
+    mixed = model_args.use_lora and os.path.isfile(what) and has_mixed_ranks(what)
+    chosen = targets_chosen(model_args)
     lines = [
         "",
         "Training finished.",
@@ -214,7 +267,9 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
         f"  exports:     {', '.join(os.path.join(output_dir, 'export-' + f) for f in args.export_format_list) or 'none (--export_formats)'}",
         f"  logs:        {args.logging_dir} ({', '.join(args.report_to) or 'no logger'})",
         *([f"  caching:     {cached}"] if cached else []),
-        *([f"  adapters:    {adapter_size(what)}"] if model_args.use_lora and os.path.isfile(what) else []),
+        *([f"  adapters:    {adapter_size(what)}" + (f"; modules: {adapter_modules(what)}" if chosen else "")
+           + (f"; targets: {targets_description(model_args, family)}" if chosen and family is not None else "")]
+          if model_args.use_lora and os.path.isfile(what) else []),
         *([f"  LoCon:       {adapter_size(convs)} in {convs} (the 3x3 convolutions' adapters)"]
           if model_args.use_lora and os.path.isfile(convs) else []),
         *([f"  loading:     LoRA + LoCon: load_lora_weights reads the LoRA file only; ppdreambooth.generate loads "
@@ -224,6 +279,8 @@ def closing_summary(output_dir: str, model_args, args, cached: str = "", family=
            f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if lycoris_kind(model_args) else
           [f"  loading:     DoRA: not by ppdiffusers' load_lora_weights (it drops the magnitudes); "
            f"ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if is_dora(model_args) else
+          [f"  loading:     ranks differ per block: ppdiffusers' peft backend scales them wrongly (see the model "
+           f"card); ppdreambooth.generate folds them, or {merged_command(output_dir)}"] if mixed else
           [f"  loading:     needs ppdiffusers' peft backend (import ppdreambooth first); or {merged_command(output_dir)}"]
           if model_args.use_lora and family is not None and needs_peft_backend(model_args, family) else
           [f"  loading:     plain ppdiffusers: pipe.load_lora_weights(\"{output_dir}\")"] if model_args.use_lora else []),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ppdreambooth.config.arguments import ModelArguments, base_prediction_prior_problem
+from ppdreambooth.config.lora_blocks import parse_block_values
 from ppdreambooth.errors import ConfigError
 from ppdreambooth.families import ModelFamily, detect_family
 from ppdreambooth.families.loading import load_components
@@ -73,7 +74,11 @@ def build_model(
     if model_args.use_lora:
         targets = tuple(model_args.lora_layers.split(",")) if model_args.lora_layers else ()
         lora = LoraSpec(model_args.lora_rank, model_args.lora_alpha, targets, model_args.lora_type,
-                        model_args.lokr_factor, model_args.conv_rank, model_args.conv_alpha)
+                        model_args.lokr_factor, model_args.conv_rank, model_args.conv_alpha,
+                        text_encoder_targets=model_args.text_encoder_lora_layers,
+                        block_ranks=parse_block_values("lora_block_ranks", model_args.lora_block_ranks),
+                        block_alphas=parse_block_values("lora_block_alphas", model_args.lora_block_alphas),
+                        block_lr=parse_block_values("lora_block_lr", model_args.lora_block_lr))
     return DreamBoothModel(
         family,
         components,

@@ -101,10 +101,11 @@ def to_dora(layer: paddle.nn.Layer, adapter: str = "default") -> List[str]:
     return converted
 
 
-def add_dora(layer: paddle.nn.Layer, targets, rank: int, alpha: float) -> None:
+def add_dora(layer: paddle.nn.Layer, targets, rank: int, alpha: float, patterns=None) -> None:
     """Freeze `layer` and add trainable DoRA adapters (LoRA's A and B, and a magnitude per output feature) to its
-    modules named `targets`; a target that is not a Linear is refused (ConfigError)."""
-    add_lora(layer, targets, rank, alpha)
+    modules named `targets` (`patterns`: some modules' own (rank, alpha)); a target that is not a Linear is refused
+    (ConfigError)."""
+    add_lora(layer, targets, rank, alpha, patterns)
     try:
         to_dora(layer)
     except ValueError as e:

@@ -2,12 +2,15 @@
 
 The modules adapted are the family's (`ModelFamily.denoiser_lora_targets`, `text_encoder_lora_targets`):
 for SD and SDXL the q, k, v and output projections of every UNet attention block and, with
-`--train_text_encoder`, of each text encoder's self-attention. Base weights are frozen.
+`--train_text_encoder`, of each text encoder's self-attention. `--lora_layers` / `--text_encoder_lora_layers`
+choose others (`ppdreambooth.modeling.lora_targets`) and `--lora_block_ranks` / `--lora_block_alphas` give the
+modules of some blocks another rank or alpha (`config.lora_blocks`; PEFT's rank_pattern / alpha_pattern). Base
+weights are frozen.
 
 The saved `paddle_lora_weights.safetensors` is what `pipe.load_lora_weights(dir)` (and
-`pipe.unet.load_attn_procs(dir)` for the UNet part) reads; see `save_lora_weights` for its key names. That loader assumes alpha == rank, so a
-`--lora_alpha` other than the rank is baked into the saved up-projection (B * alpha / rank): the
-loaded adapters then compute exactly what the trained ones did.
+`pipe.unet.load_attn_procs(dir)` for the UNet part) reads; see `save_lora_weights` for its key names. That loader assumes alpha == rank, so each
+module's alpha / rank (`--lora_alpha`, or its block's) is baked into its saved up-projection (B * alpha / rank):
+the loaded adapters then compute exactly what the trained ones did, whatever each module's rank.
 
 `--lora_type dora` makes the same adapters and turns each into DoRA (`ppdreambooth.modeling.dora`): a magnitude per
 output feature is added, saved beside A and B as `<module>.lora_magnitude_vector` (the PEFT / diffusers key).
@@ -21,6 +24,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import paddle
 
+from ppdreambooth.config.lora_blocks import BlockValue
 
 LORA_WEIGHTS_NAME = "paddle_lora_weights.safetensors"
 LOCON_WEIGHTS_NAME = "paddle_locon_weights.safetensors"  # --lora_type lora --conv_rank: the convolutions' adapters
@@ -31,7 +35,7 @@ MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude: PEFT's (and diffusers')
 @dataclass(frozen=True)
 class LoraSpec:
     """The adapters of a LoRA run: rank, alpha (adapters are scaled by alpha/rank) and the denoiser modules they go
-    on (empty: the family's default targets)."""
+    on (empty: the family's default targets; one name may be a preset of `config.arguments.DENOISER_PRESETS`)."""
 
     rank: int
     alpha: float
@@ -40,22 +44,33 @@ class LoraSpec:
     lokr_factor: int = -1  # LoKr's split of each dimension (modeling.lycoris.factorization)
     conv_rank: Optional[int] = None  # LoHa/LoKr on the UNet's 3x3 convolutions too (`--conv_rank`)
     conv_alpha: Optional[float] = None
+    text_encoder_targets: Optional[str] = None  # `--text_encoder_lora_layers` attn (None) or attn_mlp
+    # per-block settings of the denoiser (`config.lora_blocks`): ranks, alphas, learning-rate multipliers
+    block_ranks: Tuple[BlockValue, ...] = ()
+    block_alphas: Tuple[BlockValue, ...] = ()
+    block_lr: Tuple[BlockValue, ...] = ()
 
 
-def lora_config(rank: int, alpha: float, targets):
+def lora_config(rank: int, alpha: float, targets, patterns: Optional[Dict[str, Tuple[int, float]]] = None):
+    """PEFT's LoraConfig; `patterns` gives some modules (by full name) their own (rank, alpha)."""
     from ppdiffusers.peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    patterns = patterns or {}
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets),
+                      rank_pattern={name: r for name, (r, _) in patterns.items()},
+                      alpha_pattern={name: a for name, (_, a) in patterns.items()})
 
 
-def add_lora(layer, targets: Sequence[str], rank: int, alpha: float) -> None:
-    """Freeze `layer` and add trainable LoRA layers to its modules named `targets` (DoRA: `modeling.dora.add_dora`)."""
+def add_lora(layer, targets: Sequence[str], rank: int, alpha: float,
+             patterns: Optional[Dict[str, Tuple[int, float]]] = None) -> None:
+    """Freeze `layer` and add trainable LoRA layers to its modules named `targets` (DoRA: `modeling.dora.add_dora`);
+    `patterns` (full module name -> (rank, alpha)) overrides `rank` and `alpha` for some of them."""
     from ppdiffusers import ModelMixin
     from ppdiffusers.peft import inject_adapter_in_model
 
     for param in layer.parameters():
         param.stop_gradient = True
-    config = lora_config(rank, alpha, targets)
+    config = lora_config(rank, alpha, targets, patterns)
     if isinstance(layer, ModelMixin):  # a ppdiffusers model (UNet, transformer): its own method
         layer.add_adapter(config)
     else:
@@ -64,20 +79,53 @@ def add_lora(layer, targets: Sequence[str], rank: int, alpha: float) -> None:
         inject_adapter_in_model(config, layer, "default")
 
 
-def adapter_state_dict(layer, rank: int, alpha: float) -> Dict[str, paddle.Tensor]:
-    """The layer's LoRA weights in the loaders' layout, with alpha / rank folded into lora_B (and DoRA's magnitudes,
-    `<module>.lora_magnitude_vector`, as they are: the norm they divide by is that of W + A @ B * alpha / rank,
-    the same with the scale in B)."""
+def module_scales(layer) -> Dict[str, float]:
+    """alpha / rank of every peft LoRA (or DoRA) module of `layer`, by module name."""
+    from ppdiffusers.peft.tuners.lora.layer import LoraLayer
+
+    return {name: float(sub.scaling["default"]) for name, sub in layer.named_sublayers() if isinstance(sub, LoraLayer)}
+
+
+def adapter_state_dict(layer) -> Dict[str, paddle.Tensor]:
+    """The layer's LoRA weights in the loaders' layout, with each module's own alpha / rank folded into its lora_B
+    (and DoRA's magnitudes, `<module>.lora_magnitude_vector`, as they are: the norm they divide by is that of
+    W + A @ B * alpha / rank, the same with the scale in B)."""
     from ppdiffusers.peft.utils import get_peft_model_state_dict
 
-    scale = alpha / rank
+    scales = module_scales(layer)
     state = get_peft_model_state_dict(layer)
-    return {k: (v * scale if scale != 1 and "lora_B" in k else v).astype("float32") for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        scale = scales[key.rsplit(".lora_", 1)[0]] if ".lora_B." in key else 1.0
+        out[key] = (value * scale if scale != 1 else value).astype("float32")
+    return out
 
 
 def is_dora_state(state) -> bool:
     """Whether a saved adapter state (our keys, diffusers' or kohya's) holds DoRA magnitudes."""
     return any(k.endswith(("." + MAGNITUDE, ".dora_scale")) for k in state)
+
+
+def adapter_ranks(path: str) -> Dict[str, Dict[str, int]]:
+    """component -> {module: rank} of a saved LoRA file (ours, Paddle's layout, or a PyTorch one: `format=pt`),
+    read from the down matrices' shapes without loading them."""
+    from safetensors import safe_open
+
+    ranks: Dict[str, Dict[str, int]] = {}
+    with safe_open(path, framework="np") as f:
+        torch_layout = (f.metadata() or {}).get("format") == "pt"
+        for key in f.keys():
+            for suffix in (".lora_A.weight", ".lora.down.weight"):
+                if key.endswith(suffix):
+                    shape = f.get_slice(key).get_shape()
+                    component, module = key[: -len(suffix)].split(".", 1)
+                    ranks.setdefault(component, {})[module] = int(shape[0] if torch_layout else shape[-1])
+    return ranks
+
+
+def has_mixed_ranks(path: str) -> bool:
+    """Whether some component of a saved LoRA file has modules of different ranks (`--lora_block_ranks`)."""
+    return any(len(set(modules.values())) > 1 for modules in adapter_ranks(path).values())
 
 
 def to_legacy_keys(state: Dict[str, paddle.Tensor]) -> Dict[str, paddle.Tensor]:
@@ -93,9 +141,12 @@ def to_peft_keys(state: dict) -> dict:
             for k, v in state.items()}
 
 
-def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], rank: int, alpha: float) -> str:
+def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], rank: Optional[int] = None,
+                      alpha: Optional[float] = None) -> str:
     """Write `paddle_lora_weights.safetensors` into `out_dir` (atomically) with the adapters of `layers`
-    (component name -> layer, e.g. unet, text_encoder, text_encoder_2); returns its path.
+    (component name -> layer, e.g. unet, text_encoder, text_encoder_2); returns its path. Each module's scale
+    (alpha / rank) is read from the module itself (per-block ranks and alphas differ); `rank` and `alpha` are
+    not needed and kept for existing callers.
 
     UNet adapters (SD, SDXL) are written with the attention-processor names (`...lora.down.weight`): measured
     on ppdiffusers 0.29, those load exactly both in a plain session (`load_lora_weights`, the seed's
@@ -117,8 +168,7 @@ def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], 
         partial = os.path.join(out_dir, LOCON_WEIGHTS_NAME + ".partial")
         save_lycoris_weights(partial, layers)
         os.replace(partial, os.path.join(out_dir, LOCON_WEIGHTS_NAME))
-    return write_lora_states(out_dir, family, {name: adapter_state_dict(layer, rank, alpha)
-                                                for name, layer in layers.items()})
+    return write_lora_states(out_dir, family, {name: adapter_state_dict(layer) for name, layer in layers.items()})
 
 
 def write_lora_states(out_dir: str, family, states: Dict[str, dict]) -> str:

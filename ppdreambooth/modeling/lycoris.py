@@ -20,7 +20,7 @@ Why written here: ppdiffusers 0.29's peft (a port of an older PEFT) has LoRA onl
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -197,9 +197,10 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
 
 
 def add_lycoris(layer: paddle.nn.Layer, targets: Sequence[str], lora_type: str, rank: int, alpha: float,
-                factor: int = -1) -> List[str]:
-    """Freeze `layer` and wrap each Linear named by `targets` in a trainable LoHa/LoKr adapter; returns the
-    modules adapted. A target that is not a Linear, or targets matching nothing, raise ConfigError."""
+                factor: int = -1, patterns: Optional[Dict[str, Tuple[int, float]]] = None) -> List[str]:
+    """Freeze `layer` and wrap each Linear named by `targets` in a trainable LoHa/LoKr adapter (`patterns`: full
+    module name -> its own (rank, alpha), per-block settings); returns the modules adapted. A target that is not a
+    Linear, or targets matching nothing, raise ConfigError."""
     from ppdreambooth.errors import ConfigError
 
     for param in layer.parameters():
@@ -215,7 +216,8 @@ def add_lycoris(layer: paddle.nn.Layer, targets: Sequence[str], lora_type: str, 
     for name, sub in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = layer.get_sublayer(parent_name) if parent_name else layer
-        parent._sub_layers[child] = cls(sub, rank, alpha, factor)
+        module_rank, module_alpha = (patterns or {}).get(name, (rank, alpha))
+        parent._sub_layers[child] = cls(sub, module_rank, module_alpha, factor)
     return [name for name, _ in chosen]
 
 

@@ -26,9 +26,13 @@ from ppdreambooth.batch import (
     is_token_key,
     token_key,
 )
+from ppdreambooth.config.arguments import DENOISER_PRESETS
+from ppdreambooth.config.lora_blocks import check_blocks_for_model
 from ppdreambooth.families import ModelFamily
 from ppdreambooth.modeling.dora import add_dora
 from ppdreambooth.modeling.lora import LoraSpec, add_lora
+from ppdreambooth.modeling.lora_targets import (check_blocks_used, check_targets_found, denoiser_targets,
+                                                module_patterns, set_block_learning_rates, text_encoder_targets)
 from ppdreambooth.modeling.lycoris import LYCORIS_TYPES, add_lycoris, add_lycoris_convs, switch_adapters
 from ppdreambooth.modeling.losses import MaskedLoss, dreambooth_loss
 from ppdreambooth.modeling.pivotal import PivotalSpec, PivotalTokens
@@ -44,11 +48,36 @@ def freeze(layer: paddle.nn.Layer) -> None:
 
 
 def adapter_maker(lora: LoraSpec):
-    """The function that adds `lora`'s kind of adapter: (layer, targets, rank, alpha) -> None."""
+    """The function that adds `lora`'s kind of adapter: (layer, targets, rank, alpha, patterns=None) -> None, where
+    `patterns` gives some modules (full names) their own (rank, alpha)."""
     if lora.lora_type in LYCORIS_TYPES:
-        return lambda layer, targets, rank, alpha: add_lycoris(layer, targets, lora.lora_type, rank, alpha,
-                                                               lora.lokr_factor)
+        return lambda layer, targets, rank, alpha, patterns=None: add_lycoris(
+            layer, targets, lora.lora_type, rank, alpha, lora.lokr_factor, patterns)
     return add_dora if lora.lora_type == "dora" else add_lora
+
+
+def block_settings(lora: LoraSpec) -> Dict[str, tuple]:
+    """The per-block flags `lora` sets, by flag name."""
+    return {flag: entries for flag, entries in (("lora_block_ranks", lora.block_ranks),
+                                                ("lora_block_alphas", lora.block_alphas),
+                                                ("lora_block_lr", lora.block_lr)) if entries}
+
+
+def add_denoiser_adapters(family: ModelFamily, denoiser: paddle.nn.Layer, lora: LoraSpec) -> None:
+    """The denoiser's adapters as `lora` asks: its targets (a `--lora_layers` preset or names), per-block ranks
+    and alphas, LoCon/LyCORIS on the convolutions (`--conv_rank`); block settings are checked against the
+    denoiser's blocks first (`preflight` did so from its config.json when the model folder is local)."""
+    blocks = block_settings(lora)
+    check_blocks_for_model(blocks, family, denoiser.config, f"the model's {family.denoiser}")
+    choice = ",".join(lora.denoiser_targets) or None
+    targets = denoiser_targets(family, denoiser, choice)
+    if choice not in (None, *DENOISER_PRESETS):
+        check_targets_found(denoiser, targets)
+    patterns = module_patterns(denoiser, targets, lora.rank, lora.alpha, lora.block_ranks, lora.block_alphas)
+    adapter_maker(lora)(denoiser, targets, lora.rank, lora.alpha, patterns)
+    if lora.conv_rank is not None:
+        add_lycoris_convs(denoiser, lora.lora_type, lora.conv_rank, lora.conv_alpha, lora.lokr_factor)
+    check_blocks_used(denoiser, blocks)
 
 
 class DreamBoothModel(paddle.nn.Layer):
@@ -85,11 +114,10 @@ class DreamBoothModel(paddle.nn.Layer):
         self.tokenizers = {name: components[name] for name in family.tokenizers if name in components}
         denoiser = components[family.denoiser]
         if lora is not None:
-            add_adapters = adapter_maker(lora)
-            add_adapters(denoiser, lora.denoiser_targets or family.denoiser_lora_targets, lora.rank, lora.alpha)
-            if lora.conv_rank is not None:
-                add_lycoris_convs(denoiser, lora.lora_type, lora.conv_rank, lora.conv_alpha, lora.lokr_factor)
+            add_denoiser_adapters(family, denoiser, lora)
         family.freeze_unused(denoiser)
+        if lora is not None:  # after freeze_unused: what it froze stays frozen
+            set_block_learning_rates(denoiser, lora.block_lr)
         self.add_sublayer(family.denoiser, denoiser)
         # Components that never train live outside the Layer tree: AMP O2 (which casts every sub-layer)
         # leaves them in float32, and state_dict()/checkpoints never contain them.
@@ -100,7 +128,8 @@ class DreamBoothModel(paddle.nn.Layer):
             encoder = components[name]
             if train_text_encoder and family.is_trainable_text_encoder(name):
                 if lora is not None:
-                    add_adapters(encoder, family.text_encoder_lora_targets, lora.rank, lora.alpha)
+                    adapter_maker(lora)(encoder, text_encoder_targets(family, lora.text_encoder_targets), lora.rank,
+                                        lora.alpha)
                 self.add_sublayer(name, encoder)
             else:
                 freeze(encoder)

@@ -87,8 +87,9 @@ def adapter_mode(model_args) -> str:
 
 
 def header(family, model_args, data_args, args, dataset, log_path: str,
-           adapter_parameters: Optional[int] = None) -> str:
-    """The few lines a user wants before the first step (`adapter_parameters`: the trained adapters' size)."""
+           adapter_parameters: Optional[int] = None, adapter_targets: str = "") -> str:
+    """The few lines a user wants before the first step (`adapter_parameters`: the trained adapters' size;
+    `adapter_targets`: where they are, per component, `modeling.lora_targets.adapter_summary`)."""
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     if args.fp16 or args.bf16:
         precision += f" {args.fp16_opt_level}"
@@ -114,7 +115,8 @@ def header(family, model_args, data_args, args, dataset, log_path: str,
         + (f", {classes} class image(s)" if classes else "") + f", {len(dataset)} examples per epoch",
         *caption_line,
         *pivotal_line(model_args, args),
-        *([f"  adapters:  {adapter_parameters:,} trained parameters"] if adapter_parameters is not None else []),
+        *([f"  adapters:  {adapter_parameters:,} trained parameters"
+           + (f" ({adapter_targets})" if adapter_targets else "")] if adapter_parameters is not None else []),
         f"  training:  {steps} steps, batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
         f"accumulation x {max(args.world_size, 1)} process(es), learning rate {args.learning_rate:g}, {precision}",
         f"  output:    {args.output_dir} (full log: {log_path})",

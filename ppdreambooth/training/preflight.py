@@ -18,6 +18,8 @@ from ppdreambooth.config.arguments import (
     ModelArguments,
     base_prediction_prior_problem,
 )
+from ppdreambooth.config.lora_blocks import (BLOCK_FLAGS, block_counts, check_block_counts, check_block_kind,
+                                             parse_block_values)
 from ppdreambooth.data.masks import with_masks
 from ppdreambooth.data.photos import Photo, collect_photos, read_caption
 from ppdreambooth.evaluation.prompts import subject_words
@@ -67,6 +69,7 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
         check_vae_path(model_args.pretrained_vae_model_name_or_path)
     if model_args.tokenizer_name:
         check_tokenizer_path(model_args.tokenizer_name)
+    check_lora_targets(family, model_args, config_source)
     check_family_options(family, model_args, data_args, args)
     if model_args.train_text_encoder_ti:
         check_pivotal(family, model_args, data_args, args, config_source)
@@ -106,6 +109,32 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, args: Dre
                                                                            instance_photos],
                                               class_files_now(data_args.concept_list, class_images)))
     return CheckedInputs(family, resume, instance_photos)
+
+
+def check_lora_targets(family: ModelFamily, model_args: ModelArguments, config_source: str) -> None:
+    """--text_encoder_lora_layers where the family has text-encoder adapters, and the --lora_block_* flags in the
+    family's block naming and within the denoiser's blocks (from its config.json when the folder is local; a hub
+    model is checked when it is built)."""
+    if not model_args.use_lora:
+        return
+    chosen = model_args.text_encoder_lora_layers
+    if chosen not in (None, "attn") and not family.text_encoder_mlp_targets:
+        reason = family.unsupported_options.get("lora_text_encoder", "this family has no text-encoder adapters.")
+        raise ConfigError(f"--text_encoder_lora_layers {chosen}: {reason}")
+    settings = {flag: parse_block_values(flag, getattr(model_args, flag)) for flag in BLOCK_FLAGS}
+    settings = {flag: entries for flag, entries in settings.items() if entries}
+    if not settings:
+        return
+    for flag, entries in settings.items():
+        check_block_kind(flag, entries, family.name, family.lora_blocks_numbered)
+    config_path = os.path.join(config_source, family.denoiser, "config.json")
+    if os.path.isfile(config_path):
+        import json
+
+        with open(config_path, encoding="utf-8") as f:
+            counts = block_counts(json.load(f))
+        for flag, entries in settings.items():
+            check_block_counts(flag, entries, counts, f"{config_source}'s {family.denoiser}")
 
 
 def check_family_options(family: ModelFamily, model_args: ModelArguments, data_args: DataArguments,

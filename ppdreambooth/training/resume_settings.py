@@ -3,7 +3,8 @@ on a shape mismatch (or silently training something else).
 
 Each checkpoint holds `run_settings.json` (written before its completion marker, so it is checksummed with the
 rest). Settings that decide the shape or meaning of the saved state must match to resume: the family, the base
-model and VAE, LoRA or full and the adapters' type (LoRA/DoRA), rank, alpha and targets, a trained text encoder,
+model and VAE, LoRA or full and the adapters' type (LoRA/DoRA), rank, alpha and targets (denoiser and text encoders),
+the per-block ranks, alphas and learning-rate multipliers, a trained text encoder,
 pivotal tuning and its number of new tokens, T5
 dropped, the precision, the optimizer, EMA, and the number of processes (each has its own RNG state and data
 shard). Anything else — learning rate, steps, logging, validation — may change freely. Photos added or removed since the checkpoint
@@ -31,6 +32,10 @@ MUST_MATCH = {
     "lora_rank": "--lora_rank",
     "lora_alpha": "--lora_alpha",
     "lora_layers": "--lora_layers",
+    "text_encoder_lora_layers": "--text_encoder_lora_layers",
+    "lora_block_ranks": "--lora_block_ranks",
+    "lora_block_alphas": "--lora_block_alphas",
+    "lora_block_lr": "--lora_block_lr",
     "lokr_factor": "--lokr_factor",
     "conv_rank": "--conv_rank",
     "conv_alpha": "--conv_alpha",
@@ -54,6 +59,13 @@ def file_list(files: Sequence[str]) -> List[List]:
     return [[os.path.basename(path), os.path.getsize(path)] for path in files if os.path.exists(path)]
 
 
+def _blocks(flag: str, model_args) -> Optional[str]:
+    from ppdreambooth.config.lora_blocks import describe, parse_block_values
+
+    entries = parse_block_values(flag, getattr(model_args, flag, None))
+    return describe(sorted(entries, key=lambda e: (e.part, -1 if e.first is None else e.first))) or None
+
+
 def current_settings(model_args, args, family, instance_files: Sequence[Sequence[str]],
                      class_files: Sequence[Sequence[str]]) -> dict:
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
@@ -66,7 +78,14 @@ def current_settings(model_args, args, family, instance_files: Sequence[Sequence
         "lora_type": model_args.lora_type if lora else None,
         "lora_rank": model_args.lora_rank if lora else None,
         "lora_alpha": model_args.lora_alpha if lora else None,
-        "lora_layers": model_args.lora_layers if lora else None,
+        "lora_layers": (None if model_args.lora_layers == "attn" else model_args.lora_layers) if lora else None,
+        "text_encoder_lora_layers": ((model_args.text_encoder_lora_layers or "attn")
+                                     if lora and model_args.train_text_encoder else None),
+        # the block flags as parsed (spacing and order do not count); a block's learning-rate multiplier must
+        # match too: at 0 its adapters are frozen and absent from the checkpoint and the optimizer state
+        "lora_block_ranks": _blocks("lora_block_ranks", model_args) if lora else None,
+        "lora_block_alphas": _blocks("lora_block_alphas", model_args) if lora else None,
+        "lora_block_lr": _blocks("lora_block_lr", model_args) if lora else None,
         "lokr_factor": model_args.lokr_factor if lora and model_args.lora_type == "lokr" else None,
         "conv_rank": model_args.conv_rank if lora else None,
         "conv_alpha": model_args.conv_alpha if lora else None,

@@ -28,6 +28,7 @@ from ppdreambooth.interop.model_card import closing_summary, write_model_card
 from ppdreambooth.interop.single_file import read_single_file
 from ppdreambooth.modeling.build import build_model
 from ppdreambooth.modeling.ema import WeightEMA
+from ppdreambooth.modeling.lora_targets import adapter_summary, targets_chosen
 from ppdreambooth.modeling.losses import MaskedLoss
 from ppdreambooth.modeling.model import DreamBoothModel
 from ppdreambooth.modeling.pivotal import spec_from_arguments
@@ -233,7 +234,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: DreamBoot
     phases.mark("dataset")
     if rank == 0:
         adapters = sum(int(p.numel()) for p in model.trainable_parameters()) if model_args.use_lora else None
-        print(header(family, model_args, data_args, args, dataset, log_path, adapters), flush=True)
+        targets = adapter_summary(model, model_args) if model_args.use_lora and targets_chosen(model_args) else ""
+        print(header(family, model_args, data_args, args, dataset, log_path, adapters, targets), flush=True)
     if resume is not None:
         step = int(os.path.basename(os.path.normpath(resume)).rsplit("-", 1)[-1])
         logger.info("resuming from %s at global step %d", resume, step)
