@@ -57,6 +57,9 @@ SETTINGS = {
     "full-prior-adamw-8bit": PRIOR + ["--optim", "adamw_8bit"],
     "full-prior-schedule-free": PRIOR + ["--optim", "adamw_schedulefree"],
     "lora-none-lokr": LORA + NO_PRIOR + ["--lora_type", "lokr"],
+    # where adapters go (same rank, rate, steps): attention only (the default) vs + feed-forward vs every linear layer
+    "lora-none-attn-ff": LORA + NO_PRIOR + ["--lora_layers", "attn_ff"],
+    "lora-none-all-linear": LORA + NO_PRIOR + ["--lora_layers", "all_linear"],
     "lora-none-dora": LORA + NO_PRIOR + ["--lora_type", "dora"],
     "full-prior-min-snr": PRIOR + ["--snr_gamma", "5"],
     "full-prior-huber": PRIOR + ["--loss_type", "huber", "--huber_schedule", "snr"],
