@@ -4,6 +4,7 @@
     python benchmarks/bench_real_size.py --models /work/realsize-models --family sd15 --mode lora full \\
         [--recompute off on] [--resolutions 64 128] [--steps 4] [--resume] [--seed_script train_dreambooth.py]
     python benchmarks/bench_real_size.py --curve [--counts 10 100 1000]        # start-up/caching vs image count
+    python benchmarks/bench_real_size.py --step_curve [--batches 1 2 4 8] [--concepts 1 2 4]   # step time vs work
 
 Each configuration trains `--steps` steps with `python -m ppdreambooth.train` in a fresh process (the seed README's
 first command, batch 1, the made-up subject's photos), writing a checkpoint at step 2; `--resume` then continues
@@ -198,7 +199,18 @@ def main() -> None:
     parser.add_argument("--json", help="append the raw rows to this file")
     parser.add_argument("--curve", action="store_true", help="start-up and caching against the number of images")
     parser.add_argument("--counts", nargs="+", type=int, default=[10, 100, 1000])
+    parser.add_argument("--step_curve", action="store_true",
+                        help="seconds per steady step against the batch size and the number of concepts")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--concepts", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--curve_steps", type=int, default=22, help="--step_curve: steps per setting")
+    parser.add_argument("--curve_warmup", type=int, default=2, help="--step_curve: first steps left out")
     args = parser.parse_args()
+    if args.step_curve:
+        from step_curve import print_step_curve
+
+        print_step_curve(args.batches, args.concepts, args.curve_steps, args.curve_warmup)
+        return
     if args.curve:
         from startup_curve import print_curve
 

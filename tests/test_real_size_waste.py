@@ -1,6 +1,9 @@
 """The fixes the real-size measurements led to, checked by mechanism on tiny tensors and models (README "Memory
-measured on this machine"): checkpoints streamed tensor by tensor (no second full copy), components loaded without
-a randomly initialised first copy, phase markers with per-phase peaks."""
+measured on this machine"): checkpoints streamed tensor by tensor (no second full copy), every checkpoint file
+written once per save, components loaded without a randomly initialised first copy, phase markers with per-phase
+peaks."""
+import builtins
+import collections
 import json
 import os
 import tracemalloc
@@ -68,6 +71,62 @@ def test_trainer_writes_checkpoints_with_the_streaming_writer(tiny_model, tmp_pa
     trainer = DreamBoothTrainer(model=paddle.nn.Linear(2, 2), args=TrainingArguments(output_dir=str(tmp_path)),
                                 base_model=tiny_model)
     assert trainer._save_ckpt_func is save_checkpoint_object
+
+
+def _record_writes(monkeypatch) -> dict:
+    """Count, per final path, every open for writing (`open` in a writing mode, `os.open` with write flags); a file
+    written to `x.tmp` and renamed to `x` counts for `x`. The streamed writer, `paddle.save` and the Trainer's JSON
+    files all open through these."""
+    opened = collections.Counter()
+    renamed = {}
+    real_open, real_os_open, real_replace = builtins.open, os.open, os.replace
+
+    def tracked_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+            opened[os.path.abspath(file)] += 1
+        return real_open(file, mode, *args, **kwargs)
+
+    def tracked_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND):
+            opened[os.path.abspath(path)] += 1
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def tracked_replace(src, dst, *args, **kwargs):
+        renamed[os.path.abspath(src)] = os.path.abspath(dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", tracked_open)
+    monkeypatch.setattr(os, "open", tracked_os_open)
+    monkeypatch.setattr(os, "replace", tracked_replace)
+    return {"opened": opened, "renamed": renamed}
+
+
+@pytest.mark.parametrize("extra", [["--use_ema"], ["--use_lora"]], ids=["full+ema", "lora"])
+def test_each_checkpoint_file_is_written_once_per_save(tiny_model, photos, tmp_path, monkeypatch, extra):
+    """A 2-step run with a checkpoint at each step: every file of checkpoint-1 and checkpoint-2 was opened for
+    writing exactly once (a second write of a multi-GB file would double the save time at real size), and no file
+    in them was written by a path this test cannot see."""
+    from helpers.runs import train_argv
+    from ppdreambooth import train
+
+    out = tmp_path / "out"
+    seen = _record_writes(monkeypatch)
+    assert train.main(train_argv(tiny_model, photos, out, steps=2, extra=["--checkpointing_steps", "1", *extra])) == 0
+    monkeypatch.undo()
+    writes = collections.Counter()
+    for path, count in seen["opened"].items():
+        writes[seen["renamed"].get(path, path)] += count
+    for step in (1, 2):
+        folder = out / f"checkpoint-{step}"
+        files = {os.path.abspath(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names}
+        expected = {"model_state.pdparams", "optimizer.pdopt", "scheduler.pdparams", "rng_state.pth",
+                    "trainer_state.json", ".complete", *(["ema_state.pdparams"] if "--use_ema" in extra else [])}
+        assert {os.path.basename(f) for f in files} >= expected
+        counts = {os.path.relpath(f, folder): writes[f] for f in sorted(files)}
+        assert all(count == 1 for count in counts.values()), counts
+        # nothing written there that is not in the folder now (a temporary file left, a file written then removed)
+        inside = {p: n for p, n in writes.items() if os.path.dirname(p) == str(folder)}
+        assert set(inside) == files, set(inside) ^ files
 
 
 def test_networks_load_tensor_by_tensor_into_an_empty_network(tiny_model):
