@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from helpers.runs import run_module, train_argv
-from helpers.models import make_model
+from helpers.models import make_model, probe
 from ppdreambooth.modeling.lora import LORA_WEIGHTS_NAME, lora_parameter_count, save_lora_weights
 
 
@@ -28,14 +28,6 @@ def train_steps(model, steps=3, lr=5e-2):
         optimizer.step()
         optimizer.clear_grad()
     model.eval()
-
-
-def probe(unet, text_encoder):
-    paddle.seed(42)
-    latents, ids, t = paddle.randn([2, 4, 8, 8]), paddle.randint(0, 500, [2, 77]), paddle.to_tensor([3, 700])
-    with paddle.no_grad():
-        hidden = text_encoder(ids)[0]
-        return hidden.numpy(), unet(latents, t, hidden).sample.numpy()
 
 
 def test_only_adapters_train_with_the_requested_rank(tiny_model):

@@ -10,7 +10,7 @@ import paddle
 import pytest
 from safetensors.numpy import load_file
 
-from helpers.models import make_model
+from helpers.models import make_model, probe
 from helpers.runs import train_argv
 from ppdreambooth import train
 from ppdreambooth.config.lora_blocks import BlockValue, block_of, parse_block_values, value_for
@@ -166,14 +166,6 @@ def test_block_learning_rate_multipliers_act_on_the_step(tiny_model):
             assert np.abs(step_plain).max() > 0
         else:
             np.testing.assert_allclose(step_scaled, step_plain, rtol=1e-6, atol=1e-12, err_msg=name)
-
-
-def probe(unet, text_encoder):
-    paddle.seed(42)
-    latents, ids, t = paddle.randn([2, 4, 8, 8]), paddle.randint(0, 500, [2, 77]), paddle.to_tensor([3, 700])
-    with paddle.no_grad():
-        hidden = text_encoder(ids)[0]
-        return hidden.numpy(), unet(latents, t, hidden).sample.numpy()
 
 
 def test_a_mixed_rank_file_reloads_as_the_trained_model_and_converts_keeping_each_scale(tiny_model, tmp_path):

@@ -33,3 +33,13 @@ def collate(examples):
     from ppdreambooth.data.dataset import collate_arrays
 
     return {key: paddle.to_tensor(value) for key, value in collate_arrays(examples).items()}
+
+
+def probe(unet, text_encoder):
+    """(text-encoder hidden states, UNet output) of a tiny SD pipeline's networks for fixed random inputs: two
+    pipelines give equal probes when their networks compute the same."""
+    paddle.seed(42)
+    latents, ids, t = paddle.randn([2, 4, 8, 8]), paddle.randint(0, 500, [2, 77]), paddle.to_tensor([3, 700])
+    with paddle.no_grad():
+        hidden = text_encoder(ids)[0]
+        return hidden.numpy(), unet(latents, t, hidden).sample.numpy()
