@@ -1,7 +1,7 @@
 """DreamBooth's trade-off, measured exactly in the toy world: subject fidelity, prompt fidelity, language drift and
 background leakage for the settings DreamBooth's users argue about, over several training seeds.
 
-    python benchmarks/bench_personalisation.py [--seeds 3] [--jobs 2] [--only full-prior,lora-none] [--steps 300]
+    python benchmarks/bench_personalisation.py [--seeds 3] [--first_seed 0] [--jobs 2] [--only full-prior,lora-none] [--steps 300]
 
 Every run trains the shipped toy-world model (`ppdreambooth/toyworld/models/sd`) on the five photos of the toy
 subject (a red-and-white striped cross) with `configs/demo.json` plus the setting's flags, in a fresh process,
@@ -57,6 +57,8 @@ SETTINGS = {
     "full-prior-adamw-8bit": PRIOR + ["--optim", "adamw_8bit"],
     "full-prior-schedule-free": PRIOR + ["--optim", "adamw_schedulefree"],
     "lora-none-lokr": LORA + NO_PRIOR + ["--lora_type", "lokr"],
+    # LoCon: LoRA on the attention projections plus the resnets' 3x3 convolutions at the same rank
+    "lora-none-locon": LORA + NO_PRIOR + ["--conv_rank", "8"],
     # where adapters go (same rank, rate, steps): attention only (the default) vs + feed-forward vs every linear layer
     "lora-none-attn-ff": LORA + NO_PRIOR + ["--lora_layers", "attn_ff"],
     "lora-none-all-linear": LORA + NO_PRIOR + ["--lora_layers", "all_linear"],
@@ -154,6 +156,8 @@ def summary(values):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per setting")
+    parser.add_argument("--first_seed", type=int, default=0, help="the seeds are first_seed .. first_seed+seeds-1 "
+                        "(more seeds for settings already run)")
     parser.add_argument("--images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.json's)")
     parser.add_argument("--only", default=None, help="comma-separated setting names (default: all)")
@@ -170,7 +174,7 @@ def main():
     threads = 1 if args.jobs > 1 else None
     rows = {"base model": [evaluate(TOY_MODEL, photos, os.path.join(work, "base"), args.images, threads)]}
     seconds = {}
-    jobs = [(name, seed) for name in names for seed in range(args.seeds)]
+    jobs = [(name, seed) for name in names for seed in range(args.first_seed, args.first_seed + args.seeds)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {job: pool.submit(train_and_score, *job, steps, work, args.images, threads)
                    for job in jobs}
@@ -181,7 +185,7 @@ def main():
                 rows.setdefault(row, []).append(scores)
                 print(f"{row} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
                       + f" ({took:.0f} s)", flush=True)
-    print(f"\n{args.seeds} training seeds, {steps} steps, {args.images} images per prompt "
+    print(f"\n{args.seeds} training seeds ({args.first_seed}-{args.first_seed + args.seeds - 1}), {steps} steps, {args.images} images per prompt "
           f"(4 subject + 8 class prompts); mean [lowest-highest] over seeds\n")
     keys = [key for key, _, _ in WORLD_METRICS]
     print("| setting | " + " | ".join(label for _, label, _ in WORLD_METRICS) + " | train s |")
