@@ -143,6 +143,18 @@ def test_bad_pivotal_values_are_refused_before_any_model_loads(extra, message, t
     assert message in err and "Traceback" not in err, err
 
 
+def test_the_header_says_where_the_tokens_start():
+    from ppdreambooth.config.arguments import ModelArguments
+    from ppdreambooth.training.console import pivotal_line
+
+    args = SimpleNamespace(max_steps=10)
+    plain = ModelArguments(pretrained_model_name_or_path="m", train_text_encoder_ti=True)
+    assert pivotal_line(plain, args) == ["  pivotal:   'sks' -> <s0><s1> in the instance prompts; the new tokens train "
+                                         "until step 5, then freeze"]
+    concept = ModelArguments(pretrained_model_name_or_path="m", train_text_encoder_ti=True, initializer_concept="dog")
+    assert "the new tokens train from 'dog' until step 5" in pivotal_line(concept, args)[0]
+
+
 def test_an_initializer_concept_without_pivotal_tuning_is_refused(tiny_model, photos, tmp_path, capsys,
                                                                   no_model_loading):
     assert train.main(train_argv(tiny_model, photos, tmp_path / "out", extra=["--initializer_concept", "dog"])) == 2
