@@ -91,12 +91,12 @@ def phase_table(marks: list, start: float) -> dict:
     return {"peaks": peaks, "durations": durations, "to_first_step": (first - start) if first else None, **info}
 
 
-def floor_bytes(held: int, trained: int, precision: str = "fp32") -> int:
-    """fp32: 4 B per weight held + gradient and two AdamW moments (12 B) per trained weight. bf16 (O2): 2 B per
-    weight held + a float32 master copy, gradient and moments (16 B) per trained weight."""
-    if precision == "fp32":
-        return 4 * held + 12 * trained
-    return 2 * held + 16 * trained
+def floor_bytes(held: int, trained: int) -> int:
+    """4 B per weight held + gradient and two AdamW moments (12 B) per trained weight. The same under bf16: these
+    runs pass `--mixed_precision bf16` alone, i.e. `--fp16_opt_level O1` (autocast; the level a CPU runs), which
+    keeps every weight in float32 and casts activations only (O2 would hold 2 B per weight + 16 B per trained
+    weight, on a GPU)."""
+    return 4 * held + 12 * trained
 
 
 def measure(model: str, photos: str, mode: str, resolution: int, steps: int, recompute: bool, resume: bool,
@@ -171,11 +171,11 @@ def format_rows(rows: list) -> str:
                          f"| | | | | {seconds(r['seconds_per_step'])} | | | |")
             continue
         p = r["peaks"]
-        floor = floor_bytes(r.get("held_parameters", 0), r.get("trained_parameters", 0), r.get("precision", "fp32"))
+        floor = floor_bytes(r.get("held_parameters", 0), r.get("trained_parameters", 0))
         steady = max(p.get("step", 0), p.get("first step", 0) if "step" not in p else 0)
         write = statistics.median(r["durations"].get("checkpoint save", [0]))
         lines.append(
-            f"| {r['model']} | {r['mode']}{'' if r.get('precision', 'fp32') == 'fp32' else ', ' + r['precision']} | "
+            f"| {r['model']} | {r['mode']}{'' if r.get('precision', 'fp32') == 'fp32' else ', ' + r['precision'] + ' O1'} | "
             f"{r['resolution']} | {'on' if r['recompute'] else 'off'} | "
             f"{gb(p.get('load'))} | {gb(p.get('caching'))} | {gb(p.get('first step'))} | {gb(steady)} | "
             f"{gb(p.get('checkpoint save'))} | {gb(r.get('resume_peak'))} | {gb(floor)} | "
