@@ -5,6 +5,7 @@ peaks."""
 import builtins
 import collections
 import json
+import mmap
 import os
 import tracemalloc
 
@@ -176,8 +177,13 @@ def test_phase_marks_record_each_phase_peak(tmp_path, monkeypatch):
     assert phases.mark("nothing") is None  # off without the variable
     monkeypatch.setenv(phases.ENV, str(log))
     phases.mark("before")
-    block = np.ones(64 * MB // 8)  # 64 MiB resident, then given back (a large block is unmapped when freed)
-    del block
+    # 64 MiB made resident, then given back: an anonymous mapping touched page by page and unmapped, so no allocator
+    # decides whether freed memory leaves the process (a freed np.ones block once stayed resident in the fast
+    # suite's process, failing this test)
+    block = mmap.mmap(-1, 64 * MB)
+    for offset in range(0, 64 * MB, mmap.PAGESIZE):
+        block[offset] = 1
+    block.close()
     phases.mark("allocate")
     phases.mark("after", step=3)
     records = phases.read_marks(str(log))
