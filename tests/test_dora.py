@@ -222,7 +222,7 @@ def test_every_family_starts_as_its_base_trains_magnitudes_and_merges(family_mod
     switch_adapters(model, True)
 
     # the saved file holds a magnitude per adapted module; folded into the base weights it is the trained model
-    saved = load_file(save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 4, 8.0))
+    saved = load_file(save_lora_weights(str(tmp_path), model.family, model.trained_layers()))
     modules = {k.rsplit(".lora", 1)[0] for k in to_peft_keys(saved) if k.endswith(".lora_A.weight")}
     assert {k[:-len("." + MAGNITUDE)] for k in saved if k.endswith("." + MAGNITUDE)} == modules
     write_merged(to_peft_keys(saved), path, model.family, str(tmp_path / "merged"))

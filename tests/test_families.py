@@ -197,7 +197,7 @@ def test_sdxl_lora_saves_and_loads_in_the_sdxl_pipeline(tiny_sdxl_model, tmp_pat
             return FAMILIES["sdxl"].predict(unet, latents, t, {**cond, "time_ids": time_ids}).numpy()
 
     trained = probe(model.unet, model.text_encoder, model.text_encoder_2)
-    save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 4, 8.0)
+    save_lora_weights(str(tmp_path), model.family, model.trained_layers())
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
     base = probe(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
     pipe.load_lora_weights(str(tmp_path))

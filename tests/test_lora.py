@@ -61,7 +61,7 @@ def test_saved_adapters_load_and_reproduce_the_trained_model(tiny_model, tmp_pat
     model = lora_model(tiny_model, rank=8, alpha=16.0)  # alpha != rank: the scale must survive saving
     train_steps(model)
     trained = probe(model.unet, model.text_encoder)
-    path = save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 8, 16.0)
+    path = save_lora_weights(str(tmp_path), model.family, model.trained_layers())
     assert os.path.basename(path) == LORA_WEIGHTS_NAME
     saved = load_file(path)
     assert all("lora" in k and k.split(".")[0] in ("unet", "text_encoder") for k in saved)
@@ -77,7 +77,7 @@ def test_saved_adapters_load_and_reproduce_the_trained_model(tiny_model, tmp_pat
     # A UNet-only run loads the same way; its file has no text-encoder keys.
     unet_only = lora_model(tiny_model, rank=4, alpha=4.0, text_encoder=False)
     train_steps(unet_only)
-    save_lora_weights(str(tmp_path / "unet_only"), unet_only.family, unet_only.trained_layers(), 4, 4.0)
+    save_lora_weights(str(tmp_path / "unet_only"), unet_only.family, unet_only.trained_layers())
     assert all(k.startswith("unet.") for k in load_file(str(tmp_path / "unet_only" / LORA_WEIGHTS_NAME)))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     pipe.load_lora_weights(str(tmp_path / "unet_only"))
@@ -218,7 +218,7 @@ def test_unet_adapters_load_without_ppdreambooth(family, tiny_model, tiny_sdxl_m
         else:
             train_steps(model)
         folder = tmp_path / name
-        save_lora_weights(str(folder), model.family, model.trained_layers(), 4, 8.0)
+        save_lora_weights(str(folder), model.family, model.trained_layers())
         assert any(".lora.down.weight" in k for k in load_file(str(folder / LORA_WEIGHTS_NAME)))
         want_pred, want_hidden = _reference_outputs(model, inputs)
         for mode, how in loaders:

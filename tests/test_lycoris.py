@@ -232,7 +232,7 @@ def test_every_family_starts_as_its_base_trains_only_adapters_and_merges(kind, f
     all_adapters(model, True)
 
     # saved under LyCORIS names; folded into the base weights (the merged export) it is the trained model
-    saved = load_file(save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 2, 4.0))
+    saved = load_file(save_lora_weights(str(tmp_path), model.family, model.trained_layers()))
     modules = {k.rsplit(".", 1)[0] for k in saved}
     assert all(f"{m}.alpha" in saved for m in modules) and len(saved) > len(modules)
     write_merged(saved, path, model.family, str(tmp_path / "merged"))
@@ -285,7 +285,7 @@ def test_locon_starts_as_the_base_trains_its_convolutions_and_merges(family_name
     model.adapters_on(False)  # the base-prediction prior's switch: LoRA and LoCon both off
     assert np.array_equal(loss_of(model, batch), loss_of(base, batch))
     model.adapters_on(True)
-    save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 2, 2.0)
+    save_lora_weights(str(tmp_path), model.family, model.trained_layers())
     conv_state = load_file(str(tmp_path / LOCON_WEIGHTS_NAME))
     assert {k.rsplit(".", 1)[1] for k in conv_state} == {"locon_down", "locon_up", "alpha"}
     lora_state = load_file(str(tmp_path / LORA_WEIGHTS_NAME))

@@ -195,7 +195,7 @@ def test_sd3_lora_saves_and_loads_in_the_sd3_pipeline(tiny_sd3_model, tmp_path):
             return FAMILIES["sd3"].predict(transformer, latents, t, cond).numpy()
 
     trained = probe(model.transformer, model.text_encoders())
-    save_lora_weights(str(tmp_path), model.family, model.trained_layers(), 4, 8.0)
+    save_lora_weights(str(tmp_path), model.family, model.trained_layers())
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model)
     encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")}
     base = probe(pipe.transformer, encoders)

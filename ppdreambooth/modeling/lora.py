@@ -141,12 +141,10 @@ def to_peft_keys(state: dict) -> dict:
             for k, v in state.items()}
 
 
-def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer], rank: Optional[int] = None,
-                      alpha: Optional[float] = None) -> str:
+def save_lora_weights(out_dir: str, family, layers: Dict[str, paddle.nn.Layer]) -> str:
     """Write `paddle_lora_weights.safetensors` into `out_dir` (atomically) with the adapters of `layers`
     (component name -> layer, e.g. unet, text_encoder, text_encoder_2); returns its path. Each module's scale
-    (alpha / rank) is read from the module itself (per-block ranks and alphas differ); `rank` and `alpha` are
-    not needed and kept for existing callers.
+    (alpha / rank) is read from the module itself (per-block ranks and alphas differ).
 
     UNet adapters (SD, SDXL) are written with the attention-processor names (`...lora.down.weight`): measured
     on ppdiffusers 0.29, those load exactly both in a plain session (`load_lora_weights`, the seed's

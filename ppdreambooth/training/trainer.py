@@ -244,7 +244,7 @@ class DreamBoothTrainer(Trainer):
         lora = self.model.lora
         try:
             if lora is not None:  # the final adapters
-                save_lora_weights(output_dir, self.model.family, self.model.trained_layers(), lora.rank, lora.alpha)
+                save_lora_weights(output_dir, self.model.family, self.model.trained_layers())
             else:  # the final model
                 write_pipeline(self.model, self.base_model, output_dir, revision=self.base_revision,
                                vae=self.base_vae)
